@@ -1,0 +1,481 @@
+//! Checkpoints as lazily read maps from tensor name to (dtype, shape, bytes).
+//!
+//! [`Checkpoint::open`] accepts every form users have without being told which: a `.safetensors`
+//! file, a sharded safetensors checkpoint (its `*.safetensors.index.json` or the folder holding
+//! it) and a `torch.save` zip (`.pth`, `.pt`, `.bin`, `.pth.tar`), whether a bare state dict or a
+//! training checkpoint that holds one. Files are memory-mapped and never read whole: a tensor's
+//! bytes are a slice of the map (or gathered, for the rare strided `.pth` view). The format is
+//! recognised from the content, not the extension.
+//!
+//! Names are normalised here, once, so that every command sees the same keys: wrapper prefixes
+//! (`module.` from DDP, `_orig_mod.` from torch.compile) are removed when every key carries them.
+
+pub mod dtype;
+pub mod pickle;
+pub mod provenance;
+pub mod pth;
+pub mod safetensors;
+pub mod sharded;
+pub mod summary;
+pub mod write;
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+
+pub use dtype::DType;
+
+/// Prefixes that training wrappers add to every key and that are removed without being asked.
+pub const WRAPPER_PREFIXES: [&str; 2] = ["module.", "_orig_mod."];
+
+/// How a checkpoint was stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Safetensors,
+    ShardedSafetensors,
+    TorchSave,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::ShardedSafetensors => "safetensors-sharded",
+            Format::TorchSave => "torch-save",
+        }
+    }
+}
+
+/// How to open a checkpoint: which dict of a training checkpoint, and which prefixes to strip.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Key of the state dict inside a `torch.save` file (`a.b` for nested dicts).
+    pub key: Option<String>,
+    /// Prefixes to remove in addition to the wrapper prefixes (every key must carry them).
+    pub strip_prefix: Vec<String>,
+    /// Keep wrapper prefixes as they are.
+    pub keep_prefix: bool,
+}
+
+/// A memory-mapped file, or an empty one (which cannot be mapped).
+enum Blob {
+    Map(memmap2::Mmap),
+    Empty,
+}
+
+impl Blob {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Blob::Map(m) => m,
+            Blob::Empty => &[],
+        }
+    }
+}
+
+/// Where a tensor's elements live.
+#[derive(Clone, Debug)]
+enum Source {
+    /// `file`'s bytes from `start` on.
+    File { file: usize, start: usize },
+    /// An inflated (once compressed) `.pth` record.
+    Inflated(Arc<Vec<u8>>),
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    source: Source,
+    /// Element offset from the source start, and strides (`None`: contiguous).
+    offset: usize,
+    stride: Option<Vec<usize>>,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+    /// Which underlying file holds it (an index into [`Checkpoint::files`]).
+    pub fn file(&self) -> Option<usize> {
+        match self.source {
+            Source::File { file, .. } => Some(file),
+            Source::Inflated(_) => None,
+        }
+    }
+}
+
+pub struct Checkpoint {
+    /// The path as the user gave it.
+    pub path: PathBuf,
+    pub format: Format,
+    /// The dict a `torch.save` file's state dict was taken from.
+    pub key: Option<String>,
+    /// True when that key was chosen by preference, not by `--key`.
+    pub key_picked: bool,
+    /// Other state-dict keys that were present but not picked.
+    pub other_keys: Vec<String>,
+    /// The prefix removed from every key, if any.
+    pub stripped_prefix: Option<String>,
+    /// The safetensors `__metadata__` (for sharded checkpoints, the index's `metadata`, flattened).
+    pub metadata: BTreeMap<String, String>,
+    /// The files read (several for a sharded checkpoint).
+    pub files: Vec<PathBuf>,
+    blobs: Vec<Blob>,
+    tensors: Vec<TensorInfo>,
+    by_name: HashMap<String, usize>,
+}
+
+fn map_file(path: &Path) -> Result<Blob> {
+    let f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let meta = f
+        .metadata()
+        .with_context(|| format!("{}: cannot stat", path.display()))?;
+    if meta.is_dir() {
+        bail!("{}: is a folder", path.display());
+    }
+    if meta.len() == 0 {
+        return Ok(Blob::Empty);
+    }
+    // Safety: the map is read-only; a file changed underneath us by another process is the
+    // documented hazard of every mmap-based reader (safetensors, candle, torch.load(mmap=True)).
+    let m = unsafe { memmap2::Mmap::map(&f) }
+        .with_context(|| format!("{}: cannot map", path.display()))?;
+    Ok(Blob::Map(m))
+}
+
+impl Checkpoint {
+    /// Opens `path` in whichever supported form it is.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Checkpoint> {
+        let path = path.as_ref();
+        Self::open_inner(path, opts).with_context(|| path.display().to_string())
+    }
+
+    fn open_inner(path: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
+        let meta = std::fs::metadata(path).context("cannot open")?;
+        let mut ck = if meta.is_dir() {
+            let target = sharded::find_in_folder(path)?;
+            if target.extension().is_some_and(|e| e == "json") {
+                Self::open_sharded(path, &target).with_context(|| file_name(&target))?
+            } else {
+                let mut c = Self::open_file(&target, opts)?;
+                c.path = path.to_path_buf();
+                c
+            }
+        } else if path.to_string_lossy().ends_with(".json") {
+            Self::open_sharded(path, path)?
+        } else {
+            Self::open_file(path, opts)?
+        };
+        ck.normalise_names(opts)?;
+        Ok(ck)
+    }
+
+    fn empty(path: &Path, format: Format) -> Checkpoint {
+        Checkpoint {
+            path: path.to_path_buf(),
+            format,
+            key: None,
+            key_picked: false,
+            other_keys: Vec::new(),
+            stripped_prefix: None,
+            metadata: BTreeMap::new(),
+            files: Vec::new(),
+            blobs: Vec::new(),
+            tensors: Vec::new(),
+            by_name: HashMap::new(),
+        }
+    }
+
+    fn open_file(path: &Path, opts: &OpenOptions) -> Result<Checkpoint> {
+        let blob = map_file(path)?;
+        let bytes = blob.bytes();
+        if pth::is_zip(bytes) {
+            let contents = pth::read(bytes, opts.key.as_deref())?;
+            let mut ck = Self::empty(path, Format::TorchSave);
+            ck.key = contents.key;
+            ck.key_picked = contents.key_picked;
+            ck.other_keys = contents.other_keys;
+            for t in contents.tensors {
+                let (source, offset) = match t.record {
+                    pth::Record::Mapped { start, .. } => {
+                        (Source::File { file: 0, start }, t.offset)
+                    }
+                    pth::Record::Inflated(v) => (Source::Inflated(v), t.offset),
+                };
+                let stride = (!is_contiguous(&t.shape, &t.stride)).then_some(t.stride);
+                ck.push(TensorInfo {
+                    name: t.name,
+                    dtype: t.dtype,
+                    shape: t.shape,
+                    source,
+                    offset,
+                    stride,
+                })?;
+            }
+            ck.files.push(path.to_path_buf());
+            ck.blobs.push(blob);
+            return Ok(ck);
+        }
+        if pth::is_legacy_pickle(bytes) {
+            bail!("legacy (pre-1.6) torch.save format is not supported; re-save it with a current PyTorch");
+        }
+        if opts.key.is_some() {
+            bail!("--key applies to torch.save files only; this is a safetensors file");
+        }
+        let mut ck = Self::empty(path, Format::Safetensors);
+        ck.add_safetensors(path, blob)?;
+        Ok(ck)
+    }
+
+    /// Adds the tensors of one safetensors file (a whole checkpoint or a shard).
+    fn add_safetensors(&mut self, path: &Path, blob: Blob) -> Result<BTreeMap<String, String>> {
+        let header = safetensors::parse_header(blob.bytes())?;
+        let file = self.blobs.len();
+        for t in header.tensors {
+            self.push(TensorInfo {
+                name: t.name,
+                dtype: t.dtype,
+                shape: t.shape,
+                source: Source::File {
+                    file,
+                    start: t.start,
+                },
+                offset: 0,
+                stride: None,
+            })?;
+        }
+        self.files.push(path.to_path_buf());
+        self.blobs.push(blob);
+        if self.metadata.is_empty() {
+            self.metadata = header.metadata.clone();
+        }
+        Ok(header.metadata)
+    }
+
+    fn open_sharded(given: &Path, index_path: &Path) -> Result<Checkpoint> {
+        let index = sharded::read_index(index_path)?;
+        let mut ck = Self::empty(given, Format::ShardedSafetensors);
+        ck.metadata = index.metadata.clone();
+        for shard in &index.shards {
+            let blob = map_file(shard)?;
+            let header = safetensors::parse_header(blob.bytes())
+                .with_context(|| format!("shard {}", shard.display()))?;
+            let file = ck.blobs.len();
+            for t in header.tensors {
+                match index.weight_map.get(&t.name) {
+                    Some(s) if s == shard => {}
+                    // Tensors a shard holds but the index does not list are not part of the model.
+                    _ => continue,
+                }
+                ck.push(TensorInfo {
+                    name: t.name,
+                    dtype: t.dtype,
+                    shape: t.shape,
+                    source: Source::File {
+                        file,
+                        start: t.start,
+                    },
+                    offset: 0,
+                    stride: None,
+                })?;
+            }
+            ck.files.push(shard.clone());
+            ck.blobs.push(blob);
+        }
+        for (name, shard) in &index.weight_map {
+            if !ck.by_name.contains_key(name) {
+                bail!(
+                    "the index maps tensor {name} to {}, which does not hold it",
+                    shard.display()
+                );
+            }
+        }
+        Ok(ck)
+    }
+
+    fn push(&mut self, t: TensorInfo) -> Result<()> {
+        if self.by_name.contains_key(&t.name) {
+            bail!("tensor {} appears twice", t.name);
+        }
+        self.by_name.insert(t.name.clone(), self.tensors.len());
+        self.tensors.push(t);
+        Ok(())
+    }
+
+    fn normalise_names(&mut self, opts: &OpenOptions) -> Result<()> {
+        let mut removed = String::new();
+        for p in &opts.strip_prefix {
+            if let Some(t) = self
+                .tensors
+                .iter()
+                .find(|t| !t.name.starts_with(p.as_str()))
+            {
+                bail!(
+                    "--strip-prefix {p}: tensor {} does not start with it",
+                    t.name
+                );
+            }
+            self.strip(p);
+            removed.push_str(p);
+        }
+        if !opts.keep_prefix {
+            // DDP around torch.compile gives `module._orig_mod.`; strip as long as one applies.
+            while let Some(p) = WRAPPER_PREFIXES.iter().find(|p| {
+                !self.tensors.is_empty() && self.tensors.iter().all(|t| t.name.starts_with(*p))
+            }) {
+                self.strip(p);
+                removed.push_str(p);
+            }
+        }
+        if !removed.is_empty() {
+            self.stripped_prefix = Some(removed);
+        }
+        Ok(())
+    }
+
+    fn strip(&mut self, prefix: &str) {
+        for t in &mut self.tensors {
+            t.name.drain(..prefix.len());
+        }
+        self.by_name = self
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+    }
+
+    /// Tensors in storage order (the state dict's order for `torch.save` files).
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// All of a tensor's bytes, borrowed from the map when it is contiguous.
+    pub fn bytes<'a>(&'a self, t: &'a TensorInfo) -> Cow<'a, [u8]> {
+        self.elements(t, 0, t.numel())
+    }
+
+    /// Elements `start..end` of a tensor in row-major order, as bytes.
+    pub fn elements<'a>(&'a self, t: &'a TensorInfo, start: usize, end: usize) -> Cow<'a, [u8]> {
+        let base: &[u8] = match &t.source {
+            Source::File { file, start: s } => &self.blobs[*file].bytes()[*s..],
+            Source::Inflated(v) => v.as_slice(),
+        };
+        let es = t.dtype.size();
+        match &t.stride {
+            None => Cow::Borrowed(&base[(t.offset + start) * es..(t.offset + end) * es]),
+            Some(stride) => {
+                let mut out = Vec::with_capacity((end - start) * es);
+                for flat in start..end {
+                    let mut rem = flat;
+                    let mut pos = t.offset;
+                    for (d, s) in t.shape.iter().zip(stride).rev() {
+                        pos += (rem % d) * s;
+                        rem /= d;
+                    }
+                    out.extend_from_slice(&base[pos * es..(pos + 1) * es]);
+                }
+                Cow::Owned(out)
+            }
+        }
+    }
+
+    /// Total bytes of all tensors.
+    pub fn total_bytes(&self) -> usize {
+        self.tensors.iter().map(TensorInfo::nbytes).sum()
+    }
+
+    /// A one-line account of how the state dict was found, for commands to print.
+    pub fn origin_note(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(k) = &self.key {
+            if self.key_picked {
+                let also = if self.other_keys.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (also present: {}; --key chooses)",
+                        self.other_keys.join(", ")
+                    )
+                };
+                parts.push(format!("using the state dict under key '{k}'{also}"));
+            } else {
+                parts.push(format!("using the state dict under key '{k}'"));
+            }
+        }
+        if let Some(p) = &self.stripped_prefix {
+            parts.push(format!("removed the prefix '{p}' from every key"));
+        }
+        (!parts.is_empty()).then(|| format!("{}: {}", self.path.display(), parts.join("; ")))
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .unwrap_or(p.as_os_str())
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
+    let mut expected = 1usize;
+    for (&d, &s) in shape.iter().zip(stride).rev() {
+        if d != 1 && s != expected {
+            return false;
+        }
+        expected = expected.saturating_mul(d);
+    }
+    true
+}
+
+/// BatchNorm layers: prefixes `P` with `P.running_mean` and `P.running_var`, in storage order.
+pub fn bn_layers(ck: &Checkpoint) -> Vec<String> {
+    ck.tensors()
+        .iter()
+        .filter_map(|t| t.name.strip_suffix(".running_mean"))
+        .filter(|p| ck.get(&format!("{p}.running_var")).is_some())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether a tensor is a BatchNorm buffer rather than a learned parameter.
+pub fn is_bn_buffer(name: &str) -> bool {
+    name.ends_with(".running_mean")
+        || name.ends_with(".running_var")
+        || name.ends_with(".num_batches_tracked")
+}
+
+/// Learned parameters, counted as PyTorch's `sum(p.numel() for p in model.parameters())`
+/// would: the elements of floating tensors that are not BatchNorm buffers.
+pub fn num_params(ck: &Checkpoint) -> usize {
+    ck.tensors()
+        .iter()
+        .filter(|t| t.dtype.is_float() && !is_bn_buffer(&t.name))
+        .map(TensorInfo::numel)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contiguity() {
+        assert!(is_contiguous(&[2, 3], &[3, 1]));
+        assert!(is_contiguous(&[1, 3], &[99, 1]));
+        assert!(!is_contiguous(&[2, 3], &[1, 2]));
+        assert!(is_contiguous(&[], &[]));
+    }
+}

@@ -1,0 +1,800 @@
+//! A restricted pickle reader for what `torch.save` writes: plain containers, numbers, strings,
+//! and tensors rebuilt from storages. It never runs code and never imports anything.
+//!
+//! Why our own rather than candle's `pickle` module: candle's accepts a one-level key only,
+//! returns an empty list (no error) for a wrapper dict, prints warnings for integer storages, and
+//! has no notion of which globals are safe. Here every `GLOBAL` is checked against a short list of
+//! names whose meaning we implement ourselves (tensor rebuilds, storage types, `OrderedDict`), plus
+//! a few data-only classes that training scripts put beside the weights (`argparse.Namespace`,
+//! numpy scalars), which become inert placeholders. Any other global, such as `os.system`, is an
+//! error before anything else happens.
+//!
+//! Containers live in an arena and values refer to them by index. Nothing is recursive: a
+//! maliciously deep nesting neither overflows the stack while reading nor when dropped, and every
+//! length a pickle claims is checked against the bytes that remain before anything is allocated.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use anyhow::{bail, Context, Result};
+
+use super::dtype::DType;
+
+/// Deepest container nesting we accept; real checkpoints nest a handful of levels.
+const MAX_DEPTH: u32 = 1000;
+
+#[derive(Clone, Debug)]
+pub enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    /// An integer wider than 64 bits (never needed for tensors).
+    BigInt,
+    Float(f64),
+    Str(Rc<str>),
+    Bytes(Rc<[u8]>),
+    /// An object in the arena.
+    Obj(usize),
+}
+
+#[derive(Clone, Debug)]
+pub enum Global {
+    OrderedDict,
+    RebuildTensor,
+    RebuildParameter,
+    Storage(DType),
+    Set,
+    FrozenSet,
+    CodecsEncode,
+    /// A data-only class whose instances we keep as opaque placeholders.
+    Inert(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct StorageRef {
+    pub dtype: DType,
+    pub key: String,
+    /// Elements in the storage, as the pickle claims.
+    pub numel: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorRef {
+    pub storage: StorageRef,
+    /// Offset into the storage, in elements.
+    pub offset: usize,
+    pub shape: Vec<usize>,
+    pub stride: Vec<usize>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Obj {
+    List(Vec<Value>),
+    Tuple(Vec<Value>),
+    Dict(Vec<(Value, Value)>),
+    Set(Vec<Value>),
+    Global(Global),
+    Storage(StorageRef),
+    Tensor(TensorRef),
+    Opaque(String),
+}
+
+/// The object graph of one pickle.
+pub struct Pickle {
+    pub objs: Vec<Obj>,
+    depth: Vec<u32>,
+    pub root: Value,
+}
+
+impl Pickle {
+    pub fn obj(&self, v: &Value) -> Option<&Obj> {
+        match v {
+            Value::Obj(i) => Some(&self.objs[*i]),
+            _ => None,
+        }
+    }
+
+    pub fn dict(&self, v: &Value) -> Option<&[(Value, Value)]> {
+        match self.obj(v)? {
+            Obj::Dict(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    pub fn tensor(&self, v: &Value) -> Option<&TensorRef> {
+        match self.obj(v)? {
+            Obj::Tensor(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// A short description of a value's kind, for error messages.
+    pub fn describe(&self, v: &Value) -> String {
+        match v {
+            Value::None => "None".into(),
+            Value::Bool(_) => "a bool".into(),
+            Value::Int(_) | Value::BigInt => "an integer".into(),
+            Value::Float(_) => "a float".into(),
+            Value::Str(_) => "a string".into(),
+            Value::Bytes(_) => "bytes".into(),
+            Value::Obj(i) => match &self.objs[*i] {
+                Obj::List(_) => "a list".into(),
+                Obj::Tuple(_) => "a tuple".into(),
+                Obj::Dict(_) => "a dict".into(),
+                Obj::Set(_) => "a set".into(),
+                Obj::Global(g) => format!("a reference to {g:?}"),
+                Obj::Storage(_) => "a bare storage".into(),
+                Obj::Tensor(_) => "a tensor".into(),
+                Obj::Opaque(c) => format!("a {c} object"),
+            },
+        }
+    }
+}
+
+fn resolve_global(module: &str, name: &str) -> Result<Global> {
+    let storage = |d| Ok(Global::Storage(d));
+    match (module, name) {
+        ("collections", "OrderedDict") => Ok(Global::OrderedDict),
+        ("torch._utils", "_rebuild_tensor_v2") => Ok(Global::RebuildTensor),
+        ("torch._utils", "_rebuild_parameter") | ("torch._utils", "_rebuild_parameter_with_state") => {
+            Ok(Global::RebuildParameter)
+        }
+        ("torch", "DoubleStorage") => storage(DType::F64),
+        ("torch", "FloatStorage") => storage(DType::F32),
+        ("torch", "HalfStorage") => storage(DType::F16),
+        ("torch", "BFloat16Storage") => storage(DType::BF16),
+        ("torch", "LongStorage") => storage(DType::I64),
+        ("torch", "IntStorage") => storage(DType::I32),
+        ("torch", "ShortStorage") => storage(DType::I16),
+        ("torch", "CharStorage") => storage(DType::I8),
+        ("torch", "ByteStorage") | ("torch", "UntypedStorage") => storage(DType::U8),
+        ("torch", "BoolStorage") => storage(DType::Bool),
+        ("builtins" | "__builtin__", "set") => Ok(Global::Set),
+        ("builtins" | "__builtin__", "frozenset") => Ok(Global::FrozenSet),
+        ("_codecs", "encode") => Ok(Global::CodecsEncode),
+        ("argparse", "Namespace")
+        | ("numpy" | "numpy.core.multiarray" | "numpy._core.multiarray", "scalar")
+        | ("numpy", "dtype")
+        | ("numpy" | "numpy.core.multiarray" | "numpy._core.multiarray", "_reconstruct")
+        | ("numpy", "ndarray")
+        | ("torch", "device")
+        | ("torch", "Size") => Ok(Global::Inert(format!("{module}.{name}"))),
+        _ => bail!(
+            "pickle refers to {module}.{name}, which is not a tensor, storage or plain container; ckpt never runs code from a pickle (save the state dict alone to load it here)"
+        ),
+    }
+}
+
+struct Machine<'a> {
+    data: &'a [u8],
+    pos: usize,
+    stack: Vec<Value>,
+    marks: Vec<usize>,
+    memo: HashMap<u32, Value>,
+    objs: Vec<Obj>,
+    depth: Vec<u32>,
+}
+
+impl<'a> Machine<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.data.len() - self.pos < n {
+            bail!(
+                "pickle is truncated: {n} bytes wanted at offset {}, {} left",
+                self.pos,
+                self.data.len() - self.pos
+            );
+        }
+        let s = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn len(&mut self, n: u64) -> Result<usize> {
+        let n = usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= self.data.len() - self.pos);
+        n.with_context(|| format!("pickle claims a length past its end at offset {}", self.pos))
+    }
+    fn line(&mut self) -> Result<&'a str> {
+        let rest = &self.data[self.pos..];
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .context("pickle is truncated: unterminated text argument")?;
+        self.pos += end + 1;
+        std::str::from_utf8(&rest[..end]).context("pickle text argument is not UTF-8")
+    }
+    fn pop(&mut self) -> Result<Value> {
+        let floor = self.marks.last().copied().unwrap_or(0);
+        if self.stack.len() <= floor {
+            bail!("pickle pops from an empty stack at offset {}", self.pos);
+        }
+        Ok(self.stack.pop().unwrap())
+    }
+    fn top(&self) -> Result<&Value> {
+        self.stack.last().context("pickle reads an empty stack")
+    }
+    fn pop_mark(&mut self) -> Result<Vec<Value>> {
+        let m = self.marks.pop().context("pickle has no mark to pop to")?;
+        if m > self.stack.len() {
+            bail!("pickle mark is above the stack");
+        }
+        Ok(self.stack.split_off(m))
+    }
+    fn new_obj(&mut self, o: Obj, children: &[Value]) -> Result<Value> {
+        let d = children
+            .iter()
+            .map(|c| match c {
+                Value::Obj(i) => self.depth[*i] + 1,
+                _ => 1,
+            })
+            .max()
+            .unwrap_or(1);
+        self.check_depth(d)?;
+        self.objs.push(o);
+        self.depth.push(d);
+        Ok(Value::Obj(self.objs.len() - 1))
+    }
+    fn check_depth(&self, d: u32) -> Result<()> {
+        if d > MAX_DEPTH {
+            bail!("pickle nests containers more than {MAX_DEPTH} deep (a pickle bomb?)");
+        }
+        Ok(())
+    }
+    fn deepen(&mut self, target: usize, children: &[Value]) -> Result<()> {
+        for c in children {
+            if let Value::Obj(i) = c {
+                let d = self.depth[*i] + 1;
+                if d > self.depth[target] {
+                    self.check_depth(d)?;
+                    self.depth[target] = d;
+                }
+            }
+        }
+        Ok(())
+    }
+    fn container(&self, v: &Value) -> Result<usize> {
+        match v {
+            Value::Obj(i) => Ok(*i),
+            _ => bail!("pickle adds items to a value that is not a container"),
+        }
+    }
+    fn push_items(&mut self, target: &Value, items: Vec<Value>) -> Result<()> {
+        let i = self.container(target)?;
+        self.deepen(i, &items)?;
+        match &mut self.objs[i] {
+            Obj::List(v) | Obj::Set(v) => v.extend(items),
+            Obj::Opaque(_) => {}
+            _ => bail!("pickle appends to something that is not a list"),
+        }
+        Ok(())
+    }
+    fn set_items(&mut self, target: &Value, items: Vec<Value>) -> Result<()> {
+        if items.len() % 2 != 0 {
+            bail!("pickle sets a dict item without a value");
+        }
+        let i = self.container(target)?;
+        self.deepen(i, &items)?;
+        match &mut self.objs[i] {
+            Obj::Dict(d) => {
+                let mut it = items.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    // A repeated key replaces the earlier value, as in Python.
+                    if let Value::Str(ks) = &k {
+                        if let Some(slot) = d
+                            .iter_mut()
+                            .find(|(ok, _)| matches!(ok, Value::Str(s) if s == ks))
+                        {
+                            slot.1 = v;
+                            continue;
+                        }
+                    }
+                    d.push((k, v));
+                }
+            }
+            Obj::Opaque(_) => {}
+            _ => bail!("pickle sets items on something that is not a dict"),
+        }
+        Ok(())
+    }
+    fn global(&mut self, module: &str, name: &str) -> Result<Value> {
+        let g = resolve_global(module, name)?;
+        self.new_obj(Obj::Global(g), &[])
+    }
+    fn as_global(&self, v: &Value) -> Result<Global> {
+        match v {
+            Value::Obj(i) => match &self.objs[*i] {
+                Obj::Global(g) => Ok(g.clone()),
+                _ => bail!("pickle calls something that is not a known function"),
+            },
+            _ => bail!("pickle calls something that is not a known function"),
+        }
+    }
+    fn tuple_items(&self, v: &Value) -> Result<Vec<Value>> {
+        match v {
+            Value::Obj(i) => match &self.objs[*i] {
+                Obj::Tuple(t) | Obj::List(t) => Ok(t.clone()),
+                _ => bail!("pickle passes arguments that are not a tuple"),
+            },
+            _ => bail!("pickle passes arguments that are not a tuple"),
+        }
+    }
+    fn usize_list(&self, v: &Value, what: &str) -> Result<Vec<usize>> {
+        self.tuple_items(v)?
+            .iter()
+            .map(|x| match x {
+                Value::Int(n) if *n >= 0 => Ok(*n as usize),
+                _ => bail!("tensor {what} holds something that is not a non-negative integer"),
+            })
+            .collect()
+    }
+
+    fn call(&mut self, callable: &Value, args: &Value) -> Result<Value> {
+        let g = self.as_global(callable)?;
+        let a = self.tuple_items(args)?;
+        match g {
+            Global::OrderedDict => {
+                let d = self.new_obj(Obj::Dict(Vec::new()), &[])?;
+                if let Some(items) = a.first() {
+                    // OrderedDict([(k, v), ...])
+                    let mut flat = Vec::new();
+                    for pair in self.tuple_items(items)? {
+                        flat.extend(self.tuple_items(&pair)?);
+                    }
+                    self.set_items(&d, flat)?;
+                }
+                Ok(d)
+            }
+            Global::Set | Global::FrozenSet => {
+                let items = match a.first() {
+                    Some(v) => self.tuple_items(v)?,
+                    None => Vec::new(),
+                };
+                self.new_obj(Obj::Set(items.clone()), &items)
+            }
+            Global::CodecsEncode => match a.first() {
+                // Protocol 2 writes bytes as _codecs.encode(text, "latin1").
+                Some(Value::Str(s)) => {
+                    Ok(Value::Bytes(s.chars().map(|c| c as u32 as u8).collect()))
+                }
+                _ => bail!("pickle calls _codecs.encode with unexpected arguments"),
+            },
+            Global::RebuildTensor => {
+                if a.len() < 4 {
+                    bail!(
+                        "pickle rebuilds a tensor with {} arguments, expected at least 4",
+                        a.len()
+                    );
+                }
+                let storage = match &a[0] {
+                    Value::Obj(i) => match &self.objs[*i] {
+                        Obj::Storage(s) => s.clone(),
+                        _ => bail!("pickle rebuilds a tensor from something that is not a storage"),
+                    },
+                    _ => bail!("pickle rebuilds a tensor from something that is not a storage"),
+                };
+                let offset = match a[1] {
+                    Value::Int(n) if n >= 0 => n as usize,
+                    _ => bail!("pickle rebuilds a tensor with a bad storage offset"),
+                };
+                let shape = self.usize_list(&a[2], "size")?;
+                let stride = self.usize_list(&a[3], "stride")?;
+                if shape.len() != stride.len() {
+                    bail!("pickle rebuilds a tensor whose size and stride differ in length");
+                }
+                self.new_obj(
+                    Obj::Tensor(TensorRef {
+                        storage,
+                        offset,
+                        shape,
+                        stride,
+                    }),
+                    &[],
+                )
+            }
+            Global::RebuildParameter => match a.first() {
+                Some(v @ Value::Obj(i)) if matches!(self.objs[*i], Obj::Tensor(_)) => Ok(v.clone()),
+                _ => bail!("pickle rebuilds a parameter from something that is not a tensor"),
+            },
+            Global::Storage(_) => bail!("pickle calls a storage type directly"),
+            Global::Inert(name) => self.new_obj(Obj::Opaque(name), &[]),
+        }
+    }
+
+    fn persistent_load(&mut self, pid: &Value) -> Result<Value> {
+        let t = self.tuple_items(pid)?;
+        match t.as_slice() {
+            [Value::Str(kind), ty, Value::Str(key), _location, Value::Int(numel)]
+                if &**kind == "storage" =>
+            {
+                let dtype = match self.as_global(ty)? {
+                    Global::Storage(d) => d,
+                    _ => bail!("pickle names a storage of an unknown type"),
+                };
+                if *numel < 0 {
+                    bail!("pickle names a storage with a negative size");
+                }
+                self.new_obj(
+                    Obj::Storage(StorageRef {
+                        dtype,
+                        key: key.to_string(),
+                        numel: *numel as usize,
+                    }),
+                    &[],
+                )
+            }
+            _ => bail!("pickle has a persistent id that is not a torch storage"),
+        }
+    }
+
+    fn int_from_le(bytes: &[u8]) -> Value {
+        if bytes.is_empty() {
+            return Value::Int(0);
+        }
+        if bytes.len() > 8 {
+            let neg = bytes[bytes.len() - 1] & 0x80 != 0;
+            let ext = if neg { 0xff } else { 0 };
+            if bytes[8..].iter().any(|&b| b != ext) {
+                return Value::BigInt;
+            }
+        }
+        let mut buf = if bytes[bytes.len() - 1] & 0x80 != 0 {
+            [0xffu8; 8]
+        } else {
+            [0u8; 8]
+        };
+        let n = bytes.len().min(8);
+        buf[..n].copy_from_slice(&bytes[..n]);
+        Value::Int(i64::from_le_bytes(buf))
+    }
+
+    fn run(&mut self) -> Result<Value> {
+        loop {
+            let at = self.pos;
+            let op = self.u8()?;
+            match op {
+                0x80 => {
+                    self.u8()?;
+                }
+                0x95 => {
+                    self.u64()?;
+                }
+                b'.' => return self.pop(),
+                b'(' => self.marks.push(self.stack.len()),
+                b'}' => {
+                    let v = self.new_obj(Obj::Dict(Vec::new()), &[])?;
+                    self.stack.push(v)
+                }
+                b']' => {
+                    let v = self.new_obj(Obj::List(Vec::new()), &[])?;
+                    self.stack.push(v)
+                }
+                b')' => {
+                    let v = self.new_obj(Obj::Tuple(Vec::new()), &[])?;
+                    self.stack.push(v)
+                }
+                0x8f => {
+                    let v = self.new_obj(Obj::Set(Vec::new()), &[])?;
+                    self.stack.push(v)
+                }
+                b't' => {
+                    let items = self.pop_mark()?;
+                    let v = self.new_obj(Obj::Tuple(items.clone()), &items)?;
+                    self.stack.push(v)
+                }
+                0x85..=0x87 => {
+                    let n = (op - 0x84) as usize;
+                    let mut items = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        items.push(self.pop()?);
+                    }
+                    items.reverse();
+                    let v = self.new_obj(Obj::Tuple(items.clone()), &items)?;
+                    self.stack.push(v)
+                }
+                b'l' => {
+                    let items = self.pop_mark()?;
+                    let v = self.new_obj(Obj::List(items.clone()), &items)?;
+                    self.stack.push(v)
+                }
+                b'd' => {
+                    let items = self.pop_mark()?;
+                    let v = self.new_obj(Obj::Dict(Vec::new()), &[])?;
+                    self.set_items(&v, items)?;
+                    self.stack.push(v)
+                }
+                0x91 => {
+                    let items = self.pop_mark()?;
+                    let v = self.new_obj(Obj::Set(items.clone()), &items)?;
+                    self.stack.push(v)
+                }
+                b'q' => {
+                    let k = self.u8()? as u32;
+                    let v = self.top()?.clone();
+                    self.memo.insert(k, v);
+                }
+                b'r' => {
+                    let k = self.u32()?;
+                    let v = self.top()?.clone();
+                    self.memo.insert(k, v);
+                }
+                0x94 => {
+                    let k = self.memo.len() as u32;
+                    let v = self.top()?.clone();
+                    self.memo.insert(k, v);
+                }
+                b'p' => {
+                    let k: u32 = self
+                        .line()?
+                        .trim()
+                        .parse()
+                        .context("pickle PUT index is not a number")?;
+                    let v = self.top()?.clone();
+                    self.memo.insert(k, v);
+                }
+                b'h' | b'j' | b'g' => {
+                    let k = match op {
+                        b'h' => self.u8()? as u32,
+                        b'j' => self.u32()?,
+                        _ => self
+                            .line()?
+                            .trim()
+                            .parse()
+                            .context("pickle GET index is not a number")?,
+                    };
+                    let v = self.memo.get(&k).cloned().with_context(|| {
+                        format!("pickle reads memo entry {k}, which was never stored")
+                    })?;
+                    self.stack.push(v)
+                }
+                b's' => {
+                    let v = self.pop()?;
+                    let k = self.pop()?;
+                    let d = self.top()?.clone();
+                    self.set_items(&d, vec![k, v])?;
+                }
+                b'u' => {
+                    let items = self.pop_mark()?;
+                    let d = self.top()?.clone();
+                    self.set_items(&d, items)?;
+                }
+                b'a' => {
+                    let v = self.pop()?;
+                    let l = self.top()?.clone();
+                    self.push_items(&l, vec![v])?;
+                }
+                b'e' | 0x90 => {
+                    let items = self.pop_mark()?;
+                    let l = self.top()?.clone();
+                    self.push_items(&l, items)?;
+                }
+                b'J' => {
+                    let v = i32::from_le_bytes(self.take(4)?.try_into().unwrap());
+                    self.stack.push(Value::Int(v as i64))
+                }
+                b'K' => {
+                    let v = self.u8()?;
+                    self.stack.push(Value::Int(v as i64))
+                }
+                b'M' => {
+                    let v = u16::from_le_bytes(self.take(2)?.try_into().unwrap());
+                    self.stack.push(Value::Int(v as i64))
+                }
+                b'I' | b'L' => {
+                    let s = self.line()?.trim().trim_end_matches('L');
+                    let v = match s {
+                        "00" => Value::Bool(false),
+                        "01" => Value::Bool(true),
+                        _ => s.parse::<i64>().map(Value::Int).unwrap_or(Value::BigInt),
+                    };
+                    self.stack.push(v)
+                }
+                0x8a => {
+                    let n = self.u8()? as usize;
+                    let b = self.take(n)?;
+                    self.stack.push(Self::int_from_le(b))
+                }
+                0x8b => {
+                    let n = self.u32()? as u64;
+                    let n = self.len(n)?;
+                    let b = self.take(n)?;
+                    self.stack.push(Self::int_from_le(b))
+                }
+                b'G' => {
+                    let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
+                    self.stack.push(Value::Float(v))
+                }
+                b'F' => {
+                    let v = self
+                        .line()?
+                        .trim()
+                        .parse()
+                        .context("pickle float is not a number")?;
+                    self.stack.push(Value::Float(v))
+                }
+                b'X' | 0x8c | 0x8d | b'T' | b'U' => {
+                    let n = match op {
+                        b'X' | b'T' => self.u32()? as u64,
+                        0x8d => self.u64()?,
+                        _ => self.u8()? as u64,
+                    };
+                    let n = self.len(n)?;
+                    let b = self.take(n)?;
+                    let s: Rc<str> = if matches!(op, b'T' | b'U') {
+                        b.iter().map(|&c| c as char).collect::<String>().into()
+                    } else {
+                        std::str::from_utf8(b)
+                            .context("pickle string is not UTF-8")?
+                            .into()
+                    };
+                    self.stack.push(Value::Str(s))
+                }
+                b'V' | b'S' => {
+                    let s = self.line()?;
+                    let s = s.trim_matches(|c| c == '\'' || c == '"');
+                    self.stack.push(Value::Str(s.into()))
+                }
+                b'B' | b'C' | 0x8e | 0x96 => {
+                    let n = match op {
+                        b'B' => self.u32()? as u64,
+                        b'C' => self.u8()? as u64,
+                        _ => self.u64()?,
+                    };
+                    let n = self.len(n)?;
+                    let b = self.take(n)?;
+                    self.stack.push(Value::Bytes(b.into()))
+                }
+                b'N' => self.stack.push(Value::None),
+                0x88 => self.stack.push(Value::Bool(true)),
+                0x89 => self.stack.push(Value::Bool(false)),
+                b'c' => {
+                    let module = self.line()?;
+                    let name = self.line()?;
+                    let v = self.global(module, name)?;
+                    self.stack.push(v)
+                }
+                0x93 => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    match (module, name) {
+                        (Value::Str(m), Value::Str(n)) => {
+                            let v = self.global(&m, &n)?;
+                            self.stack.push(v)
+                        }
+                        _ => bail!("pickle STACK_GLOBAL without module and name strings"),
+                    }
+                }
+                b'R' => {
+                    let args = self.pop()?;
+                    let f = self.pop()?;
+                    let v = self.call(&f, &args)?;
+                    self.stack.push(v)
+                }
+                0x81 => {
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    let v = self.call(&cls, &args)?;
+                    self.stack.push(v)
+                }
+                0x92 => {
+                    let _kwargs = self.pop()?;
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    let v = self.call(&cls, &args)?;
+                    self.stack.push(v)
+                }
+                b'o' => {
+                    let mut items = self.pop_mark()?;
+                    if items.is_empty() {
+                        bail!("pickle OBJ without a class");
+                    }
+                    let cls = items.remove(0);
+                    let args = self.new_obj(Obj::Tuple(items.clone()), &items)?;
+                    let v = self.call(&cls, &args)?;
+                    self.stack.push(v)
+                }
+                b'i' => {
+                    let module = self.line()?;
+                    let name = self.line()?;
+                    let cls = self.global(module, name)?;
+                    let items = self.pop_mark()?;
+                    let args = self.new_obj(Obj::Tuple(items.clone()), &items)?;
+                    let v = self.call(&cls, &args)?;
+                    self.stack.push(v)
+                }
+                b'b' => {
+                    // Object state (an OrderedDict's _metadata, a Namespace's fields): not needed.
+                    self.pop()?;
+                    self.top()?;
+                }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    let v = self.persistent_load(&pid)?;
+                    self.stack.push(v)
+                }
+                b'P' => bail!("pickle uses a text persistent id, which torch.save never writes"),
+                b'0' => {
+                    self.pop()?;
+                }
+                b'1' => {
+                    self.pop_mark()?;
+                }
+                b'2' => {
+                    let v = self.top()?.clone();
+                    self.stack.push(v)
+                }
+                _ => bail!("pickle opcode 0x{op:02x} at offset {at} is not supported"),
+            }
+        }
+    }
+}
+
+/// Reads one pickle.
+pub fn parse(data: &[u8]) -> Result<Pickle> {
+    let mut m = Machine {
+        data,
+        pos: 0,
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+        objs: Vec::new(),
+        depth: Vec::new(),
+    };
+    let root = m.run()?;
+    Ok(Pickle {
+        objs: m.objs,
+        depth: m.depth,
+        root,
+    })
+}
+
+impl Pickle {
+    /// Nesting depth of an object (1 for a flat container).
+    pub fn depth_of(&self, v: &Value) -> u32 {
+        match v {
+            Value::Obj(i) => self.depth[*i],
+            _ => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_os_system() {
+        // pickle.dumps of a __reduce__ that returns (os.system, ("echo hi",)), protocol 2
+        let p = b"\x80\x02cposix\nsystem\nq\x00X\x07\x00\x00\x00echo hiq\x01\x85q\x02Rq\x03.";
+        let err = parse(p).err().unwrap().to_string();
+        assert!(err.contains("posix.system"), "{err}");
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let mut p = vec![0x80, 2];
+        p.extend(std::iter::repeat_n(b']', 5000));
+        p.extend(std::iter::repeat_n(b'a', 4999));
+        p.push(b'.');
+        let err = parse(&p).err().unwrap().to_string();
+        assert!(err.contains("deep"), "{err}");
+    }
+
+    #[test]
+    fn plain_dict() {
+        // pickle.dumps({"a": 1, "b": [1.5]}, protocol=2)
+        let p = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01K\x01X\x01\x00\x00\x00bq\x02]q\x03G?\xf8\x00\x00\x00\x00\x00\x00au.";
+        let pk = parse(p).unwrap();
+        let d = pk.dict(&pk.root).unwrap();
+        assert_eq!(d.len(), 2);
+        assert!(matches!(d[0].1, Value::Int(1)));
+    }
+}

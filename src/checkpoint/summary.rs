@@ -1,0 +1,64 @@
+//! What `ckpt inspect` reports about a checkpoint, as data (the command formats it).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::{bn_layers, num_params, Checkpoint};
+
+#[derive(Serialize, Debug)]
+pub struct TensorRow {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Summary {
+    pub path: String,
+    pub format: &'static str,
+    pub files: Vec<String>,
+    pub key: Option<String>,
+    pub key_picked: bool,
+    pub stripped_prefix: Option<String>,
+    pub num_tensors: usize,
+    pub num_params: usize,
+    pub total_bytes: usize,
+    /// Tensor count per dtype.
+    pub dtypes: BTreeMap<String, usize>,
+    pub bn_layers: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensors: Option<Vec<TensorRow>>,
+}
+
+pub fn summarize(ck: &Checkpoint, with_tensors: bool) -> Summary {
+    let mut dtypes = BTreeMap::new();
+    for t in ck.tensors() {
+        *dtypes.entry(t.dtype.name().to_string()).or_insert(0) += 1;
+    }
+    Summary {
+        path: ck.path.display().to_string(),
+        format: ck.format.name(),
+        files: ck.files.iter().map(|p| p.display().to_string()).collect(),
+        key: ck.key.clone(),
+        key_picked: ck.key_picked,
+        stripped_prefix: ck.stripped_prefix.clone(),
+        num_tensors: ck.tensors().len(),
+        num_params: num_params(ck),
+        total_bytes: ck.total_bytes(),
+        dtypes,
+        bn_layers: bn_layers(ck),
+        metadata: ck.metadata.clone(),
+        tensors: with_tensors.then(|| {
+            ck.tensors()
+                .iter()
+                .map(|t| TensorRow {
+                    name: t.name.clone(),
+                    dtype: t.dtype.name().to_string(),
+                    shape: t.shape.clone(),
+                })
+                .collect()
+        }),
+    }
+}

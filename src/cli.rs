@@ -1,0 +1,199 @@
+//! The command line: the one definition that `--help`, the man pages in `man/` and the parser
+//! are all generated from. Each subcommand's arguments live beside its `run` in
+//! `src/commands/`; this file assembles them and holds the options several commands share.
+
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use crate::checkpoint::OpenOptions;
+use crate::commands;
+use crate::device::DeviceSpec;
+
+const ABOUT: &str = "Make a trained image classifier better from its saved checkpoints";
+
+const LONG_ABOUT: &str = "\
+Make a trained image classifier better from its saved checkpoints: average snapshots (SWA), \
+take an exponential moving average over saved steps (EMA), and inspect what a checkpoint holds. \
+Checkpoints may be .safetensors files, sharded safetensors (an index or its folder) or \
+torch.save files (.pth, .pt, .bin, .pth.tar); the format is recognised from the content.";
+
+#[derive(Parser, Debug)]
+#[command(name = "ckpt", version, about = ABOUT, long_about = LONG_ABOUT, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU
+    /// is present, else the CPU)
+    #[arg(long, global = true, default_value = "auto", value_name = "DEVICE")]
+    pub device: DeviceSpec,
+    /// Worker threads (default: one per core)
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Print results and errors only: no notes, no progress bars
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    Inspect(commands::inspect::InspectArgs),
+    Swa(commands::swa::SwaArgs),
+    Ema(commands::ema::EmaArgs),
+}
+
+/// How to read checkpoints: shared by every command that opens one.
+#[derive(Args, Debug, Clone, Default)]
+pub struct OpenArgs {
+    /// Key of the state dict inside a torch.save training checkpoint (nested keys as a.b).
+    /// Default: the first of state_dict_ema, model_ema, state_dict, model that is present
+    #[arg(long, value_name = "NAME")]
+    pub key: Option<String>,
+    /// Also remove this prefix from every key (every key must carry it), e.g. model.
+    #[arg(long, value_name = "PREFIX")]
+    pub strip_prefix: Vec<String>,
+    /// Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are
+    /// otherwise removed when every key carries them
+    #[arg(long)]
+    pub keep_prefix: bool,
+}
+
+impl OpenArgs {
+    pub fn options(&self) -> OpenOptions {
+        OpenOptions {
+            key: self.key.clone(),
+            strip_prefix: self.strip_prefix.clone(),
+            keep_prefix: self.keep_prefix,
+        }
+    }
+}
+
+/// The snapshots an averaging command reads, and which of them it keeps.
+#[derive(Args, Debug, Clone)]
+pub struct SnapshotArgs {
+    /// Snapshots (paths or glob patterns), in any checkpoint form ckpt opens. They are ordered by
+    /// the number in their file names (natural sort: epoch_9 before epoch_10)
+    #[arg(value_name = "SNAPSHOT", required = true)]
+    pub snapshots: Vec<String>,
+    /// Keep the order given instead of sorting by file name
+    #[arg(long)]
+    pub no_sort: bool,
+    /// Keep only the N newest snapshots (applied after --every)
+    #[arg(long, value_name = "N")]
+    pub last: Option<usize>,
+    /// Keep every K-th snapshot, counted back from the newest (which is always kept)
+    #[arg(long, value_name = "K")]
+    pub every: Option<usize>,
+    #[command(flatten)]
+    pub open: OpenArgs,
+}
+
+/// How an averaging command treats tensors.
+#[derive(Args, Debug, Clone)]
+pub struct AverageArgs {
+    /// Integer tensors (num_batches_tracked) are never averaged: take the newest snapshot's
+    /// value (last), the oldest's (first), the element-wise max or sum, or refuse them (error)
+    #[arg(
+        long = "int",
+        value_enum,
+        default_value = "last",
+        value_name = "POLICY"
+    )]
+    pub int_policy: crate::average::IntPolicy,
+    /// Output dtype of floating tensors: f32, f16, bf16 or f64 (default: as stored). The
+    /// average is accumulated in f64 and rounded once
+    #[arg(long, value_name = "DTYPE", value_parser = parse_float_dtype)]
+    pub dtype: Option<crate::checkpoint::DType>,
+    /// Average a tensor over the snapshots that have it (weights renormalised) instead of
+    /// refusing snapshots with different tensors
+    #[arg(long)]
+    pub allow_missing: bool,
+    /// Average NaN and infinite values instead of refusing them
+    #[arg(long)]
+    pub allow_nonfinite: bool,
+}
+
+fn parse_float_dtype(s: &str) -> Result<crate::checkpoint::DType, String> {
+    use crate::checkpoint::DType;
+    match DType::parse_user(s) {
+        Some(d @ (DType::F32 | DType::F16 | DType::BF16 | DType::F64)) => Ok(d),
+        _ => Err(format!("{s:?} is not one of f32, f16, bf16, f64")),
+    }
+}
+
+/// Where and how a command writes a checkpoint.
+#[derive(Args, Debug, Clone)]
+pub struct OutputArgs {
+    /// Output checkpoint (safetensors). With sharding: a folder, or a name for the index
+    #[arg(short, long, value_name = "OUT")]
+    pub output: PathBuf,
+    /// Replace an existing output (atomically)
+    #[arg(long)]
+    pub force: bool,
+    /// Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when
+    /// the input was sharded, at 5GB)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub shard_size: Option<u64>,
+}
+
+/// Parses sizes such as `5GB`, `500MB`, `1.5GiB` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a size: {s:?}"))?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "unknown size unit in {s:?} (use B, kB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    if n <= 0.0 {
+        return Err(format!("size must be positive: {s:?}"));
+    }
+    Ok((n * mult) as u64)
+}
+
+pub fn parse() -> Cli {
+    Cli::parse()
+}
+
+/// The man pages: `ckpt.1` and `ckpt-<subcommand>.1`, as (file name, content).
+pub fn man_pages() -> Vec<(String, Vec<u8>)> {
+    let cmd = Cli::command();
+    let mut pages = Vec::new();
+    let mut render = |name: String, c: clap::Command| {
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(c)
+            .render(&mut buf)
+            .expect("rendering a man page into memory cannot fail");
+        pages.push((format!("{name}.1"), buf));
+    };
+    render("ckpt".into(), cmd.clone());
+    for sub in cmd.get_subcommands() {
+        let name = format!("ckpt-{}", sub.get_name());
+        let sub = sub
+            .clone()
+            .name(name.clone())
+            .version(env!("CARGO_PKG_VERSION"));
+        render(name, sub);
+    }
+    pages
+}

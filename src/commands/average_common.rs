@@ -1,0 +1,135 @@
+//! What `swa` and `ema` share: choosing and opening the snapshots, checking the outputs, and the
+//! closing summary.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::average::{self, select, Config, OutputSpec, Plan};
+use crate::checkpoint::write::{check_outputs, destinations, OutputLayout};
+use crate::checkpoint::{bn_layers, provenance, Checkpoint, Format};
+use crate::cli::{AverageArgs, OutputArgs, SnapshotArgs};
+use crate::report::{human_bytes, Reporter};
+
+/// Chooses, orders and opens the snapshots, printing the list before any work.
+pub fn open_snapshots(
+    args: &SnapshotArgs,
+    rep: &Reporter,
+) -> Result<(Vec<PathBuf>, Vec<Checkpoint>)> {
+    let paths = select::select(
+        select::expand(&args.snapshots)?,
+        &select::Selection {
+            no_sort: args.no_sort,
+            every: args.every,
+            last: args.last,
+        },
+    )?;
+    rep.note(format!("{} snapshot(s), oldest first:", paths.len()));
+    for p in &paths {
+        rep.note(format!("  {}", p.display()));
+    }
+    let opts = args.open.options();
+    let cks = paths
+        .iter()
+        .map(|p| Checkpoint::open(p, &opts))
+        .collect::<Result<Vec<_>>>()?;
+    // Say once how state dicts were found, unless every snapshot says the same.
+    let notes: Vec<String> = cks.iter().filter_map(Checkpoint::origin_note).collect();
+    if let Some(first) = notes.first() {
+        rep.note(first);
+        if notes.len() > 1 {
+            rep.note(format!("  (and likewise for {} more)", notes.len() - 1));
+        }
+    }
+    Ok((paths, cks))
+}
+
+pub fn config(args: &AverageArgs, out: &OutputArgs) -> Config {
+    Config {
+        int_policy: args.int_policy,
+        dtype: args.dtype,
+        allow_missing: args.allow_missing,
+        allow_nonfinite: args.allow_nonfinite,
+        force: out.force,
+    }
+}
+
+/// The layout of an output: shards when asked, or when the inputs were sharded.
+pub fn layout(path: &std::path::Path, out: &OutputArgs, inputs: &[Checkpoint]) -> OutputLayout {
+    let sharded_input = inputs
+        .iter()
+        .any(|c| c.format == Format::ShardedSafetensors);
+    match (out.shard_size, sharded_input) {
+        (Some(s), _) => OutputLayout::new(path, Some(s)),
+        (None, true) => OutputLayout::new(path, Some(5_000_000_000)),
+        (None, false) => OutputLayout::new(path, None),
+    }
+}
+
+/// Checks the outputs against the inputs, records provenance, runs the pass and reports.
+pub fn write_outputs(
+    inputs: &[Checkpoint],
+    plan: &Plan,
+    mut outputs: Vec<OutputSpec>,
+    cfg: &Config,
+    rep: &Reporter,
+) -> Result<()> {
+    let files: Vec<PathBuf> = inputs.iter().flat_map(|c| c.files.clone()).collect();
+    let planned = plan.planned_tensors();
+    let dests: Vec<PathBuf> = outputs
+        .iter()
+        .flat_map(|o| destinations(&o.layout, &planned))
+        .collect();
+    check_outputs(&dests, &files, cfg.force)?;
+    if !plan.partial.is_empty() {
+        rep.note(format!(
+            "--allow-missing: {} tensor(s) averaged over the snapshots that have them: {}",
+            plan.partial.len(),
+            plan.partial.join(", ")
+        ));
+    }
+    let base = provenance::metadata(&provenance::command_line(), &files)?;
+    for o in &mut outputs {
+        let mut m = base.clone();
+        m.append(&mut o.metadata);
+        let w: Vec<String> = o.weights.iter().map(|w| format!("{w:.6}")).collect();
+        m.insert("ckpt.weights".into(), w.join(","));
+        o.metadata = m;
+    }
+    let stats = average::run(inputs, plan, &outputs, cfg, rep)?;
+    let secs = stats.elapsed.as_secs_f64();
+    let mut stdout = std::io::stdout().lock();
+    for o in &outputs {
+        let w: Vec<String> = o.weights.iter().map(|w| format!("{w:.4}")).collect();
+        let dest = destinations(&o.layout, &planned);
+        writeln!(
+            stdout,
+            "wrote {} (weights {})",
+            dest.last()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            w.join(", ")
+        )?;
+    }
+    rep.note(format!(
+        "{} snapshots, {} tensors ({} averaged in f64, {} integer: --int {}), read {}, wrote {} in {:.2} s ({}/s)",
+        inputs.len(),
+        stats.tensors,
+        stats.averaged,
+        stats.integer,
+        cfg.int_policy,
+        human_bytes(stats.bytes_read),
+        human_bytes(stats.bytes_written),
+        secs,
+        human_bytes((stats.bytes_read as f64 / secs.max(1e-9)) as u64),
+    ));
+    let bn = bn_layers(&inputs[0]);
+    if !bn.is_empty() {
+        rep.note(format!(
+            "note: the running statistics of {} BatchNorm layers were averaged like the weights and do not match the averaged weights; recompute them over training data before evaluating (precise BN, e.g. torch.optim.swa_utils.update_bn)",
+            bn.len()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! `ckpt inspect`: what a checkpoint holds.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::checkpoint::summary::{summarize, Summary};
+use crate::checkpoint::Checkpoint;
+use crate::cli::{GlobalArgs, OpenArgs};
+use crate::report::{human_bytes, Reporter};
+
+/// Show a checkpoint's format, tensors, parameter count, BatchNorm layers and provenance
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Checkpoint: .safetensors, sharded index or its folder, or a torch.save file
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+    #[command(flatten)]
+    pub open: OpenArgs,
+    /// List every tensor with its dtype and shape
+    #[arg(long)]
+    pub tensors: bool,
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: InspectArgs, _global: &GlobalArgs, _rep: Reporter) -> Result<()> {
+    let ck = Checkpoint::open(&args.path, &args.open.options())?;
+    let s = summarize(&ck, args.tensors);
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &s)?;
+        writeln!(out)?;
+    } else {
+        print_text(&mut out, &s)?;
+    }
+    Ok(())
+}
+
+fn print_text(out: &mut impl Write, s: &Summary) -> Result<()> {
+    writeln!(out, "path        {}", s.path)?;
+    writeln!(out, "format      {}", s.format)?;
+    if s.files.len() > 1 {
+        writeln!(out, "files       {}", s.files.len())?;
+    }
+    if let Some(k) = &s.key {
+        let how = if s.key_picked {
+            " (picked automatically; --key chooses)"
+        } else {
+            ""
+        };
+        writeln!(out, "key         {k}{how}")?;
+    }
+    if let Some(p) = &s.stripped_prefix {
+        writeln!(out, "prefix      {p} (removed from every key)")?;
+    }
+    writeln!(out, "tensors     {}", s.num_tensors)?;
+    writeln!(out, "parameters  {}", group_digits(s.num_params))?;
+    writeln!(
+        out,
+        "bytes       {} ({})",
+        human_bytes(s.total_bytes as u64),
+        group_digits(s.total_bytes)
+    )?;
+    let dtypes: Vec<String> = s.dtypes.iter().map(|(d, n)| format!("{d} x{n}")).collect();
+    writeln!(out, "dtypes      {}", dtypes.join(", "))?;
+    writeln!(out, "bn layers   {}", s.bn_layers.len())?;
+    for l in &s.bn_layers {
+        writeln!(out, "  {l}")?;
+    }
+    if !s.metadata.is_empty() {
+        writeln!(out, "metadata")?;
+        for (k, v) in &s.metadata {
+            writeln!(out, "  {k} = {v}")?;
+        }
+    }
+    if let Some(rows) = &s.tensors {
+        let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0);
+        writeln!(out, "tensor list")?;
+        for r in rows {
+            writeln!(out, "  {:w$}  {:8} {:?}", r.name, r.dtype, r.shape)?;
+        }
+    }
+    Ok(())
+}
+
+/// 11689512 -> 11,689,512
+pub fn group_digits(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

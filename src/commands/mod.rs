@@ -1,0 +1,27 @@
+//! One thin file per subcommand: its arguments, and a `run` that turns them into an engine
+//! configuration, calls the engine and prints the result. The only code that prints.
+
+pub mod average_common;
+pub mod ema;
+pub mod inspect;
+pub mod swa;
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command};
+use crate::report::Reporter;
+
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.global.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+            .map_err(|e| anyhow::anyhow!("--threads {n}: {e}"))?;
+    }
+    let rep = Reporter::new(cli.global.quiet);
+    match cli.command {
+        Command::Inspect(a) => inspect::run(a, &cli.global, rep),
+        Command::Swa(a) => swa::run(a, &cli.global, rep),
+        Command::Ema(a) => ema::run(a, &cli.global, rep),
+    }
+}

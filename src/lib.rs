@@ -1,0 +1,12 @@
+//! ckpt: make a trained image classifier better from its saved checkpoints alone.
+//!
+//! Data flows one way: [`commands`] (argument handling and all printing) call the engines
+//! ([`average`]), which read and write through [`checkpoint`]. Engines never print; progress goes
+//! through the small [`report::Reporter`] a command hands them.
+
+pub mod average;
+pub mod checkpoint;
+pub mod cli;
+pub mod commands;
+pub mod device;
+pub mod report;

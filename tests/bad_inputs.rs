@@ -1,0 +1,290 @@
+//! Malformed checkpoints: each one is a non-zero exit with one line that names the file and
+//! what is wrong, never a panic.
+
+use std::path::PathBuf;
+
+use crate::util::*;
+
+/// A safetensors file from a raw header and `data` bytes of payload.
+fn raw_st(d: &TestDir, name: &str, header: &str, data: usize) -> PathBuf {
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.resize(v.len() + data, 0);
+    let path = d.path(name);
+    std::fs::write(&path, v).unwrap();
+    path
+}
+
+fn inspect_fails(d: &TestDir, path: &std::path::Path, needles: &[&str]) {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let mut all = vec![name.as_str()];
+    all.extend_from_slice(needles);
+    d.run(&["-q", "inspect", &p(path)]).fails_with(&all);
+}
+
+const ONE: &str = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+
+#[test]
+fn empty_file() {
+    let d = TestDir::new();
+    std::fs::write(d.path("empty.safetensors"), b"").unwrap();
+    inspect_fails(&d, &d.path("empty.safetensors"), &["truncated"]);
+}
+
+#[test]
+fn truncated_in_header() {
+    let d = TestDir::new();
+    let f = raw_st(&d, "t.safetensors", ONE, 8);
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..20]).unwrap();
+    inspect_fails(&d, &f, &["truncated in the header"]);
+}
+
+#[test]
+fn truncated_in_data() {
+    let d = TestDir::new();
+    let f = raw_st(&d, "t.safetensors", ONE, 4);
+    inspect_fails(&d, &f, &["tensor a", "out of range", "truncated"]);
+}
+
+#[test]
+fn truncated_real_checkpoint() {
+    let d = TestDir::new();
+    let bytes = std::fs::read(fixture("tiny/epoch_10.safetensors")).unwrap();
+    std::fs::write(d.path("cut.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    inspect_fails(&d, &d.path("cut.safetensors"), &["out of range"]);
+}
+
+#[test]
+fn header_longer_than_file() {
+    let d = TestDir::new();
+    let mut v = 5000u64.to_le_bytes().to_vec();
+    v.extend_from_slice(b"{}");
+    std::fs::write(d.path("h.safetensors"), v).unwrap();
+    inspect_fails(&d, &d.path("h.safetensors"), &["header length 5000"]);
+}
+
+#[test]
+fn header_of_absurd_size_is_refused_before_reading() {
+    let d = TestDir::new();
+    let mut v = 200_000_000u64.to_le_bytes().to_vec();
+    v.extend_from_slice(b"{}");
+    std::fs::write(d.path("huge.safetensors"), v).unwrap();
+    inspect_fails(
+        &d,
+        &d.path("huge.safetensors"),
+        &["over the 100000000-byte limit"],
+    );
+}
+
+#[test]
+fn invalid_json() {
+    let d = TestDir::new();
+    let f = raw_st(&d, "j.safetensors", r#"{"a":{"dtype":"F32","#, 0);
+    inspect_fails(&d, &f, &["not valid JSON"]);
+}
+
+#[test]
+fn overlapping_offsets() {
+    let d = TestDir::new();
+    let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+    inspect_fails(&d, &raw_st(&d, "o.safetensors", h, 12), &["overlaps"]);
+}
+
+#[test]
+fn offsets_out_of_range() {
+    let d = TestDir::new();
+    let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[100,108]}}"#;
+    inspect_fails(
+        &d,
+        &raw_st(&d, "r.safetensors", h, 8),
+        &["tensor a", "out of range"],
+    );
+}
+
+#[test]
+fn offsets_not_covering_the_data() {
+    let d = TestDir::new();
+    let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#;
+    inspect_fails(
+        &d,
+        &raw_st(&d, "hole.safetensors", h, 16),
+        &["tensor a", "hole"],
+    );
+    inspect_fails(
+        &d,
+        &raw_st(&d, "tail.safetensors", ONE, 12),
+        &["4 bytes after the last tensor"],
+    );
+}
+
+#[test]
+fn offsets_disagree_with_shape() {
+    let d = TestDir::new();
+    let h = r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+    inspect_fails(
+        &d,
+        &raw_st(&d, "s.safetensors", h, 8),
+        &["tensor a", "needs 12"],
+    );
+}
+
+#[test]
+fn unknown_dtype() {
+    let d = TestDir::new();
+    let h = r#"{"a":{"dtype":"F7","shape":[2],"data_offsets":[0,8]}}"#;
+    inspect_fails(
+        &d,
+        &raw_st(&d, "u.safetensors", h, 8),
+        &["tensor a", "unknown dtype F7"],
+    );
+}
+
+#[test]
+fn shape_whose_element_count_overflows() {
+    let d = TestDir::new();
+    let h = r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4],"data_offsets":[0,8]}}"#;
+    inspect_fails(
+        &d,
+        &raw_st(&d, "big.safetensors", h, 8),
+        &["tensor a", "more elements than can be addressed"],
+    );
+}
+
+#[test]
+fn duplicate_keys() {
+    let d = TestDir::new();
+    let h = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#;
+    inspect_fails(
+        &d,
+        &raw_st(&d, "dup.safetensors", h, 16),
+        &["tensor a twice"],
+    );
+}
+
+#[test]
+fn non_tensor_entry() {
+    let d = TestDir::new();
+    inspect_fails(
+        &d,
+        &raw_st(&d, "n.safetensors", r#"{"a":[1,2,3]}"#, 0),
+        &["tensor a", "not a JSON object"],
+    );
+}
+
+#[test]
+fn sharded_index_with_missing_shard() {
+    let d = TestDir::new();
+    std::fs::write(
+        d.path("model.safetensors.index.json"),
+        r#"{"weight_map":{"a":"gone.safetensors"}}"#,
+    )
+    .unwrap();
+    inspect_fails(
+        &d,
+        &d.path("model.safetensors.index.json"),
+        &["gone.safetensors", "missing"],
+    );
+}
+
+#[test]
+fn sharded_index_pointing_outside_its_folder() {
+    let d = TestDir::new();
+    std::fs::create_dir(d.path("ck")).unwrap();
+    raw_st(&d, "outside.safetensors", ONE, 8);
+    std::fs::write(
+        d.path("ck/model.safetensors.index.json"),
+        r#"{"weight_map":{"a":"../outside.safetensors"}}"#,
+    )
+    .unwrap();
+    inspect_fails(
+        &d,
+        &d.path("ck/model.safetensors.index.json"),
+        &["outside the index's folder"],
+    );
+}
+
+#[test]
+fn sharded_index_naming_a_tensor_its_shard_lacks() {
+    let d = TestDir::new();
+    raw_st(&d, "s1.safetensors", ONE, 8);
+    std::fs::write(
+        d.path("x.safetensors.index.json"),
+        r#"{"weight_map":{"a":"s1.safetensors","b":"s1.safetensors"}}"#,
+    )
+    .unwrap();
+    inspect_fails(
+        &d,
+        &d.path("x.safetensors.index.json"),
+        &["tensor b", "does not hold it"],
+    );
+}
+
+#[test]
+fn json_that_is_not_a_sharded_index() {
+    let d = TestDir::new();
+    std::fs::write(d.path("config.json"), r#"{"hidden_size": 3}"#).unwrap();
+    inspect_fails(&d, &d.path("config.json"), &["not a sharded index"]);
+}
+
+#[test]
+fn pickle_calling_os_system_is_refused() {
+    let d = TestDir::new();
+    inspect_fails(
+        &d,
+        &fixture("bad/os_system.pth"),
+        &["system", "never runs code"],
+    );
+}
+
+#[test]
+fn torch_save_with_missing_record() {
+    let d = TestDir::new();
+    inspect_fails(
+        &d,
+        &fixture("bad/missing_record.pth"),
+        &["storage record", "missing from the archive"],
+    );
+}
+
+#[test]
+fn non_tensor_in_state_dict() {
+    let d = TestDir::new();
+    inspect_fails(
+        &d,
+        &fixture("bad/non_tensor.pth"),
+        &["tensor step", "expected a tensor, found an integer"],
+    );
+}
+
+#[test]
+fn truncated_torch_save() {
+    let d = TestDir::new();
+    let bytes = std::fs::read(fixture("tiny/epoch_10.pth")).unwrap();
+    std::fs::write(d.path("cut.pth"), &bytes[..bytes.len() / 2]).unwrap();
+    inspect_fails(&d, &d.path("cut.pth"), &["not a readable zip archive"]);
+}
+
+#[test]
+fn legacy_torch_save() {
+    let d = TestDir::new();
+    std::fs::write(
+        d.path("old.pth"),
+        b"\x80\x02\x8a\x0alZ\xfc\x9cF\xf9 j\xa8P\x19.",
+    )
+    .unwrap();
+    inspect_fails(&d, &d.path("old.pth"), &["legacy"]);
+}
+
+#[test]
+fn missing_file() {
+    let d = TestDir::new();
+    inspect_fails(&d, &d.path("nope.safetensors"), &["cannot open"]);
+}
+
+#[test]
+fn folder_without_a_checkpoint() {
+    let d = TestDir::new();
+    std::fs::create_dir(d.path("empty")).unwrap();
+    inspect_fails(&d, &d.path("empty"), &["no *.safetensors.index.json"]);
+}

@@ -1,0 +1,290 @@
+//! The test harness: each test gets its own temporary folder and runs the real `ckpt` binary;
+//! a failed expectation dumps the command, its status, stdout and stderr.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safetensors::{Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
+
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel)
+}
+
+/// The four f32 snapshots, in natural (training) order.
+pub fn snapshots() -> Vec<PathBuf> {
+    [1, 2, 5, 10]
+        .iter()
+        .map(|e| fixture(&format!("tiny/epoch_{e}.safetensors")))
+        .collect()
+}
+
+pub struct Run {
+    pub cmdline: String,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn dump(&self) -> String {
+        format!(
+            "command: {}\nstatus: {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.cmdline, self.code, self.stdout, self.stderr
+        )
+    }
+
+    /// Asserts success and returns self.
+    pub fn ok(self) -> Run {
+        assert_eq!(self.code, Some(0), "expected success\n{}", self.dump());
+        self
+    }
+
+    /// Asserts a clean failure: exit 1, no panic, and (when run with -q) exactly one line of
+    /// error that starts with `ckpt: ` and contains every one of `needles`.
+    pub fn fails_with(self, needles: &[&str]) -> Run {
+        assert_eq!(
+            self.code,
+            Some(1),
+            "expected exit status 1\n{}",
+            self.dump()
+        );
+        assert!(
+            !self.stderr.contains("panicked"),
+            "panicked\n{}",
+            self.dump()
+        );
+        let last = self.stderr.lines().last().unwrap_or("");
+        assert!(
+            last.starts_with("ckpt: "),
+            "error line should start with 'ckpt: '\n{}",
+            self.dump()
+        );
+        for n in needles {
+            assert!(
+                last.contains(n),
+                "error should mention {n:?}\n{}",
+                self.dump()
+            );
+        }
+        if self.cmdline.contains(" -q") {
+            assert_eq!(
+                self.stderr.trim_end().lines().count(),
+                1,
+                "expected one line\n{}",
+                self.dump()
+            );
+        }
+        self
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON: {e}\n{}", self.dump()))
+    }
+}
+
+/// A temporary folder with helpers to run ckpt in it.
+pub struct TestDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new() -> TestDir {
+        TestDir {
+            dir: tempfile::Builder::new()
+                .prefix("ckpt-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Runs ckpt with `args` in this folder.
+    pub fn run<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Run {
+        self.run_env(args, &[])
+    }
+
+    pub fn run_env<S: AsRef<std::ffi::OsStr>>(&self, args: &[S], env: &[(&str, &str)]) -> Run {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpt"));
+        cmd.args(args).current_dir(self.dir.path());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("running ckpt");
+        Run {
+            cmdline: std::iter::once("ckpt".to_string())
+                .chain(
+                    args.iter()
+                        .map(|a| a.as_ref().to_string_lossy().into_owned()),
+                )
+                .collect::<Vec<_>>()
+                .join(" "),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Names of the files in the folder (hidden ones included).
+    pub fn listing(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Copies fixtures into the folder, returning the copies' paths.
+    pub fn copy_in(&self, files: &[PathBuf]) -> Vec<PathBuf> {
+        files
+            .iter()
+            .map(|f| {
+                let to = self.path(&f.file_name().unwrap().to_string_lossy());
+                std::fs::copy(f, &to).unwrap();
+                to
+            })
+            .collect()
+    }
+}
+
+pub fn p(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// A tensor as read back by the `safetensors` crate (an implementation independent of ours).
+#[derive(Clone, Debug, PartialEq)]
+pub struct T {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+pub fn read_st(path: &Path) -> HashMap<String, T> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                T {
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    data: v.data().to_vec(),
+                },
+            )
+        })
+        .collect()
+}
+
+pub fn read_metadata(path: &Path) -> HashMap<String, String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    meta.metadata().clone().unwrap_or_default()
+}
+
+pub fn write_st(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.to_string(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn as_f64(t: &T) -> Vec<f64> {
+    match t.dtype {
+        Dtype::F32 => t
+            .data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::F64 => t
+            .data
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        Dtype::BF16 => t
+            .data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect(),
+        Dtype::F16 => t
+            .data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect(),
+        d => panic!("not a float tensor: {d:?}"),
+    }
+}
+
+pub fn as_i64(t: &T) -> Vec<i64> {
+    assert_eq!(t.dtype, Dtype::I64);
+    t.data
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// Asserts that every f32 tensor of `got` is within one f32 step (ulp) of the f32-rounded
+/// reference `want`, and that integer tensors are equal. Returns the largest relative error.
+pub fn assert_f32_within_one_ulp(got: &HashMap<String, T>, want: &HashMap<String, T>) -> f64 {
+    assert_eq!(sorted_keys(got), sorted_keys(want), "key sets differ");
+    let mut worst: f64 = 0.0;
+    for (k, w) in want {
+        let g = &got[k];
+        assert_eq!(g.shape, w.shape, "{k}: shape");
+        assert_eq!(g.dtype, w.dtype, "{k}: dtype");
+        if w.dtype != Dtype::F32 {
+            assert_eq!(g.data, w.data, "{k}: integer tensor differs");
+            continue;
+        }
+        for (i, (a, b)) in g
+            .data
+            .chunks_exact(4)
+            .zip(w.data.chunks_exact(4))
+            .enumerate()
+        {
+            let a = f32::from_le_bytes(a.try_into().unwrap());
+            let b = f32::from_le_bytes(b.try_into().unwrap());
+            let ulps = (a.to_bits() as i64 - b.to_bits() as i64).abs();
+            assert!(
+                ulps <= 1 || a == b,
+                "{k}[{i}]: {a} vs reference {b} ({ulps} ulps apart)"
+            );
+            if b != 0.0 {
+                worst = worst.max(((a - b) / b).abs() as f64);
+            }
+        }
+    }
+    assert!(worst <= 1e-6, "relative error {worst} over 1e-6");
+    worst
+}
+
+pub fn sorted_keys<V>(m: &HashMap<String, V>) -> Vec<String> {
+    let mut k: Vec<String> = m.keys().cloned().collect();
+    k.sort();
+    k
+}
+
+pub fn sha256(path: &Path) -> String {
+    format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()))
+}
