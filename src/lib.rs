@@ -10,3 +10,6 @@ pub mod cli;
 pub mod commands;
 pub mod device;
 pub mod report;
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("ckpt reads tensor data in place and supports little-endian targets only");

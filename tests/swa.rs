@@ -424,3 +424,41 @@ fn inputs_are_never_modified_and_provenance_is_recorded() {
         assert_eq!(&entry["sha256"], hash);
     }
 }
+
+#[test]
+fn output_has_exactly_the_models_state_dict_keys() {
+    // make_fixtures.py --check-ckpt loads ckpt's outputs with load_state_dict(strict=True); here
+    // the key set is held against the one PyTorch listed for the model.
+    let d = TestDir::new();
+    swa(&d, &paths(&snapshots()), &["-o", "swa.safetensors"]).ok();
+    let facts: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("expected/tiny_resnet.json")).unwrap(),
+    )
+    .unwrap();
+    let mut want: Vec<String> = facts["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    want.sort();
+    assert_eq!(sorted_keys(&read_st(&d.path("swa.safetensors"))), want);
+}
+
+#[test]
+fn cached_digests_are_used_only_for_unchanged_files() {
+    let d = TestDir::new();
+    let inputs = d.copy_in(&snapshots()[2..]);
+    swa(&d, &paths(&inputs), &["-o", "first.safetensors"]).ok();
+    let cache = std::fs::read_to_string(d.path(".cache/sha256-v1.tsv")).unwrap();
+    assert_eq!(cache.lines().count(), 2, "{cache}");
+    // Rewrite one input in place with other content: it must be hashed again, not taken from
+    // the cache.
+    let other = std::fs::read(&snapshots()[0]).unwrap();
+    std::fs::write(&inputs[0], &other).unwrap();
+    swa(&d, &paths(&inputs), &["-o", "second.safetensors"]).ok();
+    let meta = read_metadata(&d.path("second.safetensors"));
+    let listed: serde_json::Value = serde_json::from_str(&meta["ckpt.inputs"]).unwrap();
+    assert_eq!(listed[0]["sha256"], sha256(&inputs[0]).as_str());
+    assert_eq!(listed[1]["sha256"], sha256(&inputs[1]).as_str());
+}

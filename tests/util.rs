@@ -115,7 +115,10 @@ impl TestDir {
 
     pub fn run_env<S: AsRef<std::ffi::OsStr>>(&self, args: &[S], env: &[(&str, &str)]) -> Run {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpt"));
-        cmd.args(args).current_dir(self.dir.path());
+        // Keep the digest cache inside the test's folder, away from the user's.
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env("CKPT_CACHE_DIR", self.path(".cache"));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -134,11 +137,12 @@ impl TestDir {
         }
     }
 
-    /// Names of the files in the folder (hidden ones included).
+    /// Names of the files in the folder (hidden ones included, the digest cache excluded).
     pub fn listing(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(self.dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".cache")
             .collect();
         v.sort();
         v

@@ -2,7 +2,8 @@
 //!
 //! This is deliberately not candle's `DType`: checkpoints hold types candle cannot load (BOOL, I8,
 //! U16, U64, the F8 formats), and every tensor a command does not change must still be copied
-//! byte for byte. Values are little-endian, as safetensors and `torch.save` write them.
+//! byte for byte. Values are little-endian, as safetensors and `torch.save` write them (and
+//! as every platform ckpt builds for stores them, which the reinterpreting fast paths rely on).
 
 use std::fmt;
 
@@ -123,20 +124,39 @@ pub fn accumulate(acc: &mut [f64], src: &[u8], dtype: DType, weight: f64) -> Opt
     // is searched only when there is something to report.
     let mut bad = false;
     match dtype {
-        DType::F32 => {
-            for (a, b) in acc.iter_mut().zip(src.chunks_exact(4)) {
-                let x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64;
-                bad |= !x.is_finite();
-                *a += weight * x;
+        // Aligned slices (the usual case: safetensors and torch.save align tensor data) are
+        // reinterpreted so that the loops vectorise; others are decoded bytewise.
+        DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(src) {
+            Ok(xs) => {
+                for (a, &x) in acc.iter_mut().zip(xs) {
+                    let x = x as f64;
+                    bad |= !x.is_finite();
+                    *a += weight * x;
+                }
             }
-        }
-        DType::F64 => {
-            for (a, b) in acc.iter_mut().zip(src.chunks_exact(8)) {
-                let x = f64::from_le_bytes(b.try_into().unwrap());
-                bad |= !x.is_finite();
-                *a += weight * x;
+            Err(_) => {
+                for (a, b) in acc.iter_mut().zip(src.chunks_exact(4)) {
+                    let x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64;
+                    bad |= !x.is_finite();
+                    *a += weight * x;
+                }
             }
-        }
+        },
+        DType::F64 => match bytemuck::try_cast_slice::<u8, f64>(src) {
+            Ok(xs) => {
+                for (a, &x) in acc.iter_mut().zip(xs) {
+                    bad |= !x.is_finite();
+                    *a += weight * x;
+                }
+            }
+            Err(_) => {
+                for (a, b) in acc.iter_mut().zip(src.chunks_exact(8)) {
+                    let x = f64::from_le_bytes(b.try_into().unwrap());
+                    bad |= !x.is_finite();
+                    *a += weight * x;
+                }
+            }
+        },
         DType::F16 => {
             for (a, b) in acc.iter_mut().zip(src.chunks_exact(2)) {
                 let x = half::f16::from_le_bytes([b[0], b[1]]).to_f64();
@@ -183,11 +203,18 @@ pub fn read_f64(src: &[u8], dtype: DType, i: usize) -> f64 {
 pub fn store(acc: &[f64], dtype: DType, dst: &mut [u8]) {
     debug_assert_eq!(dst.len(), acc.len() * dtype.size());
     match dtype {
-        DType::F32 => {
-            for (a, d) in acc.iter().zip(dst.chunks_exact_mut(4)) {
-                d.copy_from_slice(&(*a as f32).to_le_bytes());
+        DType::F32 => match bytemuck::try_cast_slice_mut::<u8, f32>(dst) {
+            Ok(out) => {
+                for (a, d) in acc.iter().zip(out) {
+                    *d = *a as f32;
+                }
             }
-        }
+            Err(_) => {
+                for (a, d) in acc.iter().zip(dst.chunks_exact_mut(4)) {
+                    d.copy_from_slice(&(*a as f32).to_le_bytes());
+                }
+            }
+        },
         DType::F64 => {
             for (a, d) in acc.iter().zip(dst.chunks_exact_mut(8)) {
                 d.copy_from_slice(&a.to_le_bytes());

@@ -231,15 +231,21 @@ impl Checkpoint {
             bail!("--key applies to torch.save files only; this is a safetensors file");
         }
         let mut ck = Self::empty(path, Format::Safetensors);
-        ck.add_safetensors(path, blob)?;
+        ck.add_safetensors(path, blob, |_| true)?;
         Ok(ck)
     }
 
-    /// Adds the tensors of one safetensors file (a whole checkpoint or a shard).
-    fn add_safetensors(&mut self, path: &Path, blob: Blob) -> Result<BTreeMap<String, String>> {
+    /// Adds the tensors of one safetensors file (a whole checkpoint or a shard) that `keep`
+    /// accepts.
+    fn add_safetensors(
+        &mut self,
+        path: &Path,
+        blob: Blob,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<()> {
         let header = safetensors::parse_header(blob.bytes())?;
         let file = self.blobs.len();
-        for t in header.tensors {
+        for t in header.tensors.into_iter().filter(|t| keep(&t.name)) {
             self.push(TensorInfo {
                 name: t.name,
                 dtype: t.dtype,
@@ -255,9 +261,9 @@ impl Checkpoint {
         self.files.push(path.to_path_buf());
         self.blobs.push(blob);
         if self.metadata.is_empty() {
-            self.metadata = header.metadata.clone();
+            self.metadata = header.metadata;
         }
-        Ok(header.metadata)
+        Ok(())
     }
 
     fn open_sharded(given: &Path, index_path: &Path) -> Result<Checkpoint> {
@@ -265,30 +271,11 @@ impl Checkpoint {
         let mut ck = Self::empty(given, Format::ShardedSafetensors);
         ck.metadata = index.metadata.clone();
         for shard in &index.shards {
-            let blob = map_file(shard)?;
-            let header = safetensors::parse_header(blob.bytes())
-                .with_context(|| format!("shard {}", shard.display()))?;
-            let file = ck.blobs.len();
-            for t in header.tensors {
-                match index.weight_map.get(&t.name) {
-                    Some(s) if s == shard => {}
-                    // Tensors a shard holds but the index does not list are not part of the model.
-                    _ => continue,
-                }
-                ck.push(TensorInfo {
-                    name: t.name,
-                    dtype: t.dtype,
-                    shape: t.shape,
-                    source: Source::File {
-                        file,
-                        start: t.start,
-                    },
-                    offset: 0,
-                    stride: None,
-                })?;
-            }
-            ck.files.push(shard.clone());
-            ck.blobs.push(blob);
+            // Tensors a shard holds but the index does not list are not part of the model.
+            ck.add_safetensors(shard, map_file(shard)?, |name| {
+                index.weight_map.get(name) == Some(shard)
+            })
+            .with_context(|| format!("shard {}", shard.display()))?;
         }
         for (name, shard) in &index.weight_map {
             if !ck.by_name.contains_key(name) {
@@ -390,6 +377,11 @@ impl Checkpoint {
                 Cow::Owned(out)
             }
         }
+    }
+
+    /// The whole content of underlying file `i` (see [`Checkpoint::files`]), as mapped.
+    pub fn file_bytes(&self, i: usize) -> &[u8] {
+        self.blobs[i].bytes()
     }
 
     /// Total bytes of all tensors.

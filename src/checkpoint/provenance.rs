@@ -1,47 +1,145 @@
 //! What an output records about how it was made: ckpt's version, the command line, and each
 //! input file's name and sha256, in the safetensors `__metadata__` (string values only, as the
 //! format requires; lists are JSON text).
+//!
+//! Hashing is the most expensive part of averaging hot files (SHA-256 runs at about 2 GB/s per
+//! core, slower than the averaging itself), and users rerun commands over the same snapshots
+//! (`--last 5`, then `--last 10`). So digests are cached per file identity (device, inode,
+//! size, modification time in ns), as git and DVC do, in `$CKPT_CACHE_DIR` or
+//! `$XDG_CACHE_HOME/ckpt` or `~/.cache/ckpt`. A file rewritten in place gets a new mtime and is
+//! hashed again. The cache is a convenience: failing to read or write it never fails a command.
 
-use std::collections::BTreeMap;
-use std::io::Read;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
+
+use super::Checkpoint;
 
 pub const KEY_VERSION: &str = "ckpt.version";
 pub const KEY_COMMAND: &str = "ckpt.command";
 pub const KEY_INPUTS: &str = "ckpt.inputs";
 
-/// sha256 of a file, as lowercase hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+const CACHE_FILE: &str = "sha256-v1.tsv";
+/// Entries kept when the cache is compacted.
+const CACHE_KEEP: usize = 4096;
+
+/// sha256 of bytes, as lowercase hex, hashing 64 MiB pieces so that progress is even.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("{}: read failed", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
+    for piece in bytes.chunks(64 << 20) {
+        h.update(piece);
     }
-    Ok(format!("{:x}", h.finalize()))
+    format!("{:x}", h.finalize())
 }
 
-/// Builds the provenance entries for an output made by `command` from `inputs` (every file
-/// read, shards included), hashing the inputs in parallel.
-pub fn metadata(command: &str, inputs: &[PathBuf]) -> Result<BTreeMap<String, String>> {
-    let hashes: Vec<String> = inputs
-        .par_iter()
-        .map(|p| sha256_file(p))
-        .collect::<Result<_>>()?;
-    let list: Vec<serde_json::Value> = inputs
+/// A file's identity for the digest cache.
+fn identity(path: &Path) -> Option<String> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "{}\t{}\t{}\t{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
+    ))
+}
+
+fn cache_path() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("CKPT_CACHE_DIR") {
+        return Some(PathBuf::from(d).join(CACHE_FILE));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("ckpt").join(CACHE_FILE))
+}
+
+fn read_cache(path: &Path) -> HashMap<String, String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (id, rest) = l.rsplit_once('\t')?;
+            (rest.len() == 64 && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then(|| (id.to_string(), rest.to_string()))
+        })
+        .collect()
+}
+
+fn append_cache(path: &Path, old: &HashMap<String, String>, new: &[(String, String)]) {
+    if new.is_empty() {
+        return;
+    }
+    let Some(dir) = path.parent() else { return };
+    let _ = std::fs::create_dir_all(dir);
+    let mut lines: Vec<String> = new.iter().map(|(id, h)| format!("{id}\t{h}\n")).collect();
+    if old.len() + new.len() > 2 * CACHE_KEEP {
+        // Compact: keep the newest entries, replacing the file atomically.
+        let mut kept: Vec<String> = old
+            .iter()
+            .take(CACHE_KEEP)
+            .map(|(id, h)| format!("{id}\t{h}\n"))
+            .collect();
+        kept.append(&mut lines);
+        if let Ok(mut tmp) = tempfile::NamedTempFile::new_in(dir) {
+            if tmp.write_all(kept.concat().as_bytes()).is_ok() {
+                let _ = tmp.persist(path);
+            }
+        }
+        return;
+    }
+    // One write per call with O_APPEND: concurrent ckpt processes interleave whole lines.
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(lines.concat().as_bytes());
+    }
+}
+
+/// sha256 of every file the checkpoints were read from (shards included), from their memory
+/// maps, in parallel, using and filling the digest cache. Returns (file, digest) pairs.
+pub fn hash_inputs(inputs: &[Checkpoint]) -> Vec<(PathBuf, String)> {
+    let files: Vec<(&Checkpoint, usize)> = inputs
         .iter()
-        .zip(hashes)
+        .flat_map(|c| (0..c.files.len()).map(move |i| (c, i)))
+        .collect();
+    let cache_file = cache_path();
+    let cache = cache_file.as_deref().map(read_cache).unwrap_or_default();
+    let results: Vec<(PathBuf, String, Option<String>, bool)> = files
+        .par_iter()
+        .map(|(c, i)| {
+            let path = c.files[*i].clone();
+            let id = identity(&path);
+            match id.as_ref().and_then(|id| cache.get(id)) {
+                Some(h) => (path, h.clone(), id, false),
+                None => {
+                    let h = sha256_hex(c.file_bytes(*i));
+                    (path, h, id, true)
+                }
+            }
+        })
+        .collect();
+    let fresh: Vec<(String, String)> = results
+        .iter()
+        .filter(|r| r.3)
+        .filter_map(|(_, h, id, _)| Some((id.clone()?, h.clone())))
+        .collect();
+    if let Some(p) = &cache_file {
+        append_cache(p, &cache, &fresh);
+    }
+    results.into_iter().map(|(p, h, _, _)| (p, h)).collect()
+}
+
+/// Builds the provenance entries for an output made by `command` from `inputs`.
+pub fn metadata(command: &str, inputs: &[Checkpoint]) -> Result<BTreeMap<String, String>> {
+    let list: Vec<serde_json::Value> = hash_inputs(inputs)
+        .into_iter()
         .map(|(p, h)| {
             serde_json::json!({
                 "file": p.file_name().unwrap_or(p.as_os_str()).to_string_lossy(),

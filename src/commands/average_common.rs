@@ -89,7 +89,7 @@ pub fn write_outputs(
             plan.partial.join(", ")
         ));
     }
-    let base = provenance::metadata(&provenance::command_line(), &files)?;
+    let base = provenance::metadata(&provenance::command_line(), inputs)?;
     for o in &mut outputs {
         let mut m = base.clone();
         m.append(&mut o.metadata);
