@@ -46,6 +46,7 @@ pub enum Command {
     Inspect(commands::inspect::InspectArgs),
     Swa(commands::swa::SwaArgs),
     Ema(commands::ema::EmaArgs),
+    Logits(commands::logits::LogitsArgs),
 }
 
 /// How to read checkpoints: shared by every command that opens one.

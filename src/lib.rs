@@ -9,6 +9,8 @@ pub mod checkpoint;
 pub mod cli;
 pub mod commands;
 pub mod device;
+pub mod eval;
+pub mod models;
 pub mod report;
 
 #[cfg(not(target_endian = "little"))]

@@ -43,6 +43,23 @@ impl Reporter {
     }
 }
 
+impl Reporter {
+    /// A progress bar over `total` items (images), with the rate.
+    pub fn items_bar(&self, total: u64, what: &str) -> ProgressBar {
+        if self.quiet {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images {per_sec} eta {eta}")
+                .unwrap()
+                .progress_chars("=> "),
+        );
+        bar.set_message(what.to_string());
+        bar
+    }
+}
+
 /// Whether an error is a closed stdout (`ckpt inspect x | head`), which is not a failure.
 pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|c| {

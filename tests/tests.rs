@@ -5,6 +5,8 @@ mod util;
 mod bad_inputs;
 mod ema;
 mod inspect;
+mod logits;
 mod man;
+mod models;
 mod swa;
 mod writing;

@@ -441,3 +441,38 @@ pub fn check_outputs(dests: &[PathBuf], inputs: &[PathBuf], force: bool) -> Resu
     }
     Ok(())
 }
+
+/// A tensor held in memory, to be written whole.
+pub struct OwnedTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Writes small in-memory tensors as one safetensors file, atomically.
+pub fn write_owned(
+    path: &Path,
+    tensors: &[OwnedTensor],
+    metadata: &BTreeMap<String, String>,
+    force: bool,
+) -> Result<()> {
+    let planned: Vec<PlannedTensor> = tensors
+        .iter()
+        .map(|t| PlannedTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let w = CheckpointWriter::create(
+        &OutputLayout::Single(path.to_path_buf()),
+        planned,
+        metadata,
+        force,
+    )?;
+    for (i, t) in tensors.iter().enumerate() {
+        w.write(i, 0, &t.data)?;
+    }
+    w.commit()
+}

@@ -4,6 +4,7 @@
 pub mod average_common;
 pub mod ema;
 pub mod inspect;
+pub mod logits;
 pub mod swa;
 
 use anyhow::Result;
@@ -23,5 +24,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect::run(a, &cli.global, rep),
         Command::Swa(a) => swa::run(a, &cli.global, rep),
         Command::Ema(a) => ema::run(a, &cli.global, rep),
+        Command::Logits(a) => logits::run(a, &cli.global, rep),
     }
 }

@@ -1,0 +1,273 @@
+//! torchvision's EfficientNet B0 to B7 (and any width or depth multiplier, any class count).
+//!
+//! `features.0` is the stem (3x3, stride 2, BN, SiLU); `features.1` to `features.7` are stages
+//! of MBConv blocks, each `features.{s}.{j}.block` holding an optional 1x1 expansion, the
+//! depthwise k x k convolution, squeeze-excitation (`fc1`, `fc2` with biases; SiLU then
+//! sigmoid), and the 1x1 projection with BN and no activation; `features.8` is the 1x1 head
+//! (SiLU), `classifier.1` the linear layer. Kernel sizes, widths, squeeze widths and depths are
+//! read from the shapes; strides are torchvision's per-stage schedule (the first block of
+//! stages 2, 3, 4 and 6 has stride 2). Stochastic depth and dropout are identities in eval.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::layers::{global_avg_pool, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx, Linear};
+use super::{Config as AnyConfig, Miss, Probe, Shapes};
+
+const EPS: f64 = 1e-5;
+const STAGE_STRIDES: [usize; 7] = [1, 2, 2, 2, 1, 2, 1];
+const STAGE_DEPTHS: [usize; 7] = [1, 2, 2, 3, 3, 4, 1];
+/// (name, width multiplier, depth multiplier) of torchvision's B0 to B7.
+const VARIANTS: [(&str, f64, f64); 8] = [
+    ("efficientnet_b0", 1.0, 1.0),
+    ("efficientnet_b1", 1.0, 1.1),
+    ("efficientnet_b2", 1.1, 1.2),
+    ("efficientnet_b3", 1.2, 1.4),
+    ("efficientnet_b4", 1.4, 1.8),
+    ("efficientnet_b5", 1.6, 2.2),
+    ("efficientnet_b6", 1.8, 2.6),
+    ("efficientnet_b7", 2.0, 3.1),
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    pub cin: usize,
+    pub hidden: usize,
+    pub squeeze: usize,
+    pub cout: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub expand: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub stem: usize,
+    /// Blocks per stage.
+    pub stages: Vec<Vec<BlockConfig>>,
+    pub last_channel: usize,
+    pub num_classes: usize,
+}
+
+pub fn accepts(arch: &str) -> bool {
+    arch.starts_with("efficientnet")
+}
+
+/// torchvision's `_make_divisible(v, 8)`.
+fn make_divisible(v: f64) -> usize {
+    let d = 8.0;
+    let mut n = ((v + d / 2.0) / d).floor() * d;
+    n = n.max(d);
+    if n < 0.9 * v {
+        n += d;
+    }
+    n as usize
+}
+
+impl Config {
+    pub fn name(&self) -> String {
+        let depths: Vec<usize> = self.stages.iter().map(Vec::len).collect();
+        for (name, w, d) in VARIANTS {
+            let want_depths: Vec<usize> = STAGE_DEPTHS
+                .iter()
+                .map(|&n| (n as f64 * d).ceil() as usize)
+                .collect();
+            if make_divisible(32.0 * w) == self.stem
+                && want_depths == depths
+                && make_divisible(320.0 * w) * 4 == self.last_channel
+            {
+                return name.to_string();
+            }
+        }
+        format!(
+            "efficientnet (stem {}, depths {depths:?}, last channel {})",
+            self.stem, self.last_channel
+        )
+    }
+}
+
+pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
+    let mut p = Probe::new(shapes);
+    let stem = p.shape("features.0.0.weight", 4)?;
+    if stem[1..] != [3, 3, 3] {
+        return Err(p.miss(format!(
+            "tensor features.0.0.weight has shape {stem:?}, expected [C, 3, 3, 3]"
+        )));
+    }
+    let mut cin = stem[0];
+    let mut stages = Vec::new();
+    for (s, &stage_stride) in STAGE_STRIDES.iter().enumerate() {
+        let mut blocks = Vec::new();
+        let mut j = 0;
+        loop {
+            let b = format!("features.{}.{j}.block", s + 1);
+            if !p.has(&format!("{b}.0.0.weight")) {
+                break;
+            }
+            // Four children with an expansion, three without.
+            let expand = p.has(&format!("{b}.3.0.weight"));
+            let o = usize::from(expand);
+            let hidden = if expand {
+                p.shape(&format!("{b}.0.0.weight"), 4)?[0]
+            } else {
+                cin
+            };
+            let dw = p.shape(&format!("{b}.{o}.0.weight"), 4)?;
+            if dw[0] != hidden || dw[1] != 1 || dw[2] != dw[3] || dw[2] % 2 == 0 {
+                return Err(p.miss(format!("tensor {b}.{o}.0.weight has shape {dw:?}, expected a depthwise [{hidden}, 1, k, k]")));
+            }
+            let fc1 = p.shape(&format!("{b}.{}.fc1.weight", o + 1), 4)?;
+            let proj = p.shape(&format!("{b}.{}.0.weight", o + 2), 4)?;
+            blocks.push(BlockConfig {
+                cin,
+                hidden,
+                squeeze: fc1[0],
+                cout: proj[0],
+                kernel: dw[2],
+                stride: if j == 0 { stage_stride } else { 1 },
+                expand,
+            });
+            cin = proj[0];
+            j += 1;
+        }
+        if blocks.is_empty() {
+            return Err(p.miss(format!("no tensor features.{}.0.block.0.0.weight", s + 1)));
+        }
+        stages.push(blocks);
+    }
+    let head = p.shape("features.8.0.weight", 4)?;
+    let fc = p.shape("classifier.1.weight", 2)?;
+    Ok(AnyConfig::EfficientNet(Config {
+        stem: stem[0],
+        stages,
+        last_channel: head[0],
+        num_classes: fc[0],
+    }))
+}
+
+struct MbConv {
+    expand: Option<ConvBn>,
+    depthwise: ConvBn,
+    se_fc1: Conv2d,
+    se_fc2: Conv2d,
+    project: ConvBn,
+    residual: bool,
+}
+
+impl MbConv {
+    fn new(c: &BlockConfig, vb: VarBuilder, reg: &mut BnRegistry) -> Result<MbConv> {
+        let cna = |v: VarBuilder, spec: ConvSpec, reg: &mut BnRegistry| {
+            ConvBn::new(v.pp(0), v.pp(1), spec, EPS, reg)
+        };
+        let mut k = 0;
+        let expand = if c.expand {
+            k = 1;
+            Some(cna(vb.pp(0), ConvSpec::new(c.cin, c.hidden, 1), reg)?)
+        } else {
+            None
+        };
+        let depthwise = cna(
+            vb.pp(k),
+            ConvSpec::new(c.hidden, c.hidden, c.kernel)
+                .stride(c.stride)
+                .groups(c.hidden),
+            reg,
+        )?;
+        let se = vb.pp(k + 1);
+        let se_fc1 = Conv2d::new(se.pp("fc1"), ConvSpec::new(c.hidden, c.squeeze, 1).bias())?;
+        let se_fc2 = Conv2d::new(se.pp("fc2"), ConvSpec::new(c.squeeze, c.hidden, 1).bias())?;
+        let project = cna(vb.pp(k + 2), ConvSpec::new(c.hidden, c.cout, 1), reg)?;
+        Ok(MbConv {
+            expand,
+            depthwise,
+            se_fc1,
+            se_fc2,
+            project,
+            residual: c.stride == 1 && c.cin == c.cout,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let mut y = x.clone();
+        if let Some(e) = &self.expand {
+            y = e.forward(&y, ctx)?.silu()?;
+        }
+        y = self.depthwise.forward(&y, ctx)?.silu()?;
+        let s = y.mean_keepdim((2, 3))?;
+        let s = self.se_fc2.forward(&self.se_fc1.forward(&s)?.silu()?)?;
+        let s = candle_nn::ops::sigmoid(&s)?;
+        y = y.broadcast_mul(&s)?;
+        y = self.project.forward(&y, ctx)?;
+        if self.residual {
+            y = (y + x)?;
+        }
+        Ok(y)
+    }
+}
+
+pub struct EfficientNet {
+    stem: ConvBn,
+    blocks: Vec<MbConv>,
+    head: ConvBn,
+    classifier: Linear,
+}
+
+impl EfficientNet {
+    pub fn new(c: &Config, vb: VarBuilder, reg: &mut BnRegistry) -> Result<EfficientNet> {
+        let f = vb.pp("features");
+        let stem = ConvBn::new(
+            f.pp(0).pp(0),
+            f.pp(0).pp(1),
+            ConvSpec::new(3, c.stem, 3).stride(2),
+            EPS,
+            reg,
+        )?;
+        let mut blocks = Vec::new();
+        for (s, stage) in c.stages.iter().enumerate() {
+            for (j, b) in stage.iter().enumerate() {
+                blocks.push(MbConv::new(b, f.pp(s + 1).pp(j).pp("block"), reg)?);
+            }
+        }
+        let cin = c
+            .stages
+            .last()
+            .and_then(|s| s.last())
+            .map_or(c.stem, |b| b.cout);
+        let head = ConvBn::new(
+            f.pp(8).pp(0),
+            f.pp(8).pp(1),
+            ConvSpec::new(cin, c.last_channel, 1),
+            EPS,
+            reg,
+        )?;
+        let classifier = Linear::new(vb.pp("classifier").pp(1), c.last_channel, c.num_classes)?;
+        Ok(EfficientNet {
+            stem,
+            blocks,
+            head,
+            classifier,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let mut x = self.stem.forward(x, ctx)?.silu()?;
+        for b in &self.blocks {
+            x = b.forward(&x, ctx)?;
+        }
+        let x = self.head.forward(&x, ctx)?.silu()?;
+        self.classifier.forward(&global_avg_pool(&x)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::make_divisible;
+
+    #[test]
+    fn divisible_widths_match_torchvision() {
+        assert_eq!(make_divisible(32.0 * 1.1), 32);
+        assert_eq!(make_divisible(32.0 * 1.2), 40);
+        assert_eq!(make_divisible(320.0 * 1.8), 576);
+        assert_eq!(make_divisible(16.0 * 0.25), 8);
+    }
+}

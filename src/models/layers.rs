@@ -1,0 +1,277 @@
+//! The layers our CNNs are made of, each reading its own leaf tensors through a `VarBuilder`
+//! whose path is the PyTorch module path, so a missing or misshapen tensor is reported under its
+//! real state-dict key.
+//!
+//! BatchNorm is ours rather than candle-nn's: every BN layer knows its state-dict prefix and its
+//! position in forward order, and runs in one of two modes. In eval it applies the running
+//! statistics, folded once into a per-channel scale and shift. In calibrate it normalises with
+//! the batch's own statistics, as PyTorch's train mode does, and reports that batch's mean,
+//! biased variance and element count to an observer; its running statistics are not touched
+//! (the estimators in the recal-bn engine decide what to do with the reports).
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// How BatchNorm layers behave during a forward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BnMode {
+    /// Running statistics, as `model.eval()`.
+    #[default]
+    Eval,
+    /// Batch statistics, as `model.train()` for BN only; each layer reports to the observer.
+    Calibrate,
+}
+
+/// One batch's statistics of one BN layer's input, per channel.
+#[derive(Clone, Debug)]
+pub struct BatchStats {
+    pub mean: Vec<f32>,
+    /// Biased (population) variance of the batch, the one the layer normalises with.
+    pub var: Vec<f32>,
+    /// Elements per channel: N * H * W.
+    pub count: usize,
+}
+
+/// Receives the statistics of every BN layer in calibrate mode, in forward order.
+pub trait BnObserver {
+    fn observe(&mut self, layer: usize, stats: BatchStats) -> Result<()>;
+}
+
+/// The state of one forward pass.
+#[derive(Default)]
+pub struct Ctx<'a> {
+    pub mode: BnMode,
+    pub observer: Option<&'a mut dyn BnObserver>,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn eval() -> Ctx<'a> {
+        Ctx::default()
+    }
+    pub fn calibrate(observer: &'a mut dyn BnObserver) -> Ctx<'a> {
+        Ctx {
+            mode: BnMode::Calibrate,
+            observer: Some(observer),
+        }
+    }
+}
+
+/// Collects the BN layers' prefixes in construction (= forward) order while a model is built.
+#[derive(Default, Debug)]
+pub struct BnRegistry {
+    pub prefixes: Vec<String>,
+}
+
+/// The state-dict path a VarBuilder stands for.
+fn path_of(vb: &VarBuilder) -> String {
+    vb.prefix()
+}
+
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+}
+
+/// Shape of a convolution, as torch.nn.Conv2d takes it.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvSpec {
+    pub cin: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub groups: usize,
+    pub bias: bool,
+}
+
+impl ConvSpec {
+    pub fn new(cin: usize, cout: usize, k: usize) -> ConvSpec {
+        ConvSpec {
+            cin,
+            cout,
+            k,
+            stride: 1,
+            groups: 1,
+            bias: false,
+        }
+    }
+    pub fn stride(mut self, s: usize) -> ConvSpec {
+        self.stride = s;
+        self
+    }
+    pub fn groups(mut self, g: usize) -> ConvSpec {
+        self.groups = g;
+        self
+    }
+    pub fn bias(mut self) -> ConvSpec {
+        self.bias = true;
+        self
+    }
+}
+
+impl Conv2d {
+    /// Reads `weight` [cout, cin / groups, k, k] (and `bias` [cout]); padding is (k - 1) / 2 as
+    /// in every torchvision CNN here.
+    pub fn new(vb: VarBuilder, s: ConvSpec) -> Result<Conv2d> {
+        let weight = vb.get((s.cout, s.cin / s.groups, s.k, s.k), "weight")?;
+        let bias = if s.bias {
+            Some(vb.get(s.cout, "bias")?)
+        } else {
+            None
+        };
+        Ok(Conv2d {
+            weight,
+            bias,
+            stride: s.stride,
+            padding: (s.k - 1) / 2,
+            groups: s.groups,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BatchNorm {
+    pub index: usize,
+    pub prefix: String,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+    /// Eval mode folded: y = x * scale + shift, shaped [1, C, 1, 1].
+    scale: Tensor,
+    shift: Tensor,
+}
+
+impl BatchNorm {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        eps: f64,
+        reg: &mut BnRegistry,
+    ) -> Result<BatchNorm> {
+        let weight = vb.get(channels, "weight")?;
+        let bias = vb.get(channels, "bias")?;
+        let mean = vb.get(channels, "running_mean")?;
+        let var = vb.get(channels, "running_var")?;
+        let scale = (&weight / (var + eps)?.sqrt()?)?;
+        let shift = (&bias - (mean * &scale)?)?;
+        let prefix = path_of(&vb);
+        reg.prefixes.push(prefix.clone());
+        Ok(BatchNorm {
+            index: reg.prefixes.len() - 1,
+            prefix,
+            weight,
+            bias,
+            eps,
+            scale: scale.reshape((1, channels, 1, 1))?,
+            shift: shift.reshape((1, channels, 1, 1))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        match ctx.mode {
+            BnMode::Eval => x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift),
+            BnMode::Calibrate => {
+                let (n, c, h, w) = x.dims4()?;
+                // [C, N*H*W]: per-channel statistics over batch and space, two-pass in f32 as
+                // PyTorch's CPU kernel computes them.
+                let flat = x.transpose(0, 1)?.reshape((c, n * h * w))?;
+                let mean = flat.mean_keepdim(D::Minus1)?;
+                let centred = flat.broadcast_sub(&mean)?;
+                let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+                if let Some(obs) = ctx.observer.as_deref_mut() {
+                    obs.observe(
+                        self.index,
+                        BatchStats {
+                            mean: mean.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+                            var: var.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+                            count: n * h * w,
+                        },
+                    )?;
+                }
+                let inv = (var + self.eps)?.sqrt()?.recip()?;
+                let scale = inv.broadcast_mul(&self.weight.reshape((c, 1))?)?;
+                let shift = (self.bias.reshape((c, 1))? - mean.broadcast_mul(&scale)?)?;
+                let y = flat.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+                y.reshape((c, n, h, w))?.transpose(0, 1)?.contiguous()
+            }
+        }
+    }
+}
+
+/// A convolution followed by BatchNorm: torchvision's `Conv2dNormActivation` without the
+/// activation, at `vb.pp(0)` and `vb.pp(1)`, or any two named children.
+#[derive(Clone, Debug)]
+pub struct ConvBn {
+    pub conv: Conv2d,
+    pub bn: BatchNorm,
+}
+
+impl ConvBn {
+    pub fn new(
+        conv: VarBuilder,
+        bn: VarBuilder,
+        s: ConvSpec,
+        eps: f64,
+        reg: &mut BnRegistry,
+    ) -> Result<ConvBn> {
+        Ok(ConvBn {
+            conv: Conv2d::new(conv, s)?,
+            bn: BatchNorm::new(bn, s.cout, eps, reg)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        self.bn.forward(&self.conv.forward(x)?, ctx)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn new(vb: VarBuilder, cin: usize, cout: usize) -> Result<Linear> {
+        Ok(Linear {
+            weight: vb.get((cout, cin), "weight")?,
+            bias: vb.get(cout, "bias")?,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+pub fn relu6(x: &Tensor) -> Result<Tensor> {
+    x.clamp(0f32, 6f32)
+}
+
+/// Global average pooling to [N, C].
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    x.mean((2, 3))
+}
+
+/// torch.nn.MaxPool2d(3, 2, padding=1): replicate-padding is exact for max pooling, since the
+/// replicated edge value is already inside the window.
+pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    x.pad_with_same(2, 1, 1)?
+        .pad_with_same(3, 1, 1)?
+        .max_pool2d_with_stride(3, 2)
+}

@@ -1,0 +1,175 @@
+//! torchvision's MobileNetV2, any `width_mult` and class count.
+//!
+//! `features.0` is the stem (3x3, stride 2, BN, ReLU6); `features.1` to `features.17` are
+//! inverted residual blocks whose `conv` holds, when the expansion is not 1, a 1x1 expansion
+//! (`conv.0`), then the depthwise 3x3 (`conv.1`, or `conv.0` without expansion), the 1x1
+//! projection and its BN; `features.18` is the 1x1 head to `last_channel`; `classifier.1` the
+//! linear layer. Strides are not in the shapes: they are torchvision's fixed schedule over the
+//! 17 blocks (the first block of the 24, 32, 64 and 160 channel groups has stride 2), so a
+//! checkpoint with another number of blocks is refused rather than guessed.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::layers::{global_avg_pool, relu6, BnRegistry, ConvBn, ConvSpec, Ctx, Linear};
+use super::{Config as AnyConfig, Miss, Probe, Shapes};
+
+const EPS: f64 = 1e-5;
+/// Stride of each of the 17 inverted residual blocks in torchvision's configuration.
+const STRIDES: [usize; 17] = [1, 2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    pub cin: usize,
+    /// Expanded (hidden) channels; equal to `cin` when there is no expansion.
+    pub hidden: usize,
+    pub cout: usize,
+    pub expand: bool,
+    pub stride: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub stem: usize,
+    pub blocks: Vec<BlockConfig>,
+    pub last_channel: usize,
+    pub num_classes: usize,
+}
+
+pub fn accepts(arch: &str) -> bool {
+    arch.starts_with("mobilenet_v2")
+}
+
+impl Config {
+    pub fn name(&self) -> String {
+        if self.stem == 32
+            && self.last_channel == 1280
+            && self.blocks.last().map(|b| b.cout) == Some(320)
+        {
+            "mobilenet_v2".into()
+        } else {
+            format!(
+                "mobilenet_v2 (stem {}, last channel {})",
+                self.stem, self.last_channel
+            )
+        }
+    }
+}
+
+pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
+    let mut p = Probe::new(shapes);
+    let stem = p.shape("features.0.0.weight", 4)?;
+    if stem[1..] != [3, 3, 3] {
+        return Err(p.miss(format!(
+            "tensor features.0.0.weight has shape {stem:?}, expected [C, 3, 3, 3]"
+        )));
+    }
+    let mut cin = stem[0];
+    let mut blocks = Vec::new();
+    for (i, &stride) in STRIDES.iter().enumerate() {
+        let f = format!("features.{}.conv", i + 1);
+        let expand = p.has(&format!("{f}.3.weight"));
+        let hidden = if expand {
+            p.shape(&format!("{f}.0.0.weight"), 4)?[0]
+        } else {
+            p.expect(&format!("{f}.0.0.weight"), &[cin, 1, 3, 3])?;
+            cin
+        };
+        let proj = p.shape(&format!("{f}.{}.weight", if expand { 2 } else { 1 }), 4)?;
+        blocks.push(BlockConfig {
+            cin,
+            hidden,
+            cout: proj[0],
+            expand,
+            stride,
+        });
+        cin = proj[0];
+    }
+    if p.has("features.19.0.weight") || p.has("features.19.conv.0.0.weight") {
+        return Err(p.miss("more than torchvision's 17 inverted residual blocks"));
+    }
+    let head = p.shape("features.18.0.weight", 4)?;
+    let fc = p.shape("classifier.1.weight", 2)?;
+    Ok(AnyConfig::MobileNetV2(Config {
+        stem: stem[0],
+        blocks,
+        last_channel: head[0],
+        num_classes: fc[0],
+    }))
+}
+
+struct Block {
+    layers: Vec<ConvBn>,
+    residual: bool,
+}
+
+pub struct MobileNetV2 {
+    stem: ConvBn,
+    blocks: Vec<Block>,
+    head: ConvBn,
+    classifier: Linear,
+}
+
+impl MobileNetV2 {
+    pub fn new(c: &Config, vb: VarBuilder, reg: &mut BnRegistry) -> Result<MobileNetV2> {
+        let f = vb.pp("features");
+        let cbr = |v: VarBuilder, spec: ConvSpec, reg: &mut BnRegistry| {
+            ConvBn::new(v.pp(0), v.pp(1), spec, EPS, reg)
+        };
+        let stem = cbr(f.pp(0), ConvSpec::new(3, c.stem, 3).stride(2), reg)?;
+        let mut blocks = Vec::new();
+        for (i, b) in c.blocks.iter().enumerate() {
+            let v = f.pp(i + 1).pp("conv");
+            let mut layers = Vec::new();
+            let mut k = 0;
+            if b.expand {
+                layers.push(cbr(v.pp(0), ConvSpec::new(b.cin, b.hidden, 1), reg)?);
+                k = 1;
+            }
+            layers.push(cbr(
+                v.pp(k),
+                ConvSpec::new(b.hidden, b.hidden, 3)
+                    .stride(b.stride)
+                    .groups(b.hidden),
+                reg,
+            )?);
+            layers.push(ConvBn::new(
+                v.pp(k + 1),
+                v.pp(k + 2),
+                ConvSpec::new(b.hidden, b.cout, 1),
+                EPS,
+                reg,
+            )?);
+            blocks.push(Block {
+                layers,
+                residual: b.stride == 1 && b.cin == b.cout,
+            });
+        }
+        let cin = c.blocks.last().map_or(c.stem, |b| b.cout);
+        let head = cbr(f.pp(18), ConvSpec::new(cin, c.last_channel, 1), reg)?;
+        let classifier = Linear::new(vb.pp("classifier").pp(1), c.last_channel, c.num_classes)?;
+        Ok(MobileNetV2 {
+            stem,
+            blocks,
+            head,
+            classifier,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let mut x = relu6(&self.stem.forward(x, ctx)?)?;
+        for b in &self.blocks {
+            let mut y = x.clone();
+            let last = b.layers.len() - 1;
+            for (i, l) in b.layers.iter().enumerate() {
+                y = l.forward(&y, ctx)?;
+                if i < last {
+                    y = relu6(&y)?;
+                }
+            }
+            x = if b.residual { (x + y)? } else { y };
+        }
+        let x = relu6(&self.head.forward(&x, ctx)?)?;
+        self.classifier.forward(&global_avg_pool(&x)?)
+    }
+}

@@ -1,0 +1,249 @@
+//! torchvision's ResNet family (also timm's naming for it): resnet18/34/50/101/152,
+//! resnext50_32x4d, resnext101_32x8d/64x4d, wide_resnet50_2/101_2, and any other stage depths,
+//! widths, groups or class counts built from `BasicBlock` or `Bottleneck` (v1.5: the stride is
+//! on the 3x3 convolution).
+//!
+//! Detection reads: the stem width from `conv1.weight`, blocks per stage from the
+//! `layer{s}.{i}` indices, the block type from the presence of `conv3`, inner widths and groups
+//! from each stage's first `conv2.weight` [width, width / groups, 3, 3], output widths from the
+//! last convolution, and the classes from `fc.weight`.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::layers::{
+    global_avg_pool, max_pool_3x3_s2_p1, BatchNorm, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx,
+    Linear,
+};
+use super::{Config as AnyConfig, Miss, Probe, Shapes};
+
+const EPS: f64 = 1e-5;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub bottleneck: bool,
+    pub stem: usize,
+    pub blocks: [usize; 4],
+    /// Inner width of each stage (conv1's output channels).
+    pub widths: [usize; 4],
+    /// Output channels of each stage.
+    pub outs: [usize; 4],
+    pub groups: usize,
+    pub num_classes: usize,
+}
+
+pub fn accepts(arch: &str) -> bool {
+    arch == "resnet"
+        || arch.starts_with("resnet")
+        || arch.starts_with("resnext")
+        || arch.starts_with("wide_resnet")
+}
+
+impl Config {
+    pub fn name(&self) -> String {
+        let std_names: [(&str, bool, [usize; 4], usize, usize); 10] = [
+            ("resnet18", false, [2, 2, 2, 2], 1, 64),
+            ("resnet34", false, [3, 4, 6, 3], 1, 64),
+            ("resnet50", true, [3, 4, 6, 3], 1, 64),
+            ("resnet101", true, [3, 4, 23, 3], 1, 64),
+            ("resnet152", true, [3, 8, 36, 3], 1, 64),
+            ("resnext50_32x4d", true, [3, 4, 6, 3], 32, 128),
+            ("resnext101_32x8d", true, [3, 4, 23, 3], 32, 256),
+            ("resnext101_64x4d", true, [3, 4, 23, 3], 64, 256),
+            ("wide_resnet50_2", true, [3, 4, 6, 3], 1, 128),
+            ("wide_resnet101_2", true, [3, 4, 23, 3], 1, 128),
+        ];
+        let standard_outs = if self.bottleneck {
+            [256, 512, 1024, 2048]
+        } else {
+            [64, 128, 256, 512]
+        };
+        for (name, b, blocks, groups, w0) in std_names {
+            if b == self.bottleneck
+                && blocks == self.blocks
+                && groups == self.groups
+                && w0 == self.widths[0]
+                && self.stem == 64
+                && self.outs == standard_outs
+            {
+                return name.to_string();
+            }
+        }
+        format!(
+            "resnet ({} {:?}, widths {:?}, groups {})",
+            if self.bottleneck {
+                "Bottleneck"
+            } else {
+                "BasicBlock"
+            },
+            self.blocks,
+            self.widths,
+            self.groups
+        )
+    }
+}
+
+pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
+    let mut p = Probe::new(shapes);
+    let stem = p.shape("conv1.weight", 4)?;
+    if stem[1..] != [3, 7, 7] {
+        return Err(p.miss(format!(
+            "tensor conv1.weight has shape {stem:?}, expected [C, 3, 7, 7]"
+        )));
+    }
+    p.expect("bn1.running_mean", &[stem[0]])?;
+    let bottleneck = p.has("layer1.0.conv3.weight");
+    let mut blocks = [0; 4];
+    let mut widths = [0; 4];
+    let mut outs = [0; 4];
+    let mut groups = 1;
+    for s in 0..4 {
+        let layer = format!("layer{}", s + 1);
+        while p.has(&format!("{layer}.{}.conv1.weight", blocks[s])) {
+            blocks[s] += 1;
+        }
+        if blocks[s] == 0 {
+            return Err(p.miss(format!("no tensor {layer}.0.conv1.weight")));
+        }
+        let c1 = p.shape(&format!("{layer}.0.conv1.weight"), 4)?;
+        let c2 = p.shape(&format!("{layer}.0.conv2.weight"), 4)?;
+        widths[s] = c1[0];
+        if bottleneck {
+            if c2[1] == 0 || c2[0] % c2[1] != 0 {
+                return Err(p.miss(format!(
+                    "tensor {layer}.0.conv2.weight has shape {c2:?}, not a grouped 3x3"
+                )));
+            }
+            let g = c2[0] / c2[1];
+            if s > 0 && g != groups {
+                return Err(p.miss(format!("{layer} has {g} groups, layer1 has {groups}")));
+            }
+            groups = g;
+            outs[s] = p.shape(&format!("{layer}.0.conv3.weight"), 4)?[0];
+        } else {
+            outs[s] = c2[0];
+        }
+    }
+    let fc = p.shape("fc.weight", 2)?;
+    if fc[1] != outs[3] {
+        return Err(p.miss(format!(
+            "tensor fc.weight has shape {fc:?}, expected [classes, {}]",
+            outs[3]
+        )));
+    }
+    Ok(AnyConfig::ResNet(Config {
+        bottleneck,
+        stem: stem[0],
+        blocks,
+        widths,
+        outs,
+        groups,
+        num_classes: fc[0],
+    }))
+}
+
+struct Block {
+    convs: Vec<ConvBn>,
+    downsample: Option<ConvBn>,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let mut y = x.clone();
+        let last = self.convs.len() - 1;
+        for (i, c) in self.convs.iter().enumerate() {
+            y = c.forward(&y, ctx)?;
+            if i < last {
+                y = y.relu()?;
+            }
+        }
+        let identity = match &self.downsample {
+            Some(d) => d.forward(x, ctx)?,
+            None => x.clone(),
+        };
+        (y + identity)?.relu()
+    }
+}
+
+pub struct ResNet {
+    stem: Conv2d,
+    bn1: BatchNorm,
+    stages: Vec<Vec<Block>>,
+    fc: Linear,
+}
+
+impl ResNet {
+    pub fn new(c: &Config, vb: VarBuilder, reg: &mut BnRegistry) -> Result<ResNet> {
+        let stem = Conv2d::new(vb.pp("conv1"), ConvSpec::new(3, c.stem, 7).stride(2))?;
+        let bn1 = BatchNorm::new(vb.pp("bn1"), c.stem, EPS, reg)?;
+        let mut cin = c.stem;
+        let mut stages = Vec::new();
+        for s in 0..4 {
+            let vs = vb.pp(format!("layer{}", s + 1));
+            let mut blocks = Vec::new();
+            for i in 0..c.blocks[s] {
+                let vbk = vs.pp(i);
+                let stride = if s > 0 && i == 0 { 2 } else { 1 };
+                let (w, out) = (c.widths[s], c.outs[s]);
+                let cb = |name: &str, spec: ConvSpec, reg: &mut BnRegistry| {
+                    let n = name.chars().last().unwrap();
+                    ConvBn::new(vbk.pp(name), vbk.pp(format!("bn{n}")), spec, EPS, reg)
+                };
+                let convs = if c.bottleneck {
+                    vec![
+                        cb("conv1", ConvSpec::new(cin, w, 1), reg)?,
+                        cb(
+                            "conv2",
+                            ConvSpec::new(w, w, 3).stride(stride).groups(c.groups),
+                            reg,
+                        )?,
+                        cb("conv3", ConvSpec::new(w, out, 1), reg)?,
+                    ]
+                } else {
+                    vec![
+                        cb("conv1", ConvSpec::new(cin, w, 3).stride(stride), reg)?,
+                        cb("conv2", ConvSpec::new(w, out, 3), reg)?,
+                    ]
+                };
+                // torchvision adds a projection whenever the shape changes; trust the
+                // checkpoint on whether one is there.
+                let downsample = if vbk.contains_tensor("downsample.0.weight") {
+                    let d = vbk.pp("downsample");
+                    Some(ConvBn::new(
+                        d.pp(0),
+                        d.pp(1),
+                        ConvSpec::new(cin, out, 1).stride(stride),
+                        EPS,
+                        reg,
+                    )?)
+                } else {
+                    if stride != 1 || cin != out {
+                        candle_core::bail!("no tensor {}.downsample.0.weight", vbk.prefix());
+                    }
+                    None
+                };
+                blocks.push(Block { convs, downsample });
+                cin = out;
+            }
+            stages.push(blocks);
+        }
+        let fc = Linear::new(vb.pp("fc"), cin, c.num_classes)?;
+        Ok(ResNet {
+            stem,
+            bn1,
+            stages,
+            fc,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self.bn1.forward(&self.stem.forward(x)?, ctx)?.relu()?;
+        let mut x = max_pool_3x3_s2_p1(&x)?;
+        for stage in &self.stages {
+            for b in stage {
+                x = b.forward(&x, ctx)?;
+            }
+        }
+        self.fc.forward(&global_avg_pool(&x)?)
+    }
+}

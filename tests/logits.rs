@@ -1,0 +1,195 @@
+//! `ckpt logits --input` against torchvision's eval-mode logits for one small model per family
+//! (made by fixtures/make_fixtures.py). Tolerance: 1e-4 of the largest logit; f32 convolutions
+//! summed in another order differ by a few 1e-7, which is what is measured.
+
+use safetensors::Dtype;
+
+use crate::util::*;
+
+fn check_family(model: &str, io: &str, arch_words: &[&str]) {
+    let d = TestDir::new();
+    let r = d
+        .run(&[
+            "logits",
+            &p(&fixture(model)),
+            "--input",
+            &p(&fixture(io)),
+            "-o",
+            "out.safetensors",
+            "--device",
+            "cpu",
+        ])
+        .ok();
+    for w in arch_words {
+        assert!(
+            r.stderr.contains(w),
+            "architecture should be reported as {w:?}: {}",
+            r.stderr
+        );
+    }
+    let got = read_st(&d.path("out.safetensors"));
+    let want = read_st(&fixture(io));
+    let (g, w) = (as_f64(&got["logits"]), as_f64(&want["logits"]));
+    assert_eq!(got["logits"].shape, want["logits"].shape);
+    let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+    let worst = g
+        .iter()
+        .zip(&w)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale;
+    assert!(worst < 1e-4, "{model}: relative difference {worst:e}");
+}
+
+#[test]
+fn basic_block_resnet_matches_torchvision() {
+    check_family(
+        "tiny/epoch_10.safetensors",
+        "zoo/tiny_resnet_io.safetensors",
+        &["BasicBlock [1, 1, 1, 1]", "10 classes"],
+    );
+}
+
+#[test]
+fn grouped_bottleneck_resnet_matches_torchvision() {
+    check_family(
+        "zoo/resnext_tiny.safetensors",
+        "zoo/resnext_tiny_io.safetensors",
+        &["Bottleneck [1, 2, 1, 1]", "groups 4"],
+    );
+}
+
+#[test]
+fn mobilenet_v2_matches_torchvision() {
+    check_family(
+        "zoo/mobilenet_v2_tiny.safetensors",
+        "zoo/mobilenet_v2_tiny_io.safetensors",
+        &["mobilenet_v2", "7 classes"],
+    );
+}
+
+#[test]
+fn efficientnet_matches_torchvision() {
+    check_family(
+        "zoo/efficientnet_tiny.safetensors",
+        "zoo/efficientnet_tiny_io.safetensors",
+        &["efficientnet", "depths [1, 1, 1, 2, 2, 2, 1]"],
+    );
+}
+
+#[test]
+fn ddp_training_checkpoint_runs_too() {
+    check_family(
+        "tiny/train_epoch_10.pth.tar",
+        "zoo/tiny_resnet_io.safetensors",
+        &["resnet"],
+    );
+}
+
+#[test]
+fn top_k_keeps_the_largest() {
+    let d = TestDir::new();
+    let io = fixture("zoo/tiny_resnet_io.safetensors");
+    d.run(&[
+        "-q",
+        "logits",
+        &p(&fixture("tiny/epoch_10.safetensors")),
+        "--input",
+        &p(&io),
+        "--top-k",
+        "3",
+        "-o",
+        "k.safetensors",
+    ])
+    .ok();
+    let got = read_st(&d.path("k.safetensors"));
+    assert_eq!(got["topk_indices"].dtype, Dtype::I64);
+    assert_eq!(got["topk_values"].shape, vec![4, 3]);
+    let want = as_f64(&read_st(&io)["logits"]);
+    let idx: Vec<i64> = got["topk_indices"]
+        .data
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let vals = as_f64(&got["topk_values"]);
+    for row in 0..4 {
+        let r = &want[row * 10..row * 10 + 10];
+        let mut order: Vec<usize> = (0..10).collect();
+        order.sort_by(|&a, &b| r[b].total_cmp(&r[a]));
+        assert_eq!(
+            idx[row * 3..row * 3 + 3],
+            order[..3].iter().map(|&i| i as i64).collect::<Vec<_>>()[..]
+        );
+        assert!((vals[row * 3] - r[order[0]]).abs() < 1e-4 * r[order[0]].abs().max(1.0));
+    }
+}
+
+#[test]
+fn bad_model_or_input_is_a_clear_error() {
+    let d = TestDir::new();
+    let io = p(&fixture("zoo/tiny_resnet_io.safetensors"));
+    // A checkpoint that is no known architecture.
+    write_st(
+        &d.path("odd.safetensors"),
+        &[(
+            "encoder.weight",
+            Dtype::F32,
+            vec![2, 2],
+            f32_bytes(&[0.0; 4]),
+        )],
+    );
+    d.run(&[
+        "-q",
+        "logits",
+        "odd.safetensors",
+        "--input",
+        &io,
+        "-o",
+        "o.safetensors",
+    ])
+    .fails_with(&[
+        "odd.safetensors",
+        "not a supported architecture",
+        "tried resnet, mobilenet_v2, efficientnet",
+    ]);
+    // An input without the tensor, and one of the wrong shape.
+    d.run(&[
+        "-q",
+        "logits",
+        &p(&fixture("tiny/epoch_10.safetensors")),
+        "--input",
+        &p(&fixture("tiny/epoch_1.safetensors")),
+        "-o",
+        "o.safetensors",
+    ])
+    .fails_with(&["epoch_1.safetensors", "no tensor \"input\""]);
+    write_st(
+        &d.path("flat.safetensors"),
+        &[("input", Dtype::F32, vec![2, 4], f32_bytes(&[0.0; 8]))],
+    );
+    d.run(&[
+        "-q",
+        "logits",
+        &p(&fixture("tiny/epoch_10.safetensors")),
+        "--input",
+        "flat.safetensors",
+        "-o",
+        "o.safetensors",
+    ])
+    .fails_with(&["flat.safetensors", "[N, 3, H, W]"]);
+    // A cuda device on a build without the feature.
+    if !cfg!(feature = "cuda") {
+        d.run(&[
+            "-q",
+            "logits",
+            &p(&fixture("tiny/epoch_10.safetensors")),
+            "--input",
+            &io,
+            "-o",
+            "o.safetensors",
+            "--device",
+            "cuda",
+        ])
+        .fails_with(&["--device cuda:0", "without the cuda feature"]);
+    }
+    assert!(!d.path("o.safetensors").exists());
+}

@@ -1,0 +1,131 @@
+//! Architecture detection on the key/shape lists of real-size torchvision models (made with
+//! PyTorch on the meta device by fixtures/make_fixtures.py; no weights stored), and on damaged
+//! ones.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use ckpt::models::{detect, Config, Model, ShapeOnlyBackend, Shapes};
+
+use crate::util::fixture;
+
+fn real_size() -> BTreeMap<String, Shapes> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(fixture("expected/zoo_shapes.json.gz")).unwrap(),
+    )
+    .read_to_string(&mut text)
+    .unwrap();
+    let v: BTreeMap<String, Vec<(String, Vec<usize>)>> = serde_json::from_str(&text).unwrap();
+    v.into_iter()
+        .map(|(k, list)| (k, list.into_iter().collect()))
+        .collect()
+}
+
+#[test]
+fn every_real_size_configuration_is_detected_by_name() {
+    let all = real_size();
+    assert_eq!(all.len(), 19);
+    for (name, shapes) in &all {
+        let c = detect(shapes, None).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(&c.name(), name);
+        assert_eq!(c.num_classes(), 1000, "{name}");
+        // --arch with the family or the exact name agrees.
+        assert_eq!(detect(shapes, Some(c.family())).unwrap().name(), *name);
+        assert_eq!(detect(shapes, Some(name)).unwrap().name(), *name);
+    }
+}
+
+#[test]
+fn real_size_models_build_against_their_shapes() {
+    // Building asks for every tensor with the shape the architecture implies; zeros stand in
+    // for the weights. Also lists BN layers in forward order.
+    let all = real_size();
+    for name in [
+        "resnet50",
+        "resnext101_64x4d",
+        "wide_resnet50_2",
+        "mobilenet_v2",
+        "efficientnet_b3",
+    ] {
+        let shapes = &all[name];
+        let c = detect(shapes, None).unwrap();
+        let m = Model::build(
+            c,
+            Box::new(ShapeOnlyBackend {
+                shapes: shapes.clone(),
+            }),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let want: Vec<&String> = shapes
+            .keys()
+            .filter(|k| k.ends_with(".running_mean"))
+            .collect();
+        assert_eq!(m.bn_layers.len(), want.len(), "{name}");
+        let first = &m.bn_layers[0];
+        assert!(first == "bn1" || first == "features.0.1", "{name}: {first}");
+    }
+    let r50 = Model::build(
+        detect(&all["resnet50"], None).unwrap(),
+        Box::new(ShapeOnlyBackend {
+            shapes: all["resnet50"].clone(),
+        }),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    // Forward order: a block's own BNs, then its downsample's.
+    let pos = |p: &str| r50.bn_layers.iter().position(|x| x == p).unwrap();
+    assert!(pos("layer1.0.bn3") < pos("layer1.0.downsample.1"));
+    assert!(pos("layer1.0.downsample.1") < pos("layer1.1.bn1"));
+}
+
+#[test]
+fn other_class_counts_and_depths_are_read_from_shapes() {
+    let mut s = real_size()["resnet18"].clone();
+    s.insert("fc.weight".into(), vec![37, 512]);
+    s.insert("fc.bias".into(), vec![37]);
+    match detect(&s, None).unwrap() {
+        Config::ResNet(c) => assert_eq!((c.num_classes, c.blocks), (37, [2, 2, 2, 2])),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn damaged_checkpoint_names_the_nearest_family_and_key() {
+    let mut s = real_size()["resnet50"].clone();
+    s.remove("layer2.0.conv2.weight");
+    let err = format!("{:#}", detect(&s, None).unwrap_err());
+    assert!(
+        err.contains("tried resnet, mobilenet_v2, efficientnet"),
+        "{err}"
+    );
+    assert!(
+        err.contains("nearest is resnet: no tensor layer2.0.conv2.weight"),
+        "{err}"
+    );
+
+    let mut s = real_size()["efficientnet_b0"].clone();
+    s.insert("features.3.0.block.1.0.weight".into(), vec![144, 1, 4, 4]);
+    let err = format!("{:#}", detect(&s, None).unwrap_err());
+    assert!(
+        err.contains("nearest is efficientnet") && err.contains("depthwise"),
+        "{err}"
+    );
+
+    let err = format!(
+        "{:#}",
+        detect(&real_size()["resnet18"], Some("mobilenet_v2")).unwrap_err()
+    );
+    assert!(err.contains("mobilenet_v2"), "{err}");
+    let err = format!(
+        "{:#}",
+        detect(&real_size()["resnet18"], Some("resnet50")).unwrap_err()
+    );
+    assert!(err.contains("is a resnet18, not a resnet50"), "{err}");
+    let err = format!(
+        "{:#}",
+        detect(&real_size()["resnet18"], Some("vit_b_16")).unwrap_err()
+    );
+    assert!(err.contains("unknown architecture"), "{err}");
+}
