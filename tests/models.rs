@@ -129,3 +129,50 @@ fn damaged_checkpoint_names_the_nearest_family_and_key() {
     );
     assert!(err.contains("unknown architecture"), "{err}");
 }
+
+/// Calibrate mode: BN layers normalise with batch statistics (as PyTorch's train mode) and
+/// report them; checked against torchvision with BN in train mode and everything else in eval.
+#[test]
+fn calibrate_mode_matches_pytorch_train_mode_bn() {
+    use ckpt::checkpoint::Checkpoint;
+    use ckpt::models::{BatchStats, BnObserver, Ctx};
+
+    struct Record(Vec<(usize, BatchStats)>);
+    impl BnObserver for Record {
+        fn observe(&mut self, layer: usize, stats: BatchStats) -> candle_core::Result<()> {
+            self.0.push((layer, stats));
+            Ok(())
+        }
+    }
+    for (model, io) in [
+        ("tiny/epoch_10.safetensors", "zoo/tiny_resnet_io.safetensors"),
+        ("zoo/efficientnet_tiny.safetensors", "zoo/efficientnet_tiny_io.safetensors"),
+    ] {
+        let ck = Checkpoint::open(fixture(model), &Default::default()).unwrap();
+        let m = Model::load(&ck, None, &candle_core::Device::Cpu).unwrap();
+        let io_ck = Checkpoint::open(fixture(io), &Default::default()).unwrap();
+        let x = ckpt::eval::read_input_batch(&io_ck, "input", &m).unwrap();
+        let reference = crate::util::read_st(&fixture(io));
+        let mut rec = Record(Vec::new());
+        let logits = m.forward(&x, &mut Ctx::calibrate(&mut rec)).unwrap();
+        let got: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+        let want = crate::util::as_f64(&reference["logits_calibrate"]);
+        let scale = want.iter().fold(0f64, |a, b| a.max(b.abs()));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-4 * scale, "{model}: {g} vs {w}");
+        }
+        assert_eq!(rec.0.len(), m.bn_layers.len(), "every BN layer reports once");
+        for (i, (layer, stats)) in rec.0.iter().enumerate() {
+            assert_eq!(*layer, i, "reports come in forward order");
+            let prefix = &m.bn_layers[i];
+            let mean = crate::util::as_f64(&reference[&format!("bn.{prefix}.mean")]);
+            let var = crate::util::as_f64(&reference[&format!("bn.{prefix}.var")]);
+            for c in 0..mean.len() {
+                assert!((stats.mean[c] as f64 - mean[c]).abs() <= 1e-4 * mean[c].abs().max(1e-2), "{prefix} mean[{c}]");
+                assert!((stats.var[c] as f64 - var[c]).abs() <= 1e-4 * var[c].abs().max(1e-3), "{prefix} var[{c}]");
+            }
+            let n = x.dims4().unwrap().0;
+            assert!(stats.count % n == 0);
+        }
+    }
+}
