@@ -268,9 +268,10 @@ fn truncated_torch_save() {
 #[test]
 fn legacy_torch_save() {
     let d = TestDir::new();
+    // What torch.save(..., _use_new_zipfile_serialization=False) starts with: the magic number.
     std::fs::write(
         d.path("old.pth"),
-        b"\x80\x02\x8a\x0alZ\xfc\x9cF\xf9 j\xa8P\x19.",
+        b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.",
     )
     .unwrap();
     inspect_fails(&d, &d.path("old.pth"), &["legacy"]);
@@ -287,4 +288,19 @@ fn folder_without_a_checkpoint() {
     let d = TestDir::new();
     std::fs::create_dir(d.path("empty")).unwrap();
     inspect_fails(&d, &d.path("empty"), &["no *.safetensors.index.json"]);
+}
+
+/// Found by benches/forward_bench.py: a valid safetensors file whose header length's low byte
+/// is 0x80 was taken for a legacy pickle.
+#[test]
+fn regression_safetensors_header_length_ending_in_0x80_is_not_a_pickle() {
+    let d = TestDir::new();
+    let mut h = ONE.to_string();
+    while h.len() < 0x180 {
+        h.push(' ');
+    }
+    let f = raw_st(&d, "pad.safetensors", &h, 8);
+    assert_eq!(std::fs::read(&f).unwrap()[0], 0x80);
+    let j = d.run(&["inspect", "--json", &p(&f)]).ok().json();
+    assert_eq!(j["num_tensors"], 1);
 }

@@ -145,8 +145,14 @@ fn calibrate_mode_matches_pytorch_train_mode_bn() {
         }
     }
     for (model, io) in [
-        ("tiny/epoch_10.safetensors", "zoo/tiny_resnet_io.safetensors"),
-        ("zoo/efficientnet_tiny.safetensors", "zoo/efficientnet_tiny_io.safetensors"),
+        (
+            "tiny/epoch_10.safetensors",
+            "zoo/tiny_resnet_io.safetensors",
+        ),
+        (
+            "zoo/efficientnet_tiny.safetensors",
+            "zoo/efficientnet_tiny_io.safetensors",
+        ),
     ] {
         let ck = Checkpoint::open(fixture(model), &Default::default()).unwrap();
         let m = Model::load(&ck, None, &candle_core::Device::Cpu).unwrap();
@@ -161,15 +167,25 @@ fn calibrate_mode_matches_pytorch_train_mode_bn() {
         for (g, w) in got.iter().zip(&want) {
             assert!((*g as f64 - w).abs() < 1e-4 * scale, "{model}: {g} vs {w}");
         }
-        assert_eq!(rec.0.len(), m.bn_layers.len(), "every BN layer reports once");
+        assert_eq!(
+            rec.0.len(),
+            m.bn_layers.len(),
+            "every BN layer reports once"
+        );
         for (i, (layer, stats)) in rec.0.iter().enumerate() {
             assert_eq!(*layer, i, "reports come in forward order");
             let prefix = &m.bn_layers[i];
             let mean = crate::util::as_f64(&reference[&format!("bn.{prefix}.mean")]);
             let var = crate::util::as_f64(&reference[&format!("bn.{prefix}.var")]);
             for c in 0..mean.len() {
-                assert!((stats.mean[c] as f64 - mean[c]).abs() <= 1e-4 * mean[c].abs().max(1e-2), "{prefix} mean[{c}]");
-                assert!((stats.var[c] as f64 - var[c]).abs() <= 1e-4 * var[c].abs().max(1e-3), "{prefix} var[{c}]");
+                assert!(
+                    (stats.mean[c] as f64 - mean[c]).abs() <= 1e-4 * mean[c].abs().max(1e-2),
+                    "{prefix} mean[{c}]"
+                );
+                assert!(
+                    (stats.var[c] as f64 - var[c]).abs() <= 1e-4 * var[c].abs().max(1e-3),
+                    "{prefix} var[{c}]"
+                );
             }
             let n = x.dims4().unwrap().0;
             assert!(stats.count % n == 0);

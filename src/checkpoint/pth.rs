@@ -53,9 +53,14 @@ pub fn is_zip(bytes: &[u8]) -> bool {
     bytes.starts_with(b"PK\x03\x04")
 }
 
-/// Whether `bytes` look like the legacy (pre-1.6) torch.save format: a bare pickle.
+/// Whether `bytes` look like the legacy (pre-1.6) torch.save format: a pickle that starts with
+/// torch's magic number 0x1950a86a20f9469cfc6c as a LONG1. (Checking for the PROTO opcode alone
+/// would also match a safetensors file whose header length happens to end in 0x80.)
 pub fn is_legacy_pickle(bytes: &[u8]) -> bool {
-    bytes.first() == Some(&0x80)
+    const MAGIC: [u8; 12] = [
+        0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19,
+    ];
+    bytes.len() >= 14 && bytes[0] == 0x80 && bytes[2..14] == MAGIC
 }
 
 pub fn read(bytes: &[u8], key: Option<&str>) -> Result<PthContents> {

@@ -66,8 +66,14 @@ pub fn run(args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let model = Model::load(&ck, args.arch.as_deref(), &dev)?;
     rep.note(format!("{}: {}", args.model.display(), model.config));
     let x = eval::read_input_batch(&input_ck, &args.input_key, &model)?;
+    let t0 = std::time::Instant::now();
     let logits = eval::logits(&model, &x, args.batch_size.max(1), &rep)?;
+    let secs = t0.elapsed().as_secs_f64();
     let (n, classes) = logits.dims2()?;
+    rep.note(format!(
+        "forward: {n} images in {secs:.2} s ({:.1} images/s)",
+        n as f64 / secs
+    ));
     let values: Vec<f32> = logits.flatten_all()?.to_vec1()?;
     let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let tensors = match args.top_k {
