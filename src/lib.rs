@@ -5,6 +5,7 @@
 //! through the small [`report::Reporter`] a command hands them.
 
 pub mod average;
+pub mod bn;
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;

@@ -33,6 +33,10 @@ fn safetensors_file() {
     assert_eq!(j["dtypes"]["I64"], 12);
     assert_eq!(j["total_bytes"], expected()["total_bytes_f32"]);
     assert_eq!(j["metadata"]["format"], "pt");
+    assert_eq!(
+        j["arch"],
+        "resnet (BasicBlock [1, 1, 1, 1], widths [8, 16, 32, 64], groups 1) (10 classes)"
+    );
 }
 
 #[test]

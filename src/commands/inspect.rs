@@ -57,6 +57,9 @@ fn print_text(out: &mut impl Write, s: &Summary) -> Result<()> {
     if let Some(p) = &s.stripped_prefix {
         writeln!(out, "prefix      {p} (removed from every key)")?;
     }
+    if let Some(a) = &s.arch {
+        writeln!(out, "arch        {a}")?;
+    }
     writeln!(out, "tensors     {}", s.num_tensors)?;
     writeln!(out, "parameters  {}", group_digits(s.num_params))?;
     writeln!(

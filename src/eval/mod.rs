@@ -69,3 +69,75 @@ pub fn top_k(logits: &[f32], classes: usize, k: usize) -> (Vec<f32>, Vec<i64>) {
     }
     (values, indices)
 }
+
+/// Running top-1 / top-5 / cross-entropy over labelled batches.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Accuracy {
+    pub images: u64,
+    pub top1_correct: u64,
+    pub top5_correct: u64,
+    /// Sum of per-image cross-entropy (natural log), in f64.
+    pub loss_sum: f64,
+}
+
+impl Accuracy {
+    /// Adds a batch of logits [n, classes] (row-major) with their labels.
+    pub fn add(&mut self, logits: &[f32], classes: usize, labels: &[i64]) -> Result<()> {
+        for (row, &label) in logits.chunks(classes).zip(labels) {
+            let l = usize::try_from(label).ok().filter(|&l| l < classes).with_context(|| {
+                format!("label {label} is not a class of a model with {classes} outputs (does the folder have more classes than the model?)")
+            })?;
+            let target = row[l];
+            // Rank of the target: how many logits beat it (ties count against it, as torch's
+            // topk would place the lower index first only by chance).
+            let better = row
+                .iter()
+                .enumerate()
+                .filter(|&(i, &x)| x > target || (x == target && i < l))
+                .count();
+            self.top1_correct += u64::from(better < 1);
+            self.top5_correct += u64::from(better < 5);
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&x| (x as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            self.loss_sum += lse - target as f64;
+            self.images += 1;
+        }
+        Ok(())
+    }
+
+    /// Top-1 accuracy in percent.
+    pub fn top1(&self) -> f64 {
+        100.0 * self.top1_correct as f64 / self.images.max(1) as f64
+    }
+    /// Top-5 accuracy in percent.
+    pub fn top5(&self) -> f64 {
+        100.0 * self.top5_correct as f64 / self.images.max(1) as f64
+    }
+    /// Mean cross-entropy.
+    pub fn loss(&self) -> f64 {
+        self.loss_sum / self.images.max(1) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accuracy_counts_ranks_and_loss() {
+        let mut a = Accuracy::default();
+        // Two images, 6 classes: the first is right, the second's label ranks third.
+        let logits = [5.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 2.0, 1.0, 4.0, 0.0];
+        a.add(&logits, 6, &[0, 3]).unwrap();
+        assert_eq!((a.top1_correct, a.top5_correct, a.images), (1, 2, 2));
+        let lse0 = (5f64.exp() + 1f64.exp() + 4.0).ln();
+        let lse1 = (1.0 + 3f64.exp() + 2f64.exp() + 1f64.exp() + 4f64.exp() + 1.0).ln();
+        assert!((a.loss() - ((lse0 - 5.0) + (lse1 - 1.0)) / 2.0).abs() < 1e-9);
+        assert!(a.add(&logits[..6], 6, &[6]).is_err());
+    }
+}
