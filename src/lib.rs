@@ -8,6 +8,7 @@ pub mod average;
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;
+pub mod data;
 pub mod device;
 pub mod report;
 
