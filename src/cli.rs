@@ -198,3 +198,148 @@ pub fn man_pages() -> Vec<(String, Vec<u8>)> {
     }
     pages
 }
+
+/// The images a data pass reads and how they become tensors: shared by every command that runs
+/// a model over a folder (flattened into its arguments).
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Data")]
+pub struct DataArgs {
+    /// Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class
+    /// indices as torchvision's) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp
+    /// or .bmp are read; hidden and other files are skipped
+    #[arg(long = "data", value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Side of the square images fed to the model
+    #[arg(long, default_value_t = 224, value_name = "S")]
+    pub size: u32,
+    /// Eval transform: resize to floor(S / P), then crop S x S from the centre
+    #[arg(long, default_value_t = 0.875, value_name = "P")]
+    pub crop_pct: f64,
+    /// Resampling filter, antialiased as PIL's when downscaling
+    #[arg(long, value_enum, default_value = "bilinear", value_name = "FILTER")]
+    pub interpolation: crate::data::Interpolation,
+    /// Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash
+    /// resizes both sides to floor(S / P); timm's crop modes
+    #[arg(long, value_enum, default_value = "center", value_name = "MODE")]
+    pub crop_mode: crate::data::CropMode,
+    /// Per-channel means subtracted after scaling to [0, 1] (default: ImageNet's)
+    #[arg(long, value_name = "R,G,B", value_parser = parse_rgb)]
+    pub mean: Option<[f32; 3]>,
+    /// Per-channel standard deviations divided by (default: ImageNet's)
+    #[arg(long, value_name = "R,G,B", value_parser = parse_rgb)]
+    pub std: Option<[f32; 3]>,
+    /// eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale
+    /// 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image
+    #[arg(long, value_enum, default_value = "eval", value_name = "KIND")]
+    pub transform: TransformKind,
+    /// Read at most N images: a random subset (seeded by --seed) when the folder has more,
+    /// kept in folder order
+    #[arg(long, default_value = "all", value_name = "N|all", value_parser = parse_max_images)]
+    pub max_images: MaxImages,
+    /// Seed of --max-images' subset and of the train transform
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub seed: u64,
+    /// Read only every n-th image starting at the i-th (0-based), after --max-images: n
+    /// machines with shards 0/n .. n-1/n split one pass
+    #[arg(long, value_name = "i/n")]
+    pub shard: Option<crate::data::Shard>,
+    /// Images per batch
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub batch_size: usize,
+    /// Skip images that cannot be read or decoded (counted in the summary) instead of stopping
+    #[arg(long)]
+    pub skip_bad: bool,
+    /// Rotate and flip images by their EXIF orientation (torchvision's loader ignores it)
+    #[arg(long)]
+    pub exif_transpose: bool,
+}
+
+/// `--transform`: which transform a data pass applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "lower")]
+pub enum TransformKind {
+    /// Resize and centre crop (deterministic)
+    #[default]
+    Eval,
+    /// Random resized crop and flip (seeded)
+    Train,
+}
+
+/// `--max-images`: a count, or `all` (None).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MaxImages(pub Option<usize>);
+
+fn parse_max_images(s: &str) -> Result<MaxImages, String> {
+    if s.eq_ignore_ascii_case("all") {
+        return Ok(MaxImages(None));
+    }
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(MaxImages(Some(n))),
+        _ => Err(format!("{s:?} is not a positive number of images or 'all'")),
+    }
+}
+
+fn parse_rgb(s: &str) -> Result<[f32; 3], String> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f32>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{s:?} is not three numbers R,G,B"))?;
+    match v[..] {
+        [r, g, b] => Ok([r, g, b]),
+        [x] => Ok([x, x, x]),
+        _ => Err(format!("{s:?} is not three numbers R,G,B")),
+    }
+}
+
+impl DataArgs {
+    /// The data pass these options describe; `threads` is the global `--threads`.
+    pub fn config(&self, threads: Option<usize>) -> anyhow::Result<crate::data::DataConfig> {
+        use crate::data::{
+            DataConfig, DatasetOptions, DecodeOptions, EvalTransform, LoaderOptions, Normalize,
+            TrainTransform, Transform,
+        };
+        let normalize = Normalize {
+            mean: self.mean.unwrap_or(crate::data::IMAGENET_MEAN),
+            std: self.std.unwrap_or(crate::data::IMAGENET_STD),
+        };
+        let transform = match self.transform {
+            TransformKind::Eval => Transform::Eval(EvalTransform {
+                size: self.size,
+                crop_pct: self.crop_pct,
+                interpolation: self.interpolation,
+                crop_mode: self.crop_mode,
+                normalize,
+            }),
+            TransformKind::Train => Transform::Train(TrainTransform {
+                size: self.size,
+                interpolation: self.interpolation,
+                normalize,
+                seed: self.seed,
+                ..TrainTransform::default()
+            }),
+        };
+        transform.check()?;
+        if self.batch_size == 0 {
+            anyhow::bail!("--batch-size must be at least 1");
+        }
+        Ok(DataConfig {
+            dir: self.dir.clone(),
+            dataset: DatasetOptions {
+                max_images: self.max_images.0,
+                seed: self.seed,
+                shard: self.shard,
+            },
+            transform,
+            loader: LoaderOptions {
+                batch_size: self.batch_size,
+                threads,
+                skip_bad: self.skip_bad,
+                decode: DecodeOptions {
+                    exif_transpose: self.exif_transpose,
+                },
+                ..LoaderOptions::default()
+            },
+        })
+    }
+}

@@ -9,6 +9,7 @@ pub mod bn;
 pub mod checkpoint;
 pub mod cli;
 pub mod commands;
+pub mod data;
 pub mod device;
 pub mod eval;
 pub mod models;

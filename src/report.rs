@@ -41,6 +41,23 @@ impl Reporter {
         bar.enable_steady_tick(Duration::from_millis(200));
         bar
     }
+
+    /// A progress bar over `total` images with the rate; hidden with `-q` or when stderr is not
+    /// a terminal.
+    pub fn images_bar(&self, total: u64, what: &str) -> ProgressBar {
+        if self.quiet {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+                .unwrap()
+                .progress_chars("=> "),
+        );
+        bar.set_message(what.to_string());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    }
 }
 
 impl Reporter {

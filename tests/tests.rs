@@ -3,6 +3,7 @@
 mod util;
 
 mod bad_inputs;
+mod data;
 mod ema;
 mod inspect;
 mod logits;

@@ -1,0 +1,321 @@
+//! Data set -> batches of normalised tensors, decoded and resized in parallel ahead of the
+//! model, always in the data set's order.
+//!
+//! A producer thread walks the data set a batch at a time; within a batch, a rayon pool of its
+//! own (`threads` workers) decodes and transforms the images, and `collect` keeps them in
+//! order, so a batch holds the same images and bytes whatever the thread count. Finished
+//! batches wait in a bounded channel (`prefetch` batches): the producer runs ahead of the
+//! consumer by at most that much memory and blocks when it is full; the consumer waits only
+//! when decoding is slower than the model. Dropping the loader stops the producer.
+//!
+//! A file that cannot be read or decoded ends the pass with an error naming it, unless
+//! `skip_bad`: then it is left out of its batch (which comes out short) and listed in the
+//! [`LoadSummary`]. The batch boundaries stay those of the data set, so the batches are the same
+//! whatever the thread count in that case too.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::ProgressBar;
+use rayon::prelude::*;
+
+use super::dataset::{Dataset, Item};
+use super::decode::{decode_file, DecodeOptions};
+use super::transform::{tensor_len, EvalTransform, Transform};
+use crate::report::{one_line, Reporter};
+
+/// How a pass reads its images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoaderOptions {
+    pub batch_size: usize,
+    /// Decoding threads (default: one per core).
+    pub threads: Option<usize>,
+    /// Batches decoded ahead of the consumer.
+    pub prefetch: usize,
+    /// Leave out unreadable or corrupt images (counted) instead of failing.
+    pub skip_bad: bool,
+    pub decode: DecodeOptions,
+}
+
+impl Default for LoaderOptions {
+    fn default() -> Self {
+        LoaderOptions {
+            batch_size: 32,
+            threads: None,
+            prefetch: 4,
+            skip_bad: false,
+            decode: DecodeOptions::default(),
+        }
+    }
+}
+
+/// A batch of images at one size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// `n x 3 x size x size` (NCHW), normalised.
+    pub images: Vec<f32>,
+    pub n: usize,
+    pub size: u32,
+    /// Class indices (ImageFolder), `None` for a flat folder.
+    pub labels: Option<Vec<i64>>,
+    pub paths: Vec<PathBuf>,
+    /// Each image's [`Item::index`] (position in the folder's listing).
+    pub indices: Vec<usize>,
+}
+
+/// An image left out by `skip_bad`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedImage {
+    pub path: PathBuf,
+    /// The error, on one line (it names the file).
+    pub error: String,
+}
+
+/// What a pass read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadSummary {
+    pub images: usize,
+    pub skipped: Vec<SkippedImage>,
+    pub elapsed: Duration,
+}
+
+impl LoadSummary {
+    pub fn images_per_second(&self) -> f64 {
+        self.images as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// One step of a pass: the same images at each requested transform.
+struct Step {
+    batches: Vec<Batch>,
+    skipped: Vec<SkippedImage>,
+}
+
+/// The batches of a pass at several sizes from one decode per image (a resolution sweep):
+/// each step yields one [`Batch`] per transform, in the order given, holding the same images.
+pub struct MultiLoader {
+    rx: Option<Receiver<Result<Step>>>,
+    producer: Option<JoinHandle<()>>,
+    bar: ProgressBar,
+    summary: LoadSummary,
+    started: Instant,
+    failed: bool,
+}
+
+impl MultiLoader {
+    pub fn new(
+        dataset: &Dataset,
+        transforms: &[Transform],
+        opts: &LoaderOptions,
+        rep: &Reporter,
+    ) -> Result<MultiLoader> {
+        if transforms.is_empty() {
+            bail!("no image transform given");
+        }
+        for t in transforms {
+            t.check()?;
+        }
+        if opts.batch_size == 0 {
+            bail!("batch size must be at least 1");
+        }
+        let mut pool = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("ckpt-data-{i}"));
+        if let Some(n) = opts.threads {
+            pool = pool.num_threads(n.max(1));
+        }
+        let pool = pool.build().context("starting image decoding threads")?;
+
+        let (tx, rx) = sync_channel(opts.prefetch.max(1));
+        let items = dataset.items.clone();
+        let labelled = dataset.is_labelled();
+        let transforms = transforms.to_vec();
+        let opts = *opts;
+        let producer = std::thread::Builder::new()
+            .name("ckpt-data".into())
+            .spawn(move || {
+                for chunk in items.chunks(opts.batch_size) {
+                    let step = pool.install(|| load_step(chunk, labelled, &transforms, &opts));
+                    let failed = step.is_err();
+                    // A closed channel means the consumer is gone: stop.
+                    if tx.send(step).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .context("starting the image loader thread")?;
+        Ok(MultiLoader {
+            rx: Some(rx),
+            producer: Some(producer),
+            bar: rep.images_bar(dataset.len() as u64, "images"),
+            summary: LoadSummary::default(),
+            started: Instant::now(),
+            failed: false,
+        })
+    }
+
+    /// What has been read so far (everything, once the iterator is exhausted).
+    pub fn summary(&self) -> &LoadSummary {
+        &self.summary
+    }
+
+    fn finish(&mut self) {
+        self.rx = None;
+        if let Some(h) = self.producer.take() {
+            // The producer only panics on a bug; surface it here rather than lose it.
+            if let Err(p) = h.join() {
+                std::panic::resume_unwind(p);
+            }
+        }
+        self.summary.elapsed = self.started.elapsed();
+        self.bar.finish_and_clear();
+    }
+}
+
+impl Iterator for MultiLoader {
+    type Item = Result<Vec<Batch>>;
+
+    fn next(&mut self) -> Option<Result<Vec<Batch>>> {
+        loop {
+            if self.failed {
+                return None;
+            }
+            let received = self.rx.as_ref()?.recv();
+            match received {
+                Ok(Ok(step)) => {
+                    let n = step.batches[0].n;
+                    self.summary.images += n;
+                    self.bar.inc((n + step.skipped.len()) as u64);
+                    self.summary.skipped.extend(step.skipped);
+                    self.summary.elapsed = self.started.elapsed();
+                    // A batch whose every image was skipped is not handed out.
+                    if n > 0 {
+                        return Some(Ok(step.batches));
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.failed = true;
+                    self.finish();
+                    return Some(Err(e));
+                }
+                Err(_) => {
+                    self.finish();
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MultiLoader {
+    fn drop(&mut self) {
+        // Closing the channel unblocks the producer, which then stops.
+        self.rx = None;
+        if let Some(h) = self.producer.take() {
+            let _ = h.join();
+        }
+        self.bar.finish_and_clear();
+    }
+}
+
+/// The batches of a pass at one size.
+pub struct Loader {
+    inner: MultiLoader,
+}
+
+impl Loader {
+    pub fn new(
+        dataset: &Dataset,
+        transform: Transform,
+        opts: &LoaderOptions,
+        rep: &Reporter,
+    ) -> Result<Loader> {
+        Ok(Loader {
+            inner: MultiLoader::new(dataset, &[transform], opts, rep)?,
+        })
+    }
+
+    pub fn summary(&self) -> &LoadSummary {
+        self.inner.summary()
+    }
+}
+
+impl Iterator for Loader {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        self.inner
+            .next()
+            .map(|r| r.map(|mut v| v.pop().expect("one transform, one batch")))
+    }
+}
+
+/// A [`MultiLoader`] over eval transforms (the usual resolution sweep).
+pub fn sweep_loader(
+    dataset: &Dataset,
+    transforms: &[EvalTransform],
+    opts: &LoaderOptions,
+    rep: &Reporter,
+) -> Result<MultiLoader> {
+    let t: Vec<Transform> = transforms.iter().map(|t| Transform::Eval(*t)).collect();
+    MultiLoader::new(dataset, &t, opts, rep)
+}
+
+/// Decodes and transforms one batch's items in parallel (on the current rayon pool).
+fn load_step(
+    items: &[Item],
+    labelled: bool,
+    transforms: &[Transform],
+    opts: &LoaderOptions,
+) -> Result<Step> {
+    let results: Vec<Result<Vec<Vec<f32>>>> = items
+        .par_iter()
+        .map(|item| {
+            let img = decode_file(&item.path, &opts.decode)?;
+            transforms
+                .iter()
+                .map(|t| {
+                    let mut out = vec![0f32; tensor_len(t.size())];
+                    t.apply_into(&img, item.index as u64, &mut out)
+                        .with_context(|| format!("{}: cannot resize", item.path.display()))?;
+                    Ok(out)
+                })
+                .collect()
+        })
+        .collect();
+
+    let mut batches: Vec<Batch> = transforms
+        .iter()
+        .map(|t| Batch {
+            images: Vec::with_capacity(items.len() * tensor_len(t.size())),
+            n: 0,
+            size: t.size(),
+            labels: labelled.then(|| Vec::with_capacity(items.len())),
+            paths: Vec::with_capacity(items.len()),
+            indices: Vec::with_capacity(items.len()),
+        })
+        .collect();
+    let mut skipped = Vec::new();
+    for (item, result) in items.iter().zip(results) {
+        match result {
+            Ok(tensors) => {
+                for (b, t) in batches.iter_mut().zip(tensors) {
+                    b.images.extend_from_slice(&t);
+                    b.n += 1;
+                    if let Some(l) = &mut b.labels {
+                        l.push(item.label.unwrap_or(-1));
+                    }
+                    b.paths.push(item.path.clone());
+                    b.indices.push(item.index);
+                }
+            }
+            Err(e) if opts.skip_bad => skipped.push(SkippedImage {
+                path: item.path.clone(),
+                error: one_line(&e),
+            }),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Step { batches, skipped })
+}
