@@ -47,6 +47,8 @@ pub enum Command {
     Swa(commands::swa::SwaArgs),
     Ema(commands::ema::EmaArgs),
     Logits(commands::logits::LogitsArgs),
+    Eval(commands::eval::EvalArgs),
+    RecalBn(commands::recal_bn::RecalBnArgs),
 }
 
 /// How to read checkpoints: shared by every command that opens one.
@@ -202,13 +204,28 @@ pub fn man_pages() -> Vec<(String, Vec<u8>)> {
 /// The images a data pass reads and how they become tensors: shared by every command that runs
 /// a model over a folder (flattened into its arguments).
 #[derive(Args, Debug, Clone)]
-#[command(next_help_heading = "Data")]
 pub struct DataArgs {
     /// Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class
     /// indices as torchvision's) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp
     /// or .bmp are read; hidden and other files are skipped
     #[arg(long = "data", value_name = "DIR")]
     pub dir: PathBuf,
+    #[command(flatten)]
+    pub opts: DataOptions,
+}
+
+impl DataArgs {
+    /// The data pass these options describe; `threads` is the global `--threads`.
+    pub fn config(&self, threads: Option<usize>) -> anyhow::Result<crate::data::DataConfig> {
+        self.opts.config(&self.dir, threads)
+    }
+}
+
+/// How a data pass reads a folder, without the folder: for commands that name the folder
+/// otherwise (`swa --recal-bn DIR`).
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Data")]
+pub struct DataOptions {
     /// Side of the square images fed to the model
     #[arg(long, default_value_t = 224, value_name = "S")]
     pub size: u32,
@@ -292,9 +309,13 @@ fn parse_rgb(s: &str) -> Result<[f32; 3], String> {
     }
 }
 
-impl DataArgs {
-    /// The data pass these options describe; `threads` is the global `--threads`.
-    pub fn config(&self, threads: Option<usize>) -> anyhow::Result<crate::data::DataConfig> {
+impl DataOptions {
+    /// The data pass over `dir` these options describe; `threads` is the global `--threads`.
+    pub fn config(
+        &self,
+        dir: &std::path::Path,
+        threads: Option<usize>,
+    ) -> anyhow::Result<crate::data::DataConfig> {
         use crate::data::{
             DataConfig, DatasetOptions, DecodeOptions, EvalTransform, LoaderOptions, Normalize,
             TrainTransform, Transform,
@@ -324,7 +345,7 @@ impl DataArgs {
             anyhow::bail!("--batch-size must be at least 1");
         }
         Ok(DataConfig {
-            dir: self.dir.clone(),
+            dir: dir.to_path_buf(),
             dataset: DatasetOptions {
                 max_images: self.max_images.0,
                 seed: self.seed,

@@ -272,6 +272,26 @@ pub fn from_tensors(
     Ok(s)
 }
 
+/// Runs every batch of `loader` through `model` in calibrate mode and collects the statistics.
+pub fn calibrate(model: &crate::models::Model, loader: &mut crate::data::Loader) -> Result<Stats> {
+    let mut acc = Accumulator::new(model.bn_layers.clone());
+    for b in loader.by_ref() {
+        let b = b?;
+        let x = crate::eval::batch_tensor(&b, &model.device)?;
+        model.forward(&x, &mut crate::models::Ctx::calibrate(&mut acc))?;
+        acc.end_batch(b.n);
+    }
+    if acc.stats.batches == 0 {
+        bail!("no images were read");
+    }
+    Ok(acc.stats)
+}
+
+/// Metadata keys of a `--stats-out` file.
+pub const META_LAYERS: &str = "ckpt.bn.layers";
+pub const META_BATCHES: &str = "ckpt.bn.batches";
+pub const META_IMAGES: &str = "ckpt.bn.images";
+
 #[cfg(test)]
 mod tests {
     use super::*;

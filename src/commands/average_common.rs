@@ -5,11 +5,16 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
+use clap::Args;
 
 use crate::average::{self, select, Config, OutputSpec, Plan};
+use crate::bn::Estimator;
 use crate::checkpoint::write::{check_outputs, destinations, OutputLayout};
 use crate::checkpoint::{bn_layers, provenance, Checkpoint, Format};
-use crate::cli::{AverageArgs, OutputArgs, SnapshotArgs};
+use crate::cli::{AverageArgs, DataOptions, GlobalArgs, OutputArgs, SnapshotArgs};
+use crate::commands::recal_bn;
+use crate::device;
+use crate::models::Model;
 use crate::report::{human_bytes, Reporter};
 
 /// Chooses, orders and opens the snapshots, printing the list before any work.
@@ -67,12 +72,39 @@ pub fn layout(path: &std::path::Path, out: &OutputArgs, inputs: &[Checkpoint]) -
     }
 }
 
-/// Checks the outputs against the inputs, records provenance, runs the pass and reports.
+/// `--recal-bn DIR`: recompute the BN statistics of the averaged weights before writing them.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "BN recalibration")]
+pub struct RecalArgs {
+    /// Recompute the BatchNorm statistics of the averaged weights over the images in DIR
+    /// (precise BN, as `ckpt recal-bn`) before writing; the data options below apply
+    #[arg(long = "recal-bn", value_name = "DIR")]
+    pub recal_bn: Option<PathBuf>,
+    /// Estimator for --recal-bn (see `ckpt recal-bn --help`)
+    #[arg(long, value_enum, default_value = "population")]
+    pub estimator: Estimator,
+    #[command(flatten)]
+    pub data: DataOptions,
+}
+
+/// Removes an intermediate file when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Checks the outputs against the inputs, records provenance, runs the pass and reports; with
+/// `recal`, averages into hidden intermediate files and writes the recalibrated outputs.
 pub fn write_outputs(
     inputs: &[Checkpoint],
     plan: &Plan,
     mut outputs: Vec<OutputSpec>,
     cfg: &Config,
+    recal: &RecalArgs,
+    global: &GlobalArgs,
     rep: &Reporter,
 ) -> Result<()> {
     let files: Vec<PathBuf> = inputs.iter().flat_map(|c| c.files.clone()).collect();
@@ -97,8 +129,44 @@ pub fn write_outputs(
         m.insert("ckpt.weights".into(), w.join(","));
         o.metadata = m;
     }
+    let finals: Vec<OutputLayout> = outputs.iter().map(|o| o.layout.clone()).collect();
+    let mut scratch = Vec::new();
+    let mut recal_setup = None;
+    if let Some(dir) = &recal.recal_bn {
+        let data = recal.data.config(dir, global.threads)?;
+        data.scan()?; // a bad folder fails before the averaging, not after
+        let dev = device::resolve(global.device, |m| rep.note(m))?;
+        recal_setup = Some((data, dev));
+        for (i, o) in outputs.iter_mut().enumerate() {
+            let dest = destinations(&o.layout, &planned).pop().unwrap();
+            let dir = dest
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let tmp = dir.join(format!(
+                ".ckpt-average-{}-{i}.safetensors",
+                std::process::id()
+            ));
+            o.layout = OutputLayout::Single(tmp.clone());
+            scratch.push(Scratch(tmp));
+        }
+    }
     let stats = average::run(inputs, plan, &outputs, cfg, rep)?;
     let secs = stats.elapsed.as_secs_f64();
+    if let Some((data, dev)) = &recal_setup {
+        for (o, (fin, tmp)) in outputs.iter_mut().zip(finals.iter().zip(&scratch)) {
+            let ck = Checkpoint::open(&tmp.0, &Default::default())?;
+            let model = Model::load(&ck, None, dev)?;
+            let (bn_stats, meta) = recal_bn::pass(&model, data, rep)?;
+            let mut m = o.metadata.clone();
+            m.extend(meta);
+            m.insert("ckpt.recal.estimator".into(), recal.estimator.to_string());
+            m.insert("ckpt.recal.images".into(), bn_stats.images.to_string());
+            m.insert("ckpt.recal.batches".into(), bn_stats.batches.to_string());
+            recal_bn::recalibrated(&ck, &bn_stats, recal.estimator, fin, &m, cfg.force)?;
+            o.layout = fin.clone();
+        }
+    }
     let mut stdout = std::io::stdout().lock();
     for o in &outputs {
         let w: Vec<String> = o.weights.iter().map(|w| format!("{w:.4}")).collect();
@@ -125,7 +193,14 @@ pub fn write_outputs(
         human_bytes((stats.bytes_read as f64 / secs.max(1e-9)) as u64),
     ));
     let bn = bn_layers(&inputs[0]);
-    if !bn.is_empty() {
+    if let Some(dir) = &recal.recal_bn {
+        rep.note(format!(
+            "BatchNorm statistics of {} layers recomputed over {} ({} estimator)",
+            bn.len(),
+            dir.display(),
+            recal.estimator
+        ));
+    } else if !bn.is_empty() {
         rep.note(format!(
             "note: the running statistics of {} BatchNorm layers were averaged like the weights and do not match the averaged weights; recompute them over training data before evaluating (precise BN, e.g. torch.optim.swa_utils.update_bn)",
             bn.len()

@@ -18,6 +18,7 @@ use crate::report::Reporter;
 /// weighted average with weights w_t = (1 - d_t) * prod_{s>t} d_s, so every decay asked for is
 /// written from one pass over the inputs.
 #[derive(Args, Debug)]
+#[command(mut_arg("max_images", |a| a.default_value("8192")), mut_arg("batch_size", |a| a.default_value("64")))]
 pub struct EmaArgs {
     #[command(flatten)]
     pub snapshots: SnapshotArgs,
@@ -41,9 +42,11 @@ pub struct EmaArgs {
     pub average: AverageArgs,
     #[command(flatten)]
     pub output: OutputArgs,
+    #[command(flatten)]
+    pub recal: common::RecalArgs,
 }
 
-pub fn run(args: EmaArgs, _global: &GlobalArgs, rep: Reporter) -> Result<()> {
+pub fn run(args: EmaArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let decays = args
         .decay
         .iter()
@@ -93,5 +96,5 @@ pub fn run(args: EmaArgs, _global: &GlobalArgs, rep: Reporter) -> Result<()> {
             .into(),
         });
     }
-    common::write_outputs(&inputs, &plan, outputs, &cfg, &rep)
+    common::write_outputs(&inputs, &plan, outputs, &cfg, &args.recal, global, &rep)
 }

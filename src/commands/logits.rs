@@ -18,17 +18,28 @@ use crate::report::Reporter;
 /// Compute a model's logits for a batch of images
 ///
 /// With --input, a safetensors (or torch.save) file whose tensor `input` is an N x 3 x H x W
-/// batch, already normalised; writes `logits` (N x classes, f32), or with --top-k the
-/// `topk_values` and `topk_indices` (offline distillation targets). The model is recognised
-/// from the checkpoint's tensor names and shapes.
+/// batch, already normalised; with --data, a folder of images. Writes `logits` (N x classes,
+/// f32), or with --top-k the `topk_values` and `topk_indices` (offline distillation targets).
+/// The model is recognised from the checkpoint's tensor names and shapes.
 #[derive(Args, Debug)]
 pub struct LogitsArgs {
     /// Model checkpoint
     #[arg(value_name = "MODEL")]
     pub model: PathBuf,
     /// File holding the input batch as tensor `input` (see --input-key)
-    #[arg(long, value_name = "FILE")]
-    pub input: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "data",
+        conflicts_with = "data"
+    )]
+    pub input: Option<PathBuf>,
+    /// Folder of images instead (eval transform, see the data options); also writes `labels`
+    /// for an ImageFolder and records the image paths in the metadata
+    #[arg(long = "data", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub data_opts: crate::cli::DataOptions,
     /// Name of the input tensor
     #[arg(long, default_value = "input", value_name = "NAME")]
     pub input_key: String,
@@ -41,9 +52,6 @@ pub struct LogitsArgs {
     /// Store only the K largest logits per image and their class indices
     #[arg(long, value_name = "K")]
     pub top_k: Option<usize>,
-    /// Images per forward pass
-    #[arg(long, default_value_t = 64, value_name = "N")]
-    pub batch_size: usize,
     /// Architecture, instead of recognising it (e.g. resnet50, mobilenet_v2, efficientnet_b0)
     #[arg(long, value_name = "NAME")]
     pub arch: Option<String>,
@@ -56,25 +64,56 @@ pub fn run(args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     if let Some(n) = ck.origin_note() {
         rep.note(n);
     }
-    let input_ck = Checkpoint::open(&args.input, &Default::default())?;
-    check_outputs(
-        std::slice::from_ref(&args.output),
-        &[ck.files.clone(), input_ck.files.clone()].concat(),
-        args.force,
-    )?;
+    let input_ck = match &args.input {
+        Some(p) => Some(Checkpoint::open(p, &Default::default())?),
+        None => None,
+    };
+    let mut inputs = ck.files.clone();
+    if let Some(i) = &input_ck {
+        inputs.extend(i.files.clone());
+    }
+    check_outputs(std::slice::from_ref(&args.output), &inputs, args.force)?;
     let dev = device::resolve(global.device, |m| rep.note(m))?;
     let model = Model::load(&ck, args.arch.as_deref(), &dev)?;
     rep.note(format!("{}: {}", args.model.display(), model.config));
-    let x = eval::read_input_batch(&input_ck, &args.input_key, &model)?;
     let t0 = std::time::Instant::now();
-    let logits = eval::logits(&model, &x, args.batch_size.max(1), &rep)?;
+    let mut extra_meta = Vec::new();
+    let mut labels = None;
+    let (values, n, classes) = match (&input_ck, &args.data) {
+        (Some(input_ck), _) => {
+            let x = eval::read_input_batch(input_ck, &args.input_key, &model)?;
+            let logits = eval::logits(&model, &x, args.data_opts.batch_size.max(1), &rep)?;
+            let (n, classes) = logits.dims2()?;
+            (logits.flatten_all()?.to_vec1::<f32>()?, n, classes)
+        }
+        (None, Some(dir)) => {
+            let cfg = args.data_opts.config(dir, global.threads)?;
+            let (ds, mut loader) = cfg.open(&rep)?;
+            let pass = eval::eval_pass(&model, &mut loader, true)?;
+            let rel: Vec<String> = pass
+                .paths
+                .iter()
+                .map(|p| p.strip_prefix(&ds.root).unwrap_or(p).display().to_string())
+                .collect();
+            extra_meta.push(("ckpt.images".to_string(), serde_json::to_string(&rel)?));
+            extra_meta.push(("ckpt.data".to_string(), ds.root.display().to_string()));
+            if ds.is_labelled() {
+                extra_meta.push((
+                    "ckpt.classes".to_string(),
+                    serde_json::to_string(&ds.classes)?,
+                ));
+                labels = Some(pass.labels.clone());
+            }
+            let n = pass.paths.len();
+            (pass.logits, n, pass.classes)
+        }
+        (None, None) => unreachable!("clap requires --input or --data"),
+    };
     let secs = t0.elapsed().as_secs_f64();
-    let (n, classes) = logits.dims2()?;
     rep.note(format!(
         "forward: {n} images in {secs:.2} s ({:.1} images/s)",
         n as f64 / secs
     ));
-    let values: Vec<f32> = logits.flatten_all()?.to_vec1()?;
     let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let tensors = match args.top_k {
         Some(k) => {
@@ -102,8 +141,20 @@ pub fn run(args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
             data: f32_bytes(&values),
         }],
     };
-    let mut meta = provenance::metadata(&provenance::command_line(), &[ck, input_ck])?;
+    let mut tensors = tensors;
+    if let Some(l) = labels {
+        tensors.push(OwnedTensor {
+            name: "labels".into(),
+            dtype: DType::I64,
+            shape: vec![n],
+            data: l.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        });
+    }
+    let mut sources = vec![ck];
+    sources.extend(input_ck);
+    let mut meta = provenance::metadata(&provenance::command_line(), &sources)?;
     meta.insert("ckpt.arch".into(), model.config.name());
+    meta.extend(extra_meta);
     write_owned(&args.output, &tensors, &meta, args.force)?;
     println!(
         "wrote {} ({n} images, {classes} classes)",

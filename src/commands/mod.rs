@@ -3,8 +3,10 @@
 
 pub mod average_common;
 pub mod ema;
+pub mod eval;
 pub mod inspect;
 pub mod logits;
+pub mod recal_bn;
 pub mod swa;
 
 use anyhow::Result;
@@ -25,5 +27,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Swa(a) => swa::run(a, &cli.global, rep),
         Command::Ema(a) => ema::run(a, &cli.global, rep),
         Command::Logits(a) => logits::run(a, &cli.global, rep),
+        Command::Eval(a) => eval::run(a, &cli.global, rep),
+        Command::RecalBn(a) => recal_bn::run(a, &cli.global, rep),
     }
 }

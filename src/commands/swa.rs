@@ -15,6 +15,7 @@ use crate::report::Reporter;
 /// integer tensors follow --int. BatchNorm running statistics are averaged like the weights:
 /// recompute them for the averaged weights before evaluating.
 #[derive(Args, Debug)]
+#[command(mut_arg("max_images", |a| a.default_value("8192")), mut_arg("batch_size", |a| a.default_value("64")))]
 pub struct SwaArgs {
     #[command(flatten)]
     pub snapshots: SnapshotArgs,
@@ -26,9 +27,11 @@ pub struct SwaArgs {
     pub average: AverageArgs,
     #[command(flatten)]
     pub output: OutputArgs,
+    #[command(flatten)]
+    pub recal: common::RecalArgs,
 }
 
-pub fn run(args: SwaArgs, _global: &GlobalArgs, rep: Reporter) -> Result<()> {
+pub fn run(args: SwaArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let (_paths, inputs) = common::open_snapshots(&args.snapshots, &rep)?;
     let w = match &args.weights {
         Some(w) => weights::normalised(w, inputs.len())?,
@@ -41,5 +44,5 @@ pub fn run(args: SwaArgs, _global: &GlobalArgs, rep: Reporter) -> Result<()> {
         weights: w,
         metadata: [("ckpt.method".to_string(), "swa".to_string())].into(),
     };
-    common::write_outputs(&inputs, &plan, vec![out], &cfg, &rep)
+    common::write_outputs(&inputs, &plan, vec![out], &cfg, &args.recal, global, &rep)
 }

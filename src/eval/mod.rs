@@ -1,8 +1,12 @@
 //! Forward passes over data and what is measured from them: logits, top-k, accuracy. Results
 //! are data; commands format them.
 
+use std::path::PathBuf;
+
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
+
+use crate::data::{Batch, LoadSummary, Loader};
 
 use crate::checkpoint::dtype as ckdtype;
 use crate::checkpoint::Checkpoint;
@@ -53,6 +57,52 @@ pub fn logits(model: &Model, input: &Tensor, batch: usize, rep: &Reporter) -> Re
     }
     bar.finish_and_clear();
     Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// A loader batch as a tensor [n, 3, size, size] on `device`.
+pub fn batch_tensor(b: &Batch, device: &candle_core::Device) -> Result<Tensor> {
+    let s = b.size as usize;
+    Ok(Tensor::from_slice(&b.images, (b.n, 3, s, s), device)?)
+}
+
+/// What one eval-mode pass over a folder gave.
+#[derive(Debug, Default)]
+pub struct Pass {
+    /// Row-major [images, classes], when asked to keep them.
+    pub logits: Vec<f32>,
+    pub classes: usize,
+    pub labels: Vec<i64>,
+    pub paths: Vec<PathBuf>,
+    /// For labelled folders.
+    pub accuracy: Option<Accuracy>,
+    pub summary: LoadSummary,
+}
+
+/// Runs the model in eval mode over every batch of `loader`, measuring accuracy when the folder
+/// is labelled and keeping the logits when `keep_logits`.
+pub fn eval_pass(model: &Model, loader: &mut Loader, keep_logits: bool) -> Result<Pass> {
+    let classes = model.config.num_classes();
+    let mut pass = Pass {
+        classes,
+        ..Pass::default()
+    };
+    for b in loader.by_ref() {
+        let b = b?;
+        let y = model.forward(&batch_tensor(&b, &model.device)?, &mut Ctx::eval())?;
+        let v: Vec<f32> = y.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        if let Some(labels) = &b.labels {
+            pass.accuracy
+                .get_or_insert_with(Accuracy::default)
+                .add(&v, classes, labels)?;
+            pass.labels.extend_from_slice(labels);
+        }
+        if keep_logits {
+            pass.logits.extend_from_slice(&v);
+        }
+        pass.paths.extend(b.paths.iter().cloned());
+    }
+    pass.summary = loader.summary().clone();
+    Ok(pass)
 }
 
 /// The `k` largest values per row and their indices (ties: the lower index first).
