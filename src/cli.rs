@@ -49,6 +49,7 @@ pub enum Command {
     Logits(commands::logits::LogitsArgs),
     Eval(commands::eval::EvalArgs),
     RecalBn(commands::recal_bn::RecalBnArgs),
+    SweepRes(commands::sweep_res::SweepResArgs),
 }
 
 /// How to read checkpoints: shared by every command that opens one.
@@ -229,9 +230,10 @@ pub struct DataOptions {
     /// Side of the square images fed to the model
     #[arg(long, default_value_t = 224, value_name = "S")]
     pub size: u32,
-    /// Eval transform: resize to floor(S / P), then crop S x S from the centre
-    #[arg(long, default_value_t = 0.875, value_name = "P")]
-    pub crop_pct: f64,
+    /// Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res
+    /// takes a list: P1,P2,...)
+    #[arg(long, value_delimiter = ',', default_value = "0.875", value_name = "P")]
+    pub crop_pct: Vec<f64>,
     /// Resampling filter, antialiased as PIL's when downscaling
     #[arg(long, value_enum, default_value = "bilinear", value_name = "FILTER")]
     pub interpolation: crate::data::Interpolation,
@@ -310,6 +312,29 @@ fn parse_rgb(s: &str) -> Result<[f32; 3], String> {
 }
 
 impl DataOptions {
+    /// The one `--crop-pct` of commands that are not sweeps.
+    pub fn single_crop_pct(&self) -> anyhow::Result<f64> {
+        match self.crop_pct[..] {
+            [p] => Ok(p),
+            _ => anyhow::bail!("--crop-pct takes one value here (a list is for sweep-res)"),
+        }
+    }
+
+    /// The eval transform at `size` and `crop_pct` with these options' filter, crop mode and
+    /// normalisation.
+    pub fn eval_transform(&self, size: u32, crop_pct: f64) -> crate::data::EvalTransform {
+        crate::data::EvalTransform {
+            size,
+            crop_pct,
+            interpolation: self.interpolation,
+            crop_mode: self.crop_mode,
+            normalize: crate::data::Normalize {
+                mean: self.mean.unwrap_or(crate::data::IMAGENET_MEAN),
+                std: self.std.unwrap_or(crate::data::IMAGENET_STD),
+            },
+        }
+    }
+
     /// The data pass over `dir` these options describe; `threads` is the global `--threads`.
     pub fn config(
         &self,
@@ -327,7 +352,7 @@ impl DataOptions {
         let transform = match self.transform {
             TransformKind::Eval => Transform::Eval(EvalTransform {
                 size: self.size,
-                crop_pct: self.crop_pct,
+                crop_pct: self.single_crop_pct()?,
                 interpolation: self.interpolation,
                 crop_mode: self.crop_mode,
                 normalize,

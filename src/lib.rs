@@ -13,6 +13,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod models;
+pub mod plot;
 pub mod report;
 
 #[cfg(not(target_endian = "little"))]

@@ -12,4 +12,5 @@ mod man;
 mod models;
 mod recal_bn;
 mod swa;
+mod sweep_res;
 mod writing;

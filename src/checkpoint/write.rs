@@ -476,3 +476,10 @@ pub fn write_owned(
     }
     w.commit()
 }
+
+/// Writes a small file (a report, a chart) atomically.
+pub fn write_file(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
+    let f = AtomicFile::create(path, force)?;
+    f.write_at(bytes, 0)?;
+    f.commit()
+}

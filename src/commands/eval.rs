@@ -76,7 +76,7 @@ pub fn run(args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         "loss": acc.loss(),
         "images_per_second": pass.summary.images_per_second(),
         "size": args.data.opts.size,
-        "crop_pct": args.data.opts.crop_pct,
+        "crop_pct": args.data.opts.crop_pct[0],
     });
     let mut out = std::io::stdout().lock();
     if args.json {

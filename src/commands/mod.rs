@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod logits;
 pub mod recal_bn;
 pub mod swa;
+pub mod sweep_res;
 
 use anyhow::Result;
 
@@ -29,5 +30,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Logits(a) => logits::run(a, &cli.global, rep),
         Command::Eval(a) => eval::run(a, &cli.global, rep),
         Command::RecalBn(a) => recal_bn::run(a, &cli.global, rep),
+        Command::SweepRes(a) => sweep_res::run(a, &cli.global, rep),
     }
 }

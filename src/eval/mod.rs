@@ -1,6 +1,8 @@
 //! Forward passes over data and what is measured from them: logits, top-k, accuracy. Results
 //! are data; commands format them.
 
+pub mod sweep;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};

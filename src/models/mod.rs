@@ -16,7 +16,7 @@ pub mod layers;
 pub mod mobilenet_v2;
 pub mod resnet;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use anyhow::{bail, Context, Result};
@@ -228,9 +228,23 @@ enum Net {
 impl Model {
     /// Detects (or takes `arch`) and builds the model from `ck`'s tensors on `device`.
     pub fn load(ck: &Checkpoint, arch: Option<&str>, device: &Device) -> Result<Model> {
+        Self::load_with(ck, arch, device, &HashMap::new())
+    }
+
+    /// As [`Model::load`], with some tensors replaced (recalibrated BN statistics, say).
+    pub fn load_with(
+        ck: &Checkpoint,
+        arch: Option<&str>,
+        device: &Device,
+        overrides: &HashMap<String, Vec<f32>>,
+    ) -> Result<Model> {
         let config = detect(&shapes_of(ck), arch).with_context(|| ck.path.display().to_string())?;
-        Self::build(config, Box::new(CheckpointBackend { ck }), device)
-            .with_context(|| ck.path.display().to_string())
+        Self::build(
+            config,
+            Box::new(CheckpointBackend { ck, overrides }),
+            device,
+        )
+        .with_context(|| ck.path.display().to_string())
     }
 
     /// Builds a detected configuration from any tensor source.
@@ -276,6 +290,7 @@ impl Model {
 /// Serves a checkpoint's tensors to a `VarBuilder`, converted to f32 on the target device.
 struct CheckpointBackend<'a> {
     ck: &'a Checkpoint,
+    overrides: &'a HashMap<String, Vec<f32>>,
 }
 
 impl SimpleBackend for CheckpointBackend<'_> {
@@ -303,6 +318,9 @@ impl SimpleBackend for CheckpointBackend<'_> {
             .ck
             .get(name)
             .ok_or_else(|| candle_core::Error::Msg(format!("no tensor {name}")))?;
+        if let Some(v) = self.overrides.get(name) {
+            return Tensor::from_slice(v, t.shape.clone(), dev)?.to_dtype(dtype);
+        }
         if !t.dtype.is_arithmetic_float() {
             candle_core::bail!("tensor {name} is {}, expected a floating dtype", t.dtype);
         }
