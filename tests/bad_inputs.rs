@@ -304,3 +304,129 @@ fn regression_safetensors_header_length_ending_in_0x80_is_not_a_pickle() {
     let j = d.run(&["inspect", "--json", &p(&f)]).ok().json();
     assert_eq!(j["num_tensors"], 1);
 }
+
+/// A torch.save archive whose data.pkl nests lists thousands deep (a pickle bomb): refused with
+/// an error, no stack overflow.
+#[test]
+fn pickle_bomb_is_refused() {
+    use std::io::Write;
+    let d = TestDir::new();
+    let mut pkl = vec![0x80, 2];
+    pkl.extend(std::iter::repeat_n(b']', 100_000));
+    pkl.extend(std::iter::repeat_n(b'a', 99_999));
+    pkl.push(b'.');
+    let f = std::fs::File::create(d.path("bomb.pth")).unwrap();
+    let mut z = zip::ZipWriter::new(f);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("bomb/data.pkl", opts).unwrap();
+    z.write_all(&pkl).unwrap();
+    z.start_file("bomb/byteorder", opts).unwrap();
+    z.write_all(b"little").unwrap();
+    z.finish().unwrap();
+    inspect_fails(
+        &d,
+        &d.path("bomb.pth"),
+        &["nests containers more than 1000 deep"],
+    );
+}
+
+#[test]
+fn nan_weights_are_refused_by_forward_passes() {
+    let d = TestDir::new();
+    let mut st = read_st(&fixture("tiny/epoch_10.safetensors"));
+    let w = st.get_mut("fc.weight").unwrap();
+    w.data[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    let tensors: Vec<(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.dtype, t.shape.clone(), t.data.clone()))
+        .collect();
+    write_st(&d.path("nan.safetensors"), &tensors);
+    d.run(&[
+        "-q",
+        "logits",
+        "nan.safetensors",
+        "--input",
+        &p(&fixture("zoo/tiny_resnet_io.safetensors")),
+        "-o",
+        "o.safetensors",
+    ])
+    .fails_with(&["nan.safetensors", "tensor fc.weight", "NaN at element 2"]);
+    assert!(!d.path("o.safetensors").exists());
+}
+
+fn digits_copy(d: &TestDir) -> std::path::PathBuf {
+    let root = d.path("val");
+    for class in ["0", "1"] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for e in std::fs::read_dir(fixture(&format!("digits/val/{class}")))
+            .unwrap()
+            .take(3)
+        {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), root.join(class).join(e.file_name())).unwrap();
+        }
+    }
+    root
+}
+
+#[test]
+fn image_folder_with_a_corrupt_jpeg_or_an_empty_png() {
+    let d = TestDir::new();
+    let root = digits_copy(&d);
+    let model = p(&fixture("tiny/epoch_10.safetensors"));
+    let run = |d: &TestDir, extra: &[&str]| {
+        let mut a = vec![
+            "-q",
+            "eval",
+            model.as_str(),
+            "--data",
+            "val",
+            "--size",
+            "32",
+            "--crop-pct",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        d.run(&a)
+    };
+    let bytes = std::fs::read(fixture("images/colour/astronaut.jpg")).unwrap();
+    std::fs::write(root.join("0/broken.jpg"), &bytes[..bytes.len() / 3]).unwrap();
+    run(&d, &[]).fails_with(&["broken.jpg"]);
+    std::fs::remove_file(root.join("0/broken.jpg")).unwrap();
+    std::fs::write(root.join("1/empty.png"), b"").unwrap();
+    run(&d, &[]).fails_with(&["empty.png"]);
+    // --skip-bad reads the others and says which were skipped.
+    let r = d
+        .run(&[
+            "eval",
+            &model,
+            "--data",
+            "val",
+            "--size",
+            "32",
+            "--crop-pct",
+            "1",
+            "--skip-bad",
+            "--json",
+        ])
+        .ok();
+    assert_eq!(r.json()["images"], 6);
+    assert_eq!(r.json()["skipped"], 1);
+    assert!(r.stderr.contains("empty.png"), "{}", r.stderr);
+}
+
+#[test]
+fn output_folder_that_is_a_file() {
+    let d = TestDir::new();
+    std::fs::write(d.path("file"), b"x").unwrap();
+    d.run(&[
+        "-q",
+        "swa",
+        &p(&snapshots()[0]),
+        &p(&snapshots()[1]),
+        "-o",
+        "file/out.safetensors",
+    ])
+    .fails_with(&["file/out.safetensors", "does not exist"]);
+}

@@ -6,6 +6,7 @@ mod bad_inputs;
 mod data;
 mod ema;
 mod eval;
+mod guarantees;
 mod inspect;
 mod logits;
 mod man;
