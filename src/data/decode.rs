@@ -126,8 +126,23 @@ pub fn decode_file(path: &Path, opts: &DecodeOptions) -> Result<DecodedImage> {
 }
 
 /// Decodes an image held in memory; `name` only guides the format when the content does not
-/// say (the content wins, as with PIL, so a PNG named `.jpg` still decodes).
+/// say (the content wins, as with PIL, so a PNG named `.jpg` still decodes). A decoder that
+/// panics on a malformed file gives an error for that file instead of ending the pass.
 pub fn decode_bytes(bytes: &[u8], name: &Path, opts: &DecodeOptions) -> Result<DecodedImage> {
+    std::panic::catch_unwind(|| decode_unguarded(bytes, name, opts))
+        .unwrap_or_else(|payload| Err(anyhow!("{}", panic_message(&*payload))))
+}
+
+/// The message a panic or libjpeg's unwinding carried.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("the decoder failed")
+}
+
+fn decode_unguarded(bytes: &[u8], name: &Path, opts: &DecodeOptions) -> Result<DecodedImage> {
     let format = image::guess_format(bytes)
         .ok()
         .or_else(|| ImageFormat::from_path(name).ok())
@@ -151,23 +166,9 @@ pub fn decode_bytes(bytes: &[u8], name: &Path, opts: &DecodeOptions) -> Result<D
 /// so a forged header cannot exhaust memory.
 const MAX_DECODE_BYTES: usize = 512 << 20;
 
-/// libjpeg reports fatal errors by unwinding out of its callbacks (mozjpeg's convention), so
-/// the whole decode runs under `catch_unwind` and the message becomes an ordinary error.
+/// libjpeg reports fatal errors by unwinding out of its callbacks (mozjpeg's convention, see
+/// [`libjpeg`]); [`decode_bytes`] catches the unwinding and its message becomes the error.
 fn decode_jpeg(bytes: &[u8], opts: &DecodeOptions) -> Result<(DynamicImage, Orientation)> {
-    std::panic::catch_unwind(|| decode_jpeg_unguarded(bytes, opts)).unwrap_or_else(|payload| {
-        let msg = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("libjpeg failed");
-        Err(anyhow!("{msg}"))
-    })
-}
-
-fn decode_jpeg_unguarded(
-    bytes: &[u8],
-    opts: &DecodeOptions,
-) -> Result<(DynamicImage, Orientation)> {
     use mozjpeg::{ColorSpace, Decompress, Marker};
 
     let decompress = Decompress::with_err(libjpeg::error_manager())
