@@ -492,12 +492,20 @@ fn scan(dir: &Path) -> anyhow::Result<Dataset> {
 }
 
 fn load_all(dir: &Path, skip_bad: bool) -> anyhow::Result<(Vec<data::Batch>, data::LoadSummary)> {
+    load_batches(dir, skip_bad, 2)
+}
+
+fn load_batches(
+    dir: &Path,
+    skip_bad: bool,
+    batch_size: usize,
+) -> anyhow::Result<(Vec<data::Batch>, data::LoadSummary)> {
     let cfg = DataConfig {
         dir: dir.to_path_buf(),
         dataset: DatasetOptions::default(),
         transform: Transform::Eval(eval(16, Interpolation::Bilinear)),
         loader: LoaderOptions {
-            batch_size: 2,
+            batch_size,
             skip_bad,
             ..LoaderOptions::default()
         },
@@ -568,6 +576,19 @@ fn corrupt_image_is_an_error_naming_it_unless_skip_bad() {
     );
     // Batches keep the data set's boundaries: [a, b] -> [a], [c, d] -> [c], [e] -> nothing.
     assert_eq!(batches.iter().map(|b| b.n).collect::<Vec<_>>(), [1, 1]);
+    // In one batch [a, b, c, d, e] -> [a, c]: c's tensor moves into b's place.
+    let (batches, _) = load_batches(dir.dir.path(), true, 8).unwrap();
+    assert_eq!(batches.len(), 1);
+    let b = &batches[0];
+    assert_eq!((b.n, b.indices.clone()), (2, vec![0, 2]));
+    let t = eval(16, Interpolation::Bilinear);
+    for (k, path) in b.paths.iter().enumerate() {
+        let want = t
+            .apply(&decode_file(path, &DecodeOptions::default()).unwrap())
+            .unwrap();
+        assert_eq!(&b.images[k * want.len()..(k + 1) * want.len()], &want[..]);
+    }
+    assert_eq!(b.images.len(), 2 * 3 * 16 * 16);
 }
 
 #[test]
