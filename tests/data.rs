@@ -612,6 +612,8 @@ fn empty_folder_is_an_error() {
     );
     let e = err_line(scan(&dir.path("missing")).unwrap_err());
     assert!(e.contains("missing: cannot read"), "{e}");
+    let e = err_line(scan(&image_path("coffee")).unwrap_err());
+    assert!(e.contains("coffee.png: not a folder"), "{e}");
 }
 
 #[test]
