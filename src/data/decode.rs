@@ -1,16 +1,23 @@
 //! Image files -> 8-bit RGB (or grey) pixels, exactly as torchvision's loader sees them.
 //!
 //! torchvision's `pil_loader` is `Image.open(f).convert("RGB")`. PNG, WebP and BMP are decoded
-//! by the `image` crate (png, image-webp, its BMP decoder), JPEG by `jpeg-decoder`; this module
-//! then maps each pixel layout to what PIL's `convert("RGB")` gives, which is not always what the
-//! `image` crate's own conversions give.
+//! by the `image` crate (png, image-webp, its BMP decoder), JPEG by libjpeg-turbo's decoder
+//! (through the `mozjpeg` crate, built from source by cargo); this module then maps each pixel
+//! layout to what PIL's `convert("RGB")` gives, which is not always what the `image` crate's own
+//! conversions give.
 //!
-//! Why `jpeg-decoder` and not `image`'s zune-jpeg, which decodes about 1.6x faster: PIL decodes
-//! with libjpeg-turbo, whose "fancy" chroma upsampling (4:2:0 photographs, nearly all of them)
-//! rounds once; zune-jpeg rounds after each direction. On a 4:2:0 photograph zune-jpeg is off by
-//! 0.23 levels on average and 4 at most, and still by 4 after resizing to 128 (beyond the bound
-//! ckpt keeps); `jpeg-decoder` ports libjpeg's upsampling: 0.09 on average, 3 at most, before
-//! resizing. Decoding stays well below PIL's whole transform in time (`benches/data_bench.py`).
+//! Why libjpeg-turbo and not `image`'s pure-Rust zune-jpeg: PIL decodes with libjpeg-turbo, and
+//! JPEG decoders differ in their IDCT rounding, chroma upsampling ("fancy" upsampling rounds
+//! once in libjpeg; zune-jpeg rounds after each direction) and colour conversion. Measured on 500
+//! photo-sized 4:2:0 JPEGs: zune-jpeg differs from PIL by 0.23 levels on average and 4 at most,
+//! `jpeg-decoder` by 0.09 and 3-4 (bicubic resizing then turns 3 into 4 on one image in six);
+//! mozjpeg's libjpeg-turbo decoder with PIL's settings (islow IDCT, fancy upsampling) gives
+//! PIL's pixels exactly, on every one of them, and decodes faster than either. Its SIMD code is
+//! used when `nasm` is found at build time, the C code otherwise (same pixels).
+//!
+//! libjpeg's warnings are ignored, as PIL ignores them, except the end of the file arriving
+//! before the end of the image: PIL refuses such a file ("image file is truncated"), so ckpt
+//! does too, where libjpeg alone would fill the rest with grey.
 //!
 //! What PIL does, measured with Pillow 13 (see `fixtures/make_image_fixtures.py`, whose
 //! references `tests/data.rs` checks):
@@ -24,8 +31,9 @@
 //!   what a PyTorch model fed by torchvision's loader sees, so ckpt does the same.
 //! - 16-bit RGB, RGBA and grey + alpha PNG: PIL keeps the high byte (`v >> 8`), where the `image`
 //!   crate would round (`(v + 128) / 257`).
-//! - CMYK (and YCCK) JPEG: PIL always assumes Adobe's inverted polarity, as `jpeg-decoder` does,
-//!   and converts with `R = (255 - C) * (255 - K) / 255`, rounded as PIL's `MULDIV255`.
+//! - CMYK (and YCCK) JPEG: PIL always assumes Adobe's inverted polarity (it reads the samples as
+//!   `CMYK;I`) and converts with `R = (255 - C) * (255 - K) / 255`, rounded as its `MULDIV255`:
+//!   on the samples libjpeg returns, `R = muldiv255(c, k)`.
 //! - EXIF orientation is ignored by the loader; with `exif_transpose` it is applied as
 //!   `ImageOps.exif_transpose` does.
 //!
@@ -118,8 +126,23 @@ pub fn decode_file(path: &Path, opts: &DecodeOptions) -> Result<DecodedImage> {
 }
 
 /// Decodes an image held in memory; `name` only guides the format when the content does not
-/// say (the content wins, as with PIL, so a PNG named `.jpg` still decodes).
+/// say (the content wins, as with PIL, so a PNG named `.jpg` still decodes). A decoder that
+/// panics on a malformed file gives an error for that file instead of ending the pass.
 pub fn decode_bytes(bytes: &[u8], name: &Path, opts: &DecodeOptions) -> Result<DecodedImage> {
+    std::panic::catch_unwind(|| decode_unguarded(bytes, name, opts))
+        .unwrap_or_else(|payload| Err(anyhow!("{}", panic_message(&*payload))))
+}
+
+/// The message a panic or libjpeg's unwinding carried.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("the decoder failed")
+}
+
+fn decode_unguarded(bytes: &[u8], name: &Path, opts: &DecodeOptions) -> Result<DecodedImage> {
     let format = image::guess_format(bytes)
         .ok()
         .or_else(|| ImageFormat::from_path(name).ok())
@@ -143,43 +166,114 @@ pub fn decode_bytes(bytes: &[u8], name: &Path, opts: &DecodeOptions) -> Result<D
 /// so a forged header cannot exhaust memory.
 const MAX_DECODE_BYTES: usize = 512 << 20;
 
+/// libjpeg reports fatal errors by unwinding out of its callbacks (mozjpeg's convention, see
+/// [`libjpeg`]); [`decode_bytes`] catches the unwinding and its message becomes the error.
 fn decode_jpeg(bytes: &[u8], opts: &DecodeOptions) -> Result<(DynamicImage, Orientation)> {
-    use jpeg_decoder::PixelFormat;
+    use mozjpeg::{ColorSpace, Decompress, Marker};
 
-    let mut decoder = jpeg_decoder::Decoder::new(bytes);
-    decoder.set_max_decoding_buffer_size(MAX_DECODE_BYTES);
-    let pixels = decoder.decode()?;
-    let info = decoder
-        .info()
-        .ok_or_else(|| anyhow!("no image in the JPEG stream"))?;
-    let (w, h) = (info.width as u32, info.height as u32);
-    let bad_size = || anyhow!("decoded data does not match the {w}x{h} header");
-    let img = match info.pixel_format {
-        PixelFormat::L8 => {
-            DynamicImage::ImageLuma8(image::GrayImage::from_raw(w, h, pixels).ok_or_else(bad_size)?)
-        }
-        PixelFormat::RGB24 => {
-            DynamicImage::ImageRgb8(image::RgbImage::from_raw(w, h, pixels).ok_or_else(bad_size)?)
-        }
-        PixelFormat::CMYK32 => {
-            let rgb = pixels
-                .chunks_exact(4)
-                .flat_map(|p| {
-                    let k = 255 - p[3];
-                    [0, 1, 2].map(|c| muldiv255(255 - p[c], k))
-                })
-                .collect();
-            DynamicImage::ImageRgb8(image::RgbImage::from_raw(w, h, rgb).ok_or_else(bad_size)?)
-        }
-        PixelFormat::L16 => bail!("12-bit JPEG is not supported"),
+    let decompress = Decompress::with_err(libjpeg::error_manager())
+        .with_markers(&[Marker::APP(1)])
+        .from_mem(bytes)?;
+    let orientation = if opts.exif_transpose {
+        decompress
+            .markers()
+            .filter(|m| m.marker == Marker::APP(1))
+            .find_map(|m| m.data.strip_prefix(b"Exif\0\0"))
+            .and_then(Orientation::from_exif_chunk)
+            .unwrap_or(Orientation::NoTransforms)
+    } else {
+        Orientation::NoTransforms
     };
-    let orientation = match decoder.exif_data() {
-        Some(exif) if opts.exif_transpose => {
-            Orientation::from_exif_chunk(exif).unwrap_or(Orientation::NoTransforms)
+    let (w, h) = decompress.size();
+    if w.saturating_mul(h).saturating_mul(4) > MAX_DECODE_BYTES {
+        bail!("{w}x{h} pixels is more than ckpt decodes ({MAX_DECODE_BYTES} bytes)");
+    }
+    let (w32, h32) = (w as u32, h as u32);
+    let bad_size = || anyhow!("decoded data does not match the {w}x{h} header");
+    let img = match decompress.color_space() {
+        ColorSpace::JCS_GRAYSCALE => {
+            let mut started = decompress.grayscale()?;
+            let pixels = started.read_scanlines::<u8>()?;
+            started.finish()?;
+            DynamicImage::ImageLuma8(
+                image::GrayImage::from_raw(w32, h32, pixels).ok_or_else(bad_size)?,
+            )
         }
-        _ => Orientation::NoTransforms,
+        ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => {
+            let mut started = decompress.to_colorspace(ColorSpace::JCS_CMYK)?;
+            let cmyk = started.read_scanlines::<u8>()?;
+            started.finish()?;
+            let rgb = cmyk
+                .chunks_exact(4)
+                .flat_map(|p| [0, 1, 2].map(|c| muldiv255(p[c], p[3])))
+                .collect();
+            DynamicImage::ImageRgb8(image::RgbImage::from_raw(w32, h32, rgb).ok_or_else(bad_size)?)
+        }
+        _ => {
+            let mut started = decompress.rgb()?;
+            let pixels = started.read_scanlines::<u8>()?;
+            started.finish()?;
+            DynamicImage::ImageRgb8(
+                image::RgbImage::from_raw(w32, h32, pixels).ok_or_else(bad_size)?,
+            )
+        }
     };
     Ok((img, orientation))
+}
+
+/// A libjpeg error manager that turns fatal errors, and the one warning PIL treats as an error,
+/// into unwinding with the message; the other warnings are dropped (libjpeg's default would
+/// print them).
+mod libjpeg {
+    use std::os::raw::c_int;
+
+    use mozjpeg_sys::{jpeg_common_struct, jpeg_error_mgr, jpeg_std_error, JWRN_JPEG_EOF};
+
+    pub fn error_manager() -> jpeg_error_mgr {
+        // SAFETY: jpeg_error_mgr is a plain C struct (function pointers, integers, pointers to
+        // static tables) for which all-zero is a valid value; jpeg_std_error fills it in.
+        let mut err: jpeg_error_mgr = unsafe { std::mem::zeroed() };
+        unsafe { jpeg_std_error(&mut err) };
+        err.error_exit = Some(fatal);
+        err.emit_message = Some(message);
+        err
+    }
+
+    unsafe extern "C-unwind" fn fatal(cinfo: &mut jpeg_common_struct) {
+        let msg = format(cinfo);
+        // resume_unwind skips the panic hook: nothing is printed.
+        std::panic::resume_unwind(Box::new(msg));
+    }
+
+    unsafe extern "C-unwind" fn message(cinfo: &mut jpeg_common_struct, level: c_int) {
+        // SAFETY: libjpeg calls this with its own, initialised error manager.
+        let code = unsafe { (*cinfo.err).msg_code };
+        if level < 0 && code == JWRN_JPEG_EOF {
+            std::panic::resume_unwind(Box::new(
+                "image file is truncated (premature end of JPEG data)".to_string(),
+            ));
+        }
+    }
+
+    fn format(cinfo: &mut jpeg_common_struct) -> String {
+        let mut buffer = [0u8; 80];
+        // SAFETY: format_message writes at most JMSG_LENGTH_MAX (80) bytes, NUL included, into
+        // the buffer; the binding declares it `&[u8; 80]`, so it is called through a pointer
+        // type that admits the write.
+        unsafe {
+            let err = &*cinfo.err;
+            match err.format_message {
+                Some(f) => {
+                    let f: unsafe extern "C-unwind" fn(&mut jpeg_common_struct, *mut u8) =
+                        std::mem::transmute(f);
+                    f(cinfo, buffer.as_mut_ptr());
+                }
+                None => return format!("libjpeg error {}", err.msg_code),
+            }
+        }
+        let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+        String::from_utf8_lossy(&buffer[..end]).into_owned()
+    }
 }
 
 /// `a * b / 255` rounded, in PIL's integer form (`MULDIV255`).

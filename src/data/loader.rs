@@ -2,8 +2,9 @@
 //! model, always in the data set's order.
 //!
 //! A producer thread walks the data set a batch at a time; within a batch, a rayon pool of its
-//! own (`threads` workers) decodes and transforms the images, and `collect` keeps them in
-//! order, so a batch holds the same images and bytes whatever the thread count. Finished
+//! own (`threads` workers) decodes and transforms the images, each written straight into its
+//! fixed slot of the batch tensor, so a batch holds the same images and bytes whatever the
+//! thread count, and no copy follows. Finished
 //! batches wait in a bounded channel (`prefetch` batches): the producer runs ahead of the
 //! consumer by at most that much memory and blocks when it is full; the consumer waits only
 //! when decoding is slower than the model. Dropping the loader stops the producer.
@@ -262,54 +263,42 @@ pub fn sweep_loader(
     MultiLoader::new(dataset, &t, opts, rep)
 }
 
-/// Decodes and transforms one batch's items in parallel (on the current rayon pool).
+/// Decodes and transforms one batch's items in parallel (on the current rayon pool), each
+/// worker writing its image straight into its place in the batch tensors.
 fn load_step(
     items: &[Item],
     labelled: bool,
     transforms: &[Transform],
     opts: &LoaderOptions,
 ) -> Result<Step> {
-    let results: Vec<Result<Vec<Vec<f32>>>> = items
+    let lens: Vec<usize> = transforms.iter().map(|t| tensor_len(t.size())).collect();
+    // Zeroed allocations come from fresh pages: the workers' writes fault them in, in parallel.
+    let mut buffers: Vec<Vec<f32>> = lens.iter().map(|&l| vec![0f32; items.len() * l]).collect();
+    // Per item, its slot in each transform's tensor.
+    let mut slots: Vec<Vec<&mut [f32]>> = (0..items.len()).map(|_| Vec::new()).collect();
+    for (buf, &len) in buffers.iter_mut().zip(&lens) {
+        for (slot, chunk) in slots.iter_mut().zip(buf.chunks_exact_mut(len)) {
+            slot.push(chunk);
+        }
+    }
+    let results: Vec<Result<()>> = items
         .par_iter()
-        .map(|item| {
+        .zip(slots.into_par_iter())
+        .map(|(item, mut outs)| {
             let img = decode_file(&item.path, &opts.decode)?;
-            transforms
-                .iter()
-                .map(|t| {
-                    let mut out = vec![0f32; tensor_len(t.size())];
-                    t.apply_into(&img, item.index as u64, &mut out)
-                        .with_context(|| format!("{}: cannot resize", item.path.display()))?;
-                    Ok(out)
-                })
-                .collect()
+            for (t, out) in transforms.iter().zip(outs.iter_mut()) {
+                t.apply_into(&img, item.index as u64, out)
+                    .with_context(|| format!("{}: cannot resize", item.path.display()))?;
+            }
+            Ok(())
         })
         .collect();
 
-    let mut batches: Vec<Batch> = transforms
-        .iter()
-        .map(|t| Batch {
-            images: Vec::with_capacity(items.len() * tensor_len(t.size())),
-            n: 0,
-            size: t.size(),
-            labels: labelled.then(|| Vec::with_capacity(items.len())),
-            paths: Vec::with_capacity(items.len()),
-            indices: Vec::with_capacity(items.len()),
-        })
-        .collect();
+    let mut kept = Vec::with_capacity(items.len());
     let mut skipped = Vec::new();
-    for (item, result) in items.iter().zip(results) {
+    for (k, (item, result)) in items.iter().zip(results).enumerate() {
         match result {
-            Ok(tensors) => {
-                for (b, t) in batches.iter_mut().zip(tensors) {
-                    b.images.extend_from_slice(&t);
-                    b.n += 1;
-                    if let Some(l) = &mut b.labels {
-                        l.push(item.label.unwrap_or(-1));
-                    }
-                    b.paths.push(item.path.clone());
-                    b.indices.push(item.index);
-                }
-            }
+            Ok(()) => kept.push(k),
             Err(e) if opts.skip_bad => skipped.push(SkippedImage {
                 path: item.path.clone(),
                 error: one_line(&e),
@@ -317,5 +306,29 @@ fn load_step(
             Err(e) => return Err(e),
         }
     }
+    let batches = buffers
+        .into_iter()
+        .zip(transforms.iter().zip(&lens))
+        .map(|(mut images, (t, &len))| {
+            if kept.len() < items.len() {
+                // Close the gaps of skipped images, keeping the order.
+                for (to, &from) in kept.iter().enumerate() {
+                    if to != from {
+                        images.copy_within(from * len..(from + 1) * len, to * len);
+                    }
+                }
+                images.truncate(kept.len() * len);
+            }
+            Batch {
+                images,
+                n: kept.len(),
+                size: t.size(),
+                labels: labelled
+                    .then(|| kept.iter().map(|&k| items[k].label.unwrap_or(-1)).collect()),
+                paths: kept.iter().map(|&k| items[k].path.clone()).collect(),
+                indices: kept.iter().map(|&k| items[k].index).collect(),
+            }
+        })
+        .collect();
     Ok(Step { batches, skipped })
 }
