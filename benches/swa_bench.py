@@ -79,7 +79,22 @@ def rss_anon_kb(pid):
     return 0
 
 
-def measure(cmd, **kw):
+REPEAT = 3
+
+
+def measure(cmd, before=None, **kw):
+    """Runs cmd REPEAT times (calling `before` first each time); returns the median seconds and
+    the largest peak RssAnon in MiB over the process and its children."""
+    runs = []
+    for _ in range(REPEAT):
+        if before:
+            before()
+        runs.append(measure_once(cmd, **kw))
+    runs.sort()
+    return runs[len(runs) // 2][0], max(m for _, m in runs)
+
+
+def measure_once(cmd, **kw):
     """Runs cmd; returns (seconds, peak RssAnon in MiB over the process and its children)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, **kw)
@@ -147,36 +162,40 @@ def main():
     size_in = sum(p.stat().st_size for p in st)
 
     rows = []
-    # Every measurement starts with no dirty pages waiting to be written back.
-    settle = lambda: subprocess.run(["sync"], check=True)
-    settle()
-    t_cat, m_cat = measure(["cat", *map(str, st)], stdout=subprocess.DEVNULL)
-    t_cp, m_cp = measure(["cp", str(st[-1]), str(out / "floor.safetensors")])
+    # Every measurement starts with no dirty pages waiting to be written back, and no output.
+    def settle():
+        for f in out.glob("*"):
+            f.unlink()
+        subprocess.run(["sync"], check=True)
+
+    t_cat, m_cat = measure(["cat", *map(str, st)], before=settle, stdout=subprocess.DEVNULL)
+    t_cp, m_cp = measure(["cp", str(st[-1]), str(out / "floor.safetensors")], before=settle)
     rows.append(("floor: cat inputs + cp one", t_cat + t_cp, max(m_cat, m_cp)))
-    settle()
     # ckpt fsyncs its output before renaming it into place (a durable, atomic write); the
     # same floor with the copy made durable is the fair comparison for that part.
-    t_cp2, _ = measure(["sh", "-c", f"cp {st[-1]} {out / 'floor2.safetensors'} && sync {out / 'floor2.safetensors'}"])
+    t_cp2, _ = measure(["sh", "-c", f"cp {st[-1]} {out / 'floor2.safetensors'} && sync {out / 'floor2.safetensors'}"], before=settle)
     rows.append(("floor, durable: + fsync of copy", t_cat + t_cp2, max(m_cat, m_cp)))
-    settle()
-    # ckpt records every input's sha256; its digest cache starts empty here (first run: all
-    # inputs hashed) and is warm for the repeat (the usual case of rerunning over snapshots).
-    env = dict(os.environ, CKPT_CACHE_DIR=str(folder / "digest-cache"))
-    t_ck, m_ck = measure([args.ckpt, "-q", "swa", *map(str, st), "-o", str(out / "ckpt.safetensors")], env=env)
+    # ckpt records every input's sha256; its digest cache is emptied before each first run
+    # (all inputs hashed) and warm for the reruns (the usual case of rerunning over snapshots).
+    cache = folder / "digest-cache"
+    env = dict(os.environ, CKPT_CACHE_DIR=str(cache))
+
+    def cold():
+        settle()
+        shutil.rmtree(cache, ignore_errors=True)
+
+    t_ck, m_ck = measure([args.ckpt, "-q", "swa", *map(str, st), "-o", str(out / "ckpt.safetensors")], before=cold, env=env)
     rows.append(("ckpt swa, first run (hashing)", t_ck, m_ck))
-    settle()
-    t_re, m_re = measure([args.ckpt, "-q", "swa", *map(str, st), "-o", str(out / "ckpt2.safetensors")], env=env)
+    t_re, m_re = measure([args.ckpt, "-q", "swa", *map(str, st), "-o", str(out / "ckpt2.safetensors")], before=settle, env=env)
     rows.append(("ckpt swa, digests cached", t_re, m_re))
-    settle()
-    t2, m2 = measure([args.ckpt, "-q", "swa", *map(str, pt), "-o", str(out / "ckpt_pth.safetensors")], env=env)
+    t2, m2 = measure([args.ckpt, "-q", "swa", *map(str, pt), "-o", str(out / "ckpt_pth.safetensors")], before=cold, env=env)
     rows.append(("ckpt swa, .pth inputs, first run", t2, m2))
-    settle()
-    t_py, m_py = measure([sys.executable, "-c", TORCH_WAY, *map(str, pt), str(out / "torch.pth")])
+    t_py, m_py = measure([sys.executable, "-c", TORCH_WAY, *map(str, pt), str(out / "torch.pth")], before=settle)
     rows.append(("torch.load + f64 sum (timm)", t_py, m_py))
 
     floor, durable = rows[0][1], rows[1][1]
     print(f"\n{args.snapshots} snapshots x {args.params / 1e6:.0f} M params = {size_in / 1e9:.2f} GB read, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}")
+          f"{os.cpu_count()} cores, torch {torch.__version__}, median of {REPEAT} runs")
     print(f"{'method':34} {'seconds':>8} {'GB/s':>6} {'x floor':>8} {'x durable':>9} {'peak anon MiB':>14}")
     for name, t, m in rows:
         print(f"{name:34} {t:8.2f} {size_in / t / 1e9:6.2f} {t / floor:8.2f} {t / durable:9.2f} {m:14.1f}")

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): one `ckpt sweep-res` over 6 sizes against 6 separate `ckpt eval` runs
+# on the same folder, same machine, back to back.
+#
+#   cargo build --release && bash benches/sweep_bench.sh [MODEL] [JPEG_DIR]
+#
+# JPEG_DIR defaults to the photo-sized JPEGs benches/data_bench.py makes (run it once first);
+# they are hard-linked into an ImageFolder of 10 classes (labels are arbitrary: this measures
+# time, not accuracy). MODEL defaults to the fixture ResNet, so that decoding dominates, which
+# is what a sweep saves; a larger model shrinks the ratio towards the share of decoding.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=${1:-fixtures/tiny/epoch_10.safetensors}
+src=${2:-/tmp/ckpt-data-bench/jpegs}
+ckpt=target/release/ckpt
+folder=$(mktemp -d)/val
+trap 'rm -rf "$(dirname "$folder")"' EXIT
+i=0
+for f in "$src"/*.jpg; do
+  c=$((i % 10)); mkdir -p "$folder/$c"; ln "$f" "$folder/$c/" 2>/dev/null || cp "$f" "$folder/$c/"; i=$((i + 1))
+done
+cat "$folder"/*/*.jpg > /dev/null
+sizes=160,192,224,256,288,320
+t0=$(date +%s.%N)
+"$ckpt" -q sweep-res "$model" --data "$folder" --sizes $sizes > /dev/null
+t1=$(date +%s.%N)
+for s in ${sizes//,/ }; do "$ckpt" -q eval "$model" --data "$folder" --size "$s" > /dev/null; done
+t2=$(date +%s.%N)
+python3 - "$t0" "$t1" "$t2" "$i" <<'PY'
+import sys
+t0, t1, t2, n = map(float, sys.argv[1:])
+sweep, evals = t1 - t0, t2 - t1
+print(f"{int(n)} images, 6 sizes: sweep-res {sweep:.2f} s, 6 x eval {evals:.2f} s, ratio {sweep / evals:.2f}")
+PY
