@@ -10,6 +10,8 @@
 //! (the estimators in the recal-bn engine decide what to do with the reports).
 
 use candle_core::{DType, Module, Result, Tensor, D};
+
+use super::fused::channel_affine;
 use candle_nn::VarBuilder;
 
 /// How BatchNorm layers behave during a forward pass.
@@ -132,11 +134,23 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// The same convolution with each output channel's weights multiplied by `scale[c]` (BN
+    /// folded in); the bias, if any, is dropped (callers fold it into their shift).
+    fn scaled(&self, scale: &Tensor) -> Result<Conv2d> {
+        Ok(Conv2d {
+            weight: self.weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?,
+            bias: None,
+            ..self.clone()
+        })
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            Some(b) => channel_affine(&y, None, b, false),
             None => Ok(y),
         }
     }
@@ -149,7 +163,7 @@ pub struct BatchNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
-    /// Eval mode folded: y = x * scale + shift, shaped [1, C, 1, 1].
+    /// Eval mode: y = x * scale[c] + shift[c], both [C].
     scale: Tensor,
     shift: Tensor,
 }
@@ -175,14 +189,14 @@ impl BatchNorm {
             weight,
             bias,
             eps,
-            scale: scale.reshape((1, channels, 1, 1))?,
-            shift: shift.reshape((1, channels, 1, 1))?,
+            scale,
+            shift,
         })
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         match ctx.mode {
-            BnMode::Eval => x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift),
+            BnMode::Eval => channel_affine(x, Some(&self.scale), &self.shift, false),
             BnMode::Calibrate => {
                 let (n, c, h, w) = x.dims4()?;
                 // [C, N*H*W]: per-channel statistics over batch and space, two-pass in f32 as
@@ -213,28 +227,51 @@ impl BatchNorm {
 
 /// A convolution followed by BatchNorm: torchvision's `Conv2dNormActivation` without the
 /// activation, at `vb.pp(0)` and `vb.pp(1)`, or any two named children.
+///
+/// In eval mode the BN scale is folded into a copy of the convolution's weights, leaving one
+/// per-channel shift; calibrate mode runs the original convolution so that BN sees the
+/// un-normalised activations.
 #[derive(Clone, Debug)]
 pub struct ConvBn {
     pub conv: Conv2d,
     pub bn: BatchNorm,
+    folded: Conv2d,
+    shift: Tensor,
 }
 
 impl ConvBn {
-    pub fn new(
-        conv: VarBuilder,
-        bn: VarBuilder,
-        s: ConvSpec,
-        eps: f64,
-        reg: &mut BnRegistry,
-    ) -> Result<ConvBn> {
-        Ok(ConvBn {
-            conv: Conv2d::new(conv, s)?,
-            bn: BatchNorm::new(bn, s.cout, eps, reg)?,
-        })
+    pub fn new(conv: VarBuilder, bn: VarBuilder, s: ConvSpec, eps: f64, reg: &mut BnRegistry) -> Result<ConvBn> {
+        let conv = Conv2d::new(conv, s)?;
+        let bn = BatchNorm::new(bn, s.cout, eps, reg)?;
+        let folded = conv.scaled(&bn.scale)?;
+        let shift = match &conv.bias {
+            Some(b) => ((b * &bn.scale)? + &bn.shift)?,
+            None => bn.shift.clone(),
+        };
+        Ok(ConvBn { conv, bn, folded, shift })
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x)?, ctx)
+        self.forward_act(x, ctx, false)
+    }
+
+    /// Conv, BN, ReLU (fused in eval mode).
+    pub fn forward_relu(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        self.forward_act(x, ctx, true)
+    }
+
+    fn forward_act(&self, x: &Tensor, ctx: &mut Ctx, relu: bool) -> Result<Tensor> {
+        match ctx.mode {
+            BnMode::Eval => channel_affine(&self.folded.forward(x)?, None, &self.shift, relu),
+            BnMode::Calibrate => {
+                let y = self.bn.forward(&self.conv.forward(x)?, ctx)?;
+                if relu {
+                    y.relu()
+                } else {
+                    Ok(y)
+                }
+            }
+        }
     }
 }
 

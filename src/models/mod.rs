@@ -12,6 +12,7 @@
 //! runs as in eval (no dropout, no stochastic depth).
 
 pub mod efficientnet;
+pub mod fused;
 pub mod layers;
 pub mod mobilenet_v2;
 pub mod resnet;

@@ -12,7 +12,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{
-    global_avg_pool, max_pool_3x3_s2_p1, BatchNorm, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx,
+    global_avg_pool, max_pool_3x3_s2_p1, BnRegistry, ConvBn, ConvSpec, Ctx,
     Linear,
 };
 use super::{Config as AnyConfig, Miss, Probe, Shapes};
@@ -152,10 +152,7 @@ impl Block {
         let mut y = x.clone();
         let last = self.convs.len() - 1;
         for (i, c) in self.convs.iter().enumerate() {
-            y = c.forward(&y, ctx)?;
-            if i < last {
-                y = y.relu()?;
-            }
+            y = if i < last { c.forward_relu(&y, ctx)? } else { c.forward(&y, ctx)? };
         }
         let identity = match &self.downsample {
             Some(d) => d.forward(x, ctx)?,
@@ -166,16 +163,14 @@ impl Block {
 }
 
 pub struct ResNet {
-    stem: Conv2d,
-    bn1: BatchNorm,
+    stem: ConvBn,
     stages: Vec<Vec<Block>>,
     fc: Linear,
 }
 
 impl ResNet {
     pub fn new(c: &Config, vb: VarBuilder, reg: &mut BnRegistry) -> Result<ResNet> {
-        let stem = Conv2d::new(vb.pp("conv1"), ConvSpec::new(3, c.stem, 7).stride(2))?;
-        let bn1 = BatchNorm::new(vb.pp("bn1"), c.stem, EPS, reg)?;
+        let stem = ConvBn::new(vb.pp("conv1"), vb.pp("bn1"), ConvSpec::new(3, c.stem, 7).stride(2), EPS, reg)?;
         let mut cin = c.stem;
         let mut stages = Vec::new();
         for s in 0..4 {
@@ -230,14 +225,13 @@ impl ResNet {
         let fc = Linear::new(vb.pp("fc"), cin, c.num_classes)?;
         Ok(ResNet {
             stem,
-            bn1,
             stages,
             fc,
         })
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let x = self.bn1.forward(&self.stem.forward(x)?, ctx)?.relu()?;
+        let x = self.stem.forward_relu(x, ctx)?;
         let mut x = max_pool_3x3_s2_p1(&x)?;
         for stage in &self.stages {
             for b in stage {
