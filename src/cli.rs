@@ -14,9 +14,11 @@ const ABOUT: &str = "Make a trained image classifier better from its saved check
 
 const LONG_ABOUT: &str = "\
 Make a trained image classifier better from its saved checkpoints: average snapshots (SWA), \
-take an exponential moving average over saved steps (EMA), and inspect what a checkpoint holds. \
-Checkpoints may be .safetensors files, sharded safetensors (an index or its folder) or \
-torch.save files (.pth, .pt, .bin, .pth.tar); the format is recognised from the content.";
+take an exponential moving average over saved steps (EMA), recompute BatchNorm statistics over \
+images (precise BN), measure accuracy at several test resolutions, and inspect what a \
+checkpoint holds. Checkpoints may be .safetensors files, sharded safetensors (an index or its \
+folder) or torch.save files (.pth, .pt, .bin, .pth.tar); the format is recognised from the \
+content, and the model (torchvision ResNets, MobileNetV2, EfficientNet) from its tensors.";
 
 #[derive(Parser, Debug)]
 #[command(name = "ckpt", version, about = ABOUT, long_about = LONG_ABOUT, propagate_version = true)]

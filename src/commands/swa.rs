@@ -12,8 +12,8 @@ use crate::report::Reporter;
 ///
 /// The uniform average of the chosen snapshots, or a weighted one with --weights. Floating
 /// tensors are accumulated in f64 and rounded once into their stored dtype (or --dtype);
-/// integer tensors follow --int. BatchNorm running statistics are averaged like the weights:
-/// recompute them for the averaged weights before evaluating.
+/// integer tensors follow --int. BatchNorm running statistics are averaged like the weights and
+/// do not fit the averaged weights: --recal-bn DIR recomputes them before writing.
 #[derive(Args, Debug)]
 #[command(mut_arg("max_images", |a| a.default_value("8192")), mut_arg("batch_size", |a| a.default_value("64")))]
 pub struct SwaArgs {
