@@ -108,15 +108,7 @@ pub fn write(
     metadata: &BTreeMap<String, String>,
     force: bool,
 ) -> Result<()> {
-    let planned: Vec<PlannedTensor> = ck
-        .tensors()
-        .iter()
-        .map(|t| PlannedTensor {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        })
-        .collect();
+    let planned: Vec<PlannedTensor> = ck.tensors().iter().map(PlannedTensor::from).collect();
     let w = CheckpointWriter::create(layout, planned, metadata, force)?;
     for (i, t) in ck.tensors().iter().enumerate() {
         match rep.tensors.get(&t.name) {

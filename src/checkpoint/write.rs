@@ -196,6 +196,26 @@ pub struct PlannedTensor {
     pub shape: Vec<usize>,
 }
 
+impl From<&super::TensorInfo> for PlannedTensor {
+    fn from(t: &super::TensorInfo) -> PlannedTensor {
+        PlannedTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        }
+    }
+}
+
+impl From<&OwnedTensor> for PlannedTensor {
+    fn from(t: &OwnedTensor) -> PlannedTensor {
+        PlannedTensor {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        }
+    }
+}
+
 impl PlannedTensor {
     pub fn nbytes(&self) -> usize {
         self.shape.iter().product::<usize>() * self.dtype.size()
@@ -457,14 +477,7 @@ pub fn write_owned(
     metadata: &BTreeMap<String, String>,
     force: bool,
 ) -> Result<()> {
-    let planned: Vec<PlannedTensor> = tensors
-        .iter()
-        .map(|t| PlannedTensor {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        })
-        .collect();
+    let planned: Vec<PlannedTensor> = tensors.iter().map(PlannedTensor::from).collect();
     let w = CheckpointWriter::create(
         &OutputLayout::Single(path.to_path_buf()),
         planned,

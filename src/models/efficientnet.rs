@@ -88,13 +88,8 @@ impl Config {
 
 pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
     let mut p = Probe::new(shapes);
-    let stem = p.shape("features.0.0.weight", 4)?;
-    if stem[1..] != [3, 3, 3] {
-        return Err(p.miss(format!(
-            "tensor features.0.0.weight has shape {stem:?}, expected [C, 3, 3, 3]"
-        )));
-    }
-    let mut cin = stem[0];
+    let stem = p.stem_channels("features.0.0.weight", 3)?;
+    let mut cin = stem;
     let mut stages = Vec::new();
     for (s, &stage_stride) in STAGE_STRIDES.iter().enumerate() {
         let mut blocks = Vec::new();
@@ -138,7 +133,7 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
     let head = p.shape("features.8.0.weight", 4)?;
     let fc = p.shape("classifier.1.weight", 2)?;
     Ok(AnyConfig::EfficientNet(Config {
-        stem: stem[0],
+        stem,
         stages,
         last_channel: head[0],
         num_classes: fc[0],

@@ -22,9 +22,9 @@ impl CustomOp1 for ChannelAffine {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("channel-affine needs a contiguous tensor".into()))?;
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("channel-affine needs a contiguous tensor".into())
+        })?;
         let x = match storage {
             CpuStorage::F32(v) => &v[start..end],
             _ => candle_core::bail!("channel-affine needs f32"),
@@ -52,7 +52,12 @@ impl CustomOp1 for ChannelAffine {
 
 /// y = x * scale[c] + shift[c] over [N, C, ...], then ReLU when `relu`; `scale` and `shift` are
 /// [C] tensors.
-pub fn channel_affine(x: &Tensor, scale: Option<&Tensor>, shift: &Tensor, relu: bool) -> Result<Tensor> {
+pub fn channel_affine(
+    x: &Tensor,
+    scale: Option<&Tensor>,
+    shift: &Tensor,
+    relu: bool,
+) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2 {
         let x = x.contiguous()?;
         let op = ChannelAffine {
@@ -96,7 +101,14 @@ mod tests {
             if relu {
                 want = want.relu().unwrap();
             }
-            let d: f32 = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let d: f32 = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
             assert!(d < 1e-6);
         }
     }

@@ -240,7 +240,13 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
-    pub fn new(conv: VarBuilder, bn: VarBuilder, s: ConvSpec, eps: f64, reg: &mut BnRegistry) -> Result<ConvBn> {
+    pub fn new(
+        conv: VarBuilder,
+        bn: VarBuilder,
+        s: ConvSpec,
+        eps: f64,
+        reg: &mut BnRegistry,
+    ) -> Result<ConvBn> {
         let conv = Conv2d::new(conv, s)?;
         let bn = BatchNorm::new(bn, s.cout, eps, reg)?;
         let folded = conv.scaled(&bn.scale)?;
@@ -248,7 +254,12 @@ impl ConvBn {
             Some(b) => ((b * &bn.scale)? + &bn.shift)?,
             None => bn.shift.clone(),
         };
-        Ok(ConvBn { conv, bn, folded, shift })
+        Ok(ConvBn {
+            conv,
+            bn,
+            folded,
+            shift,
+        })
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {

@@ -58,13 +58,8 @@ impl Config {
 
 pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
     let mut p = Probe::new(shapes);
-    let stem = p.shape("features.0.0.weight", 4)?;
-    if stem[1..] != [3, 3, 3] {
-        return Err(p.miss(format!(
-            "tensor features.0.0.weight has shape {stem:?}, expected [C, 3, 3, 3]"
-        )));
-    }
-    let mut cin = stem[0];
+    let stem = p.stem_channels("features.0.0.weight", 3)?;
+    let mut cin = stem;
     let mut blocks = Vec::new();
     for (i, &stride) in STRIDES.iter().enumerate() {
         let f = format!("features.{}.conv", i + 1);
@@ -91,7 +86,7 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
     let head = p.shape("features.18.0.weight", 4)?;
     let fc = p.shape("classifier.1.weight", 2)?;
     Ok(AnyConfig::MobileNetV2(Config {
-        stem: stem[0],
+        stem,
         blocks,
         last_channel: head[0],
         num_classes: fc[0],

@@ -93,6 +93,17 @@ impl<'a> Probe<'a> {
         }
         Ok(())
     }
+    /// Output channels of an RGB stem convolution `key` with a k x k kernel: [C, 3, k, k].
+    pub fn stem_channels(&mut self, key: &str, k: usize) -> std::result::Result<usize, Miss> {
+        let s = self.shape(key, 4)?;
+        if s[1..] != [3, k, k] {
+            return Err(self.miss(format!(
+                "tensor {key} has shape {s:?}, expected [C, 3, {k}, {k}]"
+            )));
+        }
+        Ok(s[0])
+    }
+
     pub fn miss(&self, reason: impl Into<String>) -> Miss {
         Miss::new(self.matched, reason)
     }

@@ -12,8 +12,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{
-    global_avg_pool, max_pool_3x3_s2_p1, BnRegistry, ConvBn, ConvSpec, Ctx,
-    Linear,
+    global_avg_pool, max_pool_3x3_s2_p1, BnRegistry, ConvBn, ConvSpec, Ctx, Linear,
 };
 use super::{Config as AnyConfig, Miss, Probe, Shapes};
 
@@ -85,13 +84,8 @@ impl Config {
 
 pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
     let mut p = Probe::new(shapes);
-    let stem = p.shape("conv1.weight", 4)?;
-    if stem[1..] != [3, 7, 7] {
-        return Err(p.miss(format!(
-            "tensor conv1.weight has shape {stem:?}, expected [C, 3, 7, 7]"
-        )));
-    }
-    p.expect("bn1.running_mean", &[stem[0]])?;
+    let stem = p.stem_channels("conv1.weight", 7)?;
+    p.expect("bn1.running_mean", &[stem])?;
     let bottleneck = p.has("layer1.0.conv3.weight");
     let mut blocks = [0; 4];
     let mut widths = [0; 4];
@@ -133,7 +127,7 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
     }
     Ok(AnyConfig::ResNet(Config {
         bottleneck,
-        stem: stem[0],
+        stem,
         blocks,
         widths,
         outs,
@@ -152,7 +146,11 @@ impl Block {
         let mut y = x.clone();
         let last = self.convs.len() - 1;
         for (i, c) in self.convs.iter().enumerate() {
-            y = if i < last { c.forward_relu(&y, ctx)? } else { c.forward(&y, ctx)? };
+            y = if i < last {
+                c.forward_relu(&y, ctx)?
+            } else {
+                c.forward(&y, ctx)?
+            };
         }
         let identity = match &self.downsample {
             Some(d) => d.forward(x, ctx)?,
@@ -170,7 +168,13 @@ pub struct ResNet {
 
 impl ResNet {
     pub fn new(c: &Config, vb: VarBuilder, reg: &mut BnRegistry) -> Result<ResNet> {
-        let stem = ConvBn::new(vb.pp("conv1"), vb.pp("bn1"), ConvSpec::new(3, c.stem, 7).stride(2), EPS, reg)?;
+        let stem = ConvBn::new(
+            vb.pp("conv1"),
+            vb.pp("bn1"),
+            ConvSpec::new(3, c.stem, 7).stride(2),
+            EPS,
+            reg,
+        )?;
         let mut cin = c.stem;
         let mut stages = Vec::new();
         for s in 0..4 {
@@ -223,11 +227,7 @@ impl ResNet {
             stages.push(blocks);
         }
         let fc = Linear::new(vb.pp("fc"), cin, c.num_classes)?;
-        Ok(ResNet {
-            stem,
-            stages,
-            fc,
-        })
+        Ok(ResNet { stem, stages, fc })
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
