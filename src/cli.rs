@@ -343,6 +343,17 @@ impl DataOptions {
         dir: &std::path::Path,
         threads: Option<usize>,
     ) -> anyhow::Result<crate::data::DataConfig> {
+        self.config_at(dir, threads, self.single_crop_pct()?)
+    }
+
+    /// As [`DataOptions::config`], with the eval transform's crop fraction given (for sweeps,
+    /// whose `--crop-pct` is a list).
+    pub fn config_at(
+        &self,
+        dir: &std::path::Path,
+        threads: Option<usize>,
+        crop_pct: f64,
+    ) -> anyhow::Result<crate::data::DataConfig> {
         use crate::data::{
             DataConfig, DatasetOptions, DecodeOptions, EvalTransform, LoaderOptions, Normalize,
             TrainTransform, Transform,
@@ -354,7 +365,7 @@ impl DataOptions {
         let transform = match self.transform {
             TransformKind::Eval => Transform::Eval(EvalTransform {
                 size: self.size,
-                crop_pct: self.single_crop_pct()?,
+                crop_pct,
                 interpolation: self.interpolation,
                 crop_mode: self.crop_mode,
                 normalize,

@@ -140,13 +140,7 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
     let dev = device::resolve(global.device, |m| rep.note(m))?;
     let eval_cfg = args
         .data_opts
-        .config(&args.data, global.threads)
-        .or_else(|_| {
-            // The eval config's single --crop-pct check does not apply to a sweep's list.
-            let mut o = args.data_opts.clone();
-            o.crop_pct = vec![points[0].crop_pct];
-            o.config(&args.data, global.threads)
-        })?;
+        .config_at(&args.data, global.threads, points[0].crop_pct)?;
     let ds = eval_cfg.scan()?;
     if !ds.is_labelled() {
         bail!(
@@ -169,11 +163,7 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
                 let mut per_point = Vec::new();
                 let mut stats_per_point = Vec::new();
                 for t in &points {
-                    let mut cfg = args.data_opts.config(dir, global.threads).or_else(|_| {
-                        let mut o = args.data_opts.clone();
-                        o.crop_pct = vec![t.crop_pct];
-                        o.config(dir, global.threads)
-                    })?;
+                    let mut cfg = args.data_opts.config_at(dir, global.threads, t.crop_pct)?;
                     cfg.transform = Transform::Eval(*t);
                     rep.note(format!(
                         "{}: BN statistics at {} (crop_pct {})",
