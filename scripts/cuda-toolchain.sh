@@ -24,7 +24,10 @@
 # libcuda is the driver and ships in no wheel. The link needs a libcuda.so that defines the
 # driver API names; we build one from the wheel's own cuda.h (every `CUDAAPI` function and
 # every versioned name cuda.h maps to), with soname libcuda.so.1, so the binary asks the
-# loader for the real driver at run time. The stub is never put on LD_LIBRARY_PATH.
+# loader for the real driver at run time. The stub is never put on LD_LIBRARY_PATH. NVIDIA's
+# own stub (lib64/stubs/libcuda.so) comes only with the full toolkit, which is not on PyPI;
+# with a toolkit installed, link against that instead. scripts/cuda-device-check.sh checks a
+# build against a real driver.
 set -euo pipefail
 
 CUDA_CAP=${CUDA_COMPUTE_CAP:-90}
