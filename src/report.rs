@@ -86,8 +86,20 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 /// An error and its causes on one line: `context: cause: root cause`.
+///
+/// Only each cause's first line is kept: candle appends a backtrace on the following lines of
+/// its errors when RUST_BACKTRACE is set, which is no part of what the user needs to read.
 pub fn one_line(err: &anyhow::Error) -> String {
-    format!("{err:#}").replace('\n', " ")
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let first = text.lines().next().unwrap_or("").trim().to_string();
+        // anyhow contexts often repeat their source's message; say it once.
+        if !first.is_empty() && parts.last() != Some(&first) {
+            parts.push(first);
+        }
+    }
+    parts.join(": ")
 }
 
 /// Bytes in human units (decimal, as disk sizes are usually quoted).

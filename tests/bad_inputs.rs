@@ -430,3 +430,35 @@ fn output_folder_that_is_a_file() {
     ])
     .fails_with(&["file/out.safetensors", "does not exist"]);
 }
+
+/// A tensor the architecture needs with the wrong shape: one line, even with RUST_BACKTRACE=1
+/// (candle then appends a backtrace to its errors).
+#[test]
+fn misshapen_tensor_is_one_line_even_with_backtraces_on() {
+    let d = TestDir::new();
+    let st = read_st(&fixture("tiny/epoch_10.safetensors"));
+    let mut tensors: Vec<(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .iter()
+        .map(|(k, t)| (k.as_str(), t.dtype, t.shape.clone(), t.data.clone()))
+        .collect();
+    for t in &mut tensors {
+        if t.0 == "fc.bias" {
+            t.2 = vec![11];
+            t.3 = f32_bytes(&[0.0; 11]);
+        }
+    }
+    write_st(&d.path("odd_fc.safetensors"), &tensors);
+    let args = [
+        "-q",
+        "logits",
+        "odd_fc.safetensors",
+        "--input",
+        &p(&fixture("zoo/tiny_resnet_io.safetensors")),
+        "-o",
+        "o.safetensors",
+    ];
+    d.run_env(&args, &[("RUST_BACKTRACE", "1")]).fails_with(&[
+        "odd_fc.safetensors",
+        "tensor fc.bias has shape [11], expected [10]",
+    ]);
+}
