@@ -430,3 +430,46 @@ fn output_folder_that_is_a_file() {
     ])
     .fails_with(&["file/out.safetensors", "does not exist"]);
 }
+
+/// A torch.save archive `name` (prefix `a/`) holding `pkl` as data.pkl and the given storage
+/// records, all stored uncompressed.
+fn torch_zip(d: &TestDir, name: &str, pkl: &[u8], records: &[(&str, &[u8])]) -> PathBuf {
+    use std::io::Write;
+    let path = d.path(name);
+    let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("a/data.pkl", opts).unwrap();
+    z.write_all(pkl).unwrap();
+    z.start_file("a/byteorder", opts).unwrap();
+    z.write_all(b"little").unwrap();
+    for (key, bytes) in records {
+        z.start_file(format!("a/data/{key}"), opts).unwrap();
+        z.write_all(bytes).unwrap();
+    }
+    z.finish().unwrap();
+    path
+}
+
+/// Found while fuzzing the pth reader: a tensor whose offset and stride reach the last
+/// addressable element made the bounds check's `last + 1` overflow (a panic in a debug build, and
+/// in a release build a wrapped size of 0 that passed the check).
+#[test]
+fn regression_fuzz_pth_tensor_reaching_the_last_addressable_element() {
+    let d = TestDir::new();
+    let long = |v: u64| {
+        let mut b = vec![0x8a, 8];
+        b.extend_from_slice(&v.to_le_bytes());
+        b
+    };
+    // {"w": _rebuild_tensor_v2(storage, offset=2**63-1, size=(2**62+1,), stride=(2,))}
+    let mut pkl = b"\x80\x02}(X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(".to_vec();
+    pkl.extend_from_slice(
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQ",
+    );
+    pkl.extend(long(i64::MAX as u64));
+    pkl.extend(long((1 << 62) + 1));
+    pkl.extend_from_slice(b"\x85K\x02\x85tRu.");
+    let f = torch_zip(&d, "overflow.pth", &pkl, &[("0", &[0; 4])]);
+    inspect_fails(&d, &f, &["tensor w", "too large"]);
+}
