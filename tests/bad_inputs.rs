@@ -490,3 +490,23 @@ fn regression_fuzz_pickle_copying_a_memoised_list_again_and_again() {
     let f = torch_zip(&d, "copies.pth", &pkl, &[]);
     inspect_fails(&d, &f, &["pickle copies more than", "pickle bomb"]);
 }
+
+/// Found while fuzzing the pickle reader: a dict of 50,000 distinct keys took minutes, since
+/// each new key was compared with every earlier one. Now linear; the file is then refused for
+/// holding no tensors.
+#[test]
+fn regression_fuzz_pickle_dict_with_many_keys() {
+    let d = TestDir::new();
+    let mut pkl = b"\x80\x02}(".to_vec();
+    for i in 0..50_000 {
+        let k = format!("{i:05}");
+        pkl.extend_from_slice(&[0x8c, k.len() as u8]);
+        pkl.extend_from_slice(k.as_bytes());
+        pkl.push(b'N');
+    }
+    pkl.extend_from_slice(b"u.");
+    let f = torch_zip(&d, "keys.pth", &pkl, &[]);
+    let start = std::time::Instant::now();
+    inspect_fails(&d, &f, &["no state dict found"]);
+    assert!(start.elapsed() < std::time::Duration::from_secs(20));
+}

@@ -182,6 +182,9 @@ struct Machine<'a> {
     memo: HashMap<u32, Value>,
     objs: Vec<Obj>,
     depth: Vec<u32>,
+    /// For each dict in the arena, where each string key sits in it, so that a repeated key is
+    /// found without a scan (a scan per key is quadratic in a dict's size).
+    dict_keys: HashMap<usize, HashMap<Rc<str>, usize>>,
     /// Values copied so far, and the most the pickle's length allows.
     copies: usize,
     max_copies: usize,
@@ -311,17 +314,16 @@ impl<'a> Machine<'a> {
         self.deepen(i, &items)?;
         match &mut self.objs[i] {
             Obj::Dict(d) => {
+                let index = self.dict_keys.entry(i).or_default();
                 let mut it = items.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
                     // A repeated key replaces the earlier value, as in Python.
                     if let Value::Str(ks) = &k {
-                        if let Some(slot) = d
-                            .iter_mut()
-                            .find(|(ok, _)| matches!(ok, Value::Str(s) if s == ks))
-                        {
-                            slot.1 = v;
+                        if let Some(&slot) = index.get(ks) {
+                            d[slot].1 = v;
                             continue;
                         }
+                        index.insert(ks.clone(), d.len());
                     }
                     d.push((k, v));
                 }
@@ -791,6 +793,7 @@ fn parse_with_budget(data: &[u8], max_copies: usize) -> Result<Pickle> {
         memo: HashMap::new(),
         objs: Vec::new(),
         depth: Vec::new(),
+        dict_keys: HashMap::new(),
         copies: 0,
         max_copies,
     };
@@ -866,6 +869,26 @@ mod tests {
         p.push(b'.');
         let err = parse(&p).err().unwrap().to_string();
         assert!(err.contains("pickle bomb"), "{err}");
+    }
+
+    /// A dict of 50,000 distinct keys is read in linear time, and a repeated key still replaces
+    /// the earlier value.
+    #[test]
+    fn large_dict_is_read_in_linear_time() {
+        let mut p = b"\x80\x02}(".to_vec();
+        for i in 0..50_000 {
+            let k = format!("{i:05}");
+            p.extend_from_slice(&[0x8c, k.len() as u8]);
+            p.extend_from_slice(k.as_bytes());
+            p.push(b'N');
+        }
+        p.extend_from_slice(b"\x8c\x0500007K\x07u.");
+        let start = std::time::Instant::now();
+        let pk = parse(&p).unwrap();
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        let d = pk.dict(&pk.root).unwrap();
+        assert_eq!(d.len(), 50_000);
+        assert!(matches!(d[7].1, Value::Int(7)));
     }
 
     #[test]
