@@ -462,3 +462,83 @@ fn misshapen_tensor_is_one_line_even_with_backtraces_on() {
         "tensor fc.bias has shape [11], expected [10]",
     ]);
 }
+
+/// A torch.save archive `name` (prefix `a/`) holding `pkl` as data.pkl and the given storage
+/// records, all stored uncompressed.
+fn torch_zip(d: &TestDir, name: &str, pkl: &[u8], records: &[(&str, &[u8])]) -> PathBuf {
+    use std::io::Write;
+    let path = d.path(name);
+    let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("a/data.pkl", opts).unwrap();
+    z.write_all(pkl).unwrap();
+    z.start_file("a/byteorder", opts).unwrap();
+    z.write_all(b"little").unwrap();
+    for (key, bytes) in records {
+        z.start_file(format!("a/data/{key}"), opts).unwrap();
+        z.write_all(bytes).unwrap();
+    }
+    z.finish().unwrap();
+    path
+}
+
+/// Found while fuzzing the pth reader: a tensor whose offset and stride reach the last
+/// addressable element made the bounds check's `last + 1` overflow (a panic in a debug build, and
+/// in a release build a wrapped size of 0 that passed the check).
+#[test]
+fn regression_fuzz_pth_tensor_reaching_the_last_addressable_element() {
+    let d = TestDir::new();
+    let long = |v: u64| {
+        let mut b = vec![0x8a, 8];
+        b.extend_from_slice(&v.to_le_bytes());
+        b
+    };
+    // {"w": _rebuild_tensor_v2(storage, offset=2**63-1, size=(2**62+1,), stride=(2,))}
+    let mut pkl = b"\x80\x02}(X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(".to_vec();
+    pkl.extend_from_slice(
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQ",
+    );
+    pkl.extend(long(i64::MAX as u64));
+    pkl.extend(long((1 << 62) + 1));
+    pkl.extend_from_slice(b"\x85K\x02\x85tRu.");
+    let f = torch_zip(&d, "overflow.pth", &pkl, &[("0", &[0; 4])]);
+    inspect_fails(&d, &f, &["tensor w", "too large"]);
+}
+
+/// Found while fuzzing the pickle reader: `set(x)` called 1,600 times on one memoised list of
+/// 10,000 items, a 20 KB data.pkl that copied 16 million values (seconds and hundreds of MB; a
+/// larger file, without bound).
+#[test]
+fn regression_fuzz_pickle_copying_a_memoised_list_again_and_again() {
+    let d = TestDir::new();
+    let mut pkl = b"\x80\x02c__builtin__\nset\nq\x00](".to_vec();
+    pkl.extend(std::iter::repeat_n(b'N', 10_000));
+    pkl.extend_from_slice(b"eq\x01");
+    for _ in 0..1600 {
+        pkl.extend_from_slice(b"h\x00h\x01\x85R0");
+    }
+    pkl.push(b'.');
+    let f = torch_zip(&d, "copies.pth", &pkl, &[]);
+    inspect_fails(&d, &f, &["pickle copies more than", "pickle bomb"]);
+}
+
+/// Found while fuzzing the pickle reader: a dict of 50,000 distinct keys took minutes, since
+/// each new key was compared with every earlier one. Now linear; the file is then refused for
+/// holding no tensors.
+#[test]
+fn regression_fuzz_pickle_dict_with_many_keys() {
+    let d = TestDir::new();
+    let mut pkl = b"\x80\x02}(".to_vec();
+    for i in 0..50_000 {
+        let k = format!("{i:05}");
+        pkl.extend_from_slice(&[0x8c, k.len() as u8]);
+        pkl.extend_from_slice(k.as_bytes());
+        pkl.push(b'N');
+    }
+    pkl.extend_from_slice(b"u.");
+    let f = torch_zip(&d, "keys.pth", &pkl, &[]);
+    // Tests never assert on time; before the fix this case ran for minutes (quadratic in the
+    // number of keys), which CI's time limit would expose.
+    inspect_fails(&d, &f, &["no state dict found"]);
+}

@@ -12,6 +12,11 @@
 //! Containers live in an arena and values refer to them by index. Nothing is recursive: a
 //! maliciously deep nesting neither overflows the stack while reading nor when dropped, and every
 //! length a pickle claims is checked against the bytes that remain before anything is allocated.
+//!
+//! Short opcodes can copy whole containers (`set(x)` or `OrderedDict(x)` on a memoised list, a
+//! call that reads a long argument tuple), so a small pickle could make us copy values without
+//! end. Every value copied into or out of a container counts against a budget proportional to
+//! the pickle's length ([`COPIES_PER_BYTE`]), which keeps time and memory linear in the input.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -22,6 +27,10 @@ use super::dtype::DType;
 
 /// Deepest container nesting we accept; real checkpoints nest a handful of levels.
 const MAX_DEPTH: u32 = 1000;
+
+/// Values a pickle may copy into or out of containers per byte of pickle (plus a small constant).
+/// What torch.save writes stays below 3: every value it stores is pushed by an opcode of its own.
+const COPIES_PER_BYTE: usize = 8;
 
 #[derive(Clone, Debug)]
 pub enum Value {
@@ -173,6 +182,12 @@ struct Machine<'a> {
     memo: HashMap<u32, Value>,
     objs: Vec<Obj>,
     depth: Vec<u32>,
+    /// For each dict in the arena, where each string key sits in it, so that a repeated key is
+    /// found without a scan (a scan per key is quadratic in a dict's size).
+    dict_keys: HashMap<usize, HashMap<Rc<str>, usize>>,
+    /// Values copied so far, and the most the pickle's length allows.
+    copies: usize,
+    max_copies: usize,
 }
 
 impl<'a> Machine<'a> {
@@ -229,7 +244,19 @@ impl<'a> Machine<'a> {
         }
         Ok(self.stack.split_off(m))
     }
+    fn count_copies(&mut self, n: usize) -> Result<()> {
+        self.copies = self.copies.saturating_add(n);
+        if self.copies > self.max_copies {
+            bail!(
+                "pickle copies more than {} values, too many for its {} bytes (a pickle bomb?)",
+                self.max_copies,
+                self.data.len()
+            );
+        }
+        Ok(())
+    }
     fn new_obj(&mut self, o: Obj, children: &[Value]) -> Result<Value> {
+        self.count_copies(children.len())?;
         let d = children
             .iter()
             .map(|c| match c {
@@ -268,6 +295,7 @@ impl<'a> Machine<'a> {
         }
     }
     fn push_items(&mut self, target: &Value, items: Vec<Value>) -> Result<()> {
+        self.count_copies(items.len())?;
         let i = self.container(target)?;
         self.deepen(i, &items)?;
         match &mut self.objs[i] {
@@ -278,6 +306,7 @@ impl<'a> Machine<'a> {
         Ok(())
     }
     fn set_items(&mut self, target: &Value, items: Vec<Value>) -> Result<()> {
+        self.count_copies(items.len())?;
         if items.len() % 2 != 0 {
             bail!("pickle sets a dict item without a value");
         }
@@ -285,17 +314,16 @@ impl<'a> Machine<'a> {
         self.deepen(i, &items)?;
         match &mut self.objs[i] {
             Obj::Dict(d) => {
+                let index = self.dict_keys.entry(i).or_default();
                 let mut it = items.into_iter();
                 while let (Some(k), Some(v)) = (it.next(), it.next()) {
                     // A repeated key replaces the earlier value, as in Python.
                     if let Value::Str(ks) = &k {
-                        if let Some(slot) = d
-                            .iter_mut()
-                            .find(|(ok, _)| matches!(ok, Value::Str(s) if s == ks))
-                        {
-                            slot.1 = v;
+                        if let Some(&slot) = index.get(ks) {
+                            d[slot].1 = v;
                             continue;
                         }
+                        index.insert(ks.clone(), d.len());
                     }
                     d.push((k, v));
                 }
@@ -318,7 +346,15 @@ impl<'a> Machine<'a> {
             _ => bail!("pickle calls something that is not a known function"),
         }
     }
-    fn tuple_items(&self, v: &Value) -> Result<Vec<Value>> {
+    fn tuple_items(&mut self, v: &Value) -> Result<Vec<Value>> {
+        let n = match v {
+            Value::Obj(i) => match &self.objs[*i] {
+                Obj::Tuple(t) | Obj::List(t) => t.len(),
+                _ => 0,
+            },
+            _ => 0,
+        };
+        self.count_copies(n)?;
         match v {
             Value::Obj(i) => match &self.objs[*i] {
                 Obj::Tuple(t) | Obj::List(t) => Ok(t.clone()),
@@ -327,7 +363,7 @@ impl<'a> Machine<'a> {
             _ => bail!("pickle passes arguments that are not a tuple"),
         }
     }
-    fn usize_list(&self, v: &Value, what: &str) -> Result<Vec<usize>> {
+    fn usize_list(&mut self, v: &Value, what: &str) -> Result<Vec<usize>> {
         self.tuple_items(v)?
             .iter()
             .map(|x| match x {
@@ -363,6 +399,7 @@ impl<'a> Machine<'a> {
             Global::CodecsEncode => match a.first() {
                 // Protocol 2 writes bytes as _codecs.encode(text, "latin1").
                 Some(Value::Str(s)) => {
+                    self.count_copies(s.len())?;
                     Ok(Value::Bytes(s.chars().map(|c| c as u32 as u8).collect()))
                 }
                 _ => bail!("pickle calls _codecs.encode with unexpected arguments"),
@@ -739,6 +776,15 @@ impl<'a> Machine<'a> {
 
 /// Reads one pickle.
 pub fn parse(data: &[u8]) -> Result<Pickle> {
+    parse_with_budget(
+        data,
+        data.len()
+            .saturating_mul(COPIES_PER_BYTE)
+            .saturating_add(4096),
+    )
+}
+
+fn parse_with_budget(data: &[u8], max_copies: usize) -> Result<Pickle> {
     let mut m = Machine {
         data,
         pos: 0,
@@ -747,6 +793,9 @@ pub fn parse(data: &[u8]) -> Result<Pickle> {
         memo: HashMap::new(),
         objs: Vec::new(),
         depth: Vec::new(),
+        dict_keys: HashMap::new(),
+        copies: 0,
+        max_copies,
     };
     let root = m.run()?;
     Ok(Pickle {
@@ -786,6 +835,60 @@ mod tests {
         p.push(b'.');
         let err = parse(&p).err().unwrap().to_string();
         assert!(err.contains("deep"), "{err}");
+    }
+
+    /// The pickles of real torch.save files copy fewer than 3 values per byte, well inside
+    /// [`COPIES_PER_BYTE`].
+    #[test]
+    fn real_checkpoints_are_within_the_copy_budget() {
+        for f in ["tiny/epoch_10.pth", "tiny/train_epoch_10.pth.tar"] {
+            let path = format!("{}/fixtures/{f}", env!("CARGO_MANIFEST_DIR"));
+            let mut z = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+            let name = z
+                .file_names()
+                .map(|n| n.unwrap())
+                .find(|n| n.ends_with("data.pkl"))
+                .unwrap()
+                .to_string();
+            let mut pkl = Vec::new();
+            std::io::Read::read_to_end(&mut z.by_name(&name).unwrap(), &mut pkl).unwrap();
+            parse_with_budget(&pkl, 3 * pkl.len()).unwrap();
+        }
+    }
+
+    /// `set(x)` called again and again on one memoised list of 10,000 items: a 20 KB pickle that
+    /// would otherwise copy 16 million values.
+    #[test]
+    fn repeated_copies_of_a_memoised_list_are_refused() {
+        let mut p = b"\x80\x02c__builtin__\nset\nq\x00](".to_vec();
+        p.extend(std::iter::repeat_n(b'N', 10_000));
+        p.extend_from_slice(b"eq\x01");
+        for _ in 0..1600 {
+            p.extend_from_slice(b"h\x00h\x01\x85R0");
+        }
+        p.push(b'.');
+        let err = parse(&p).err().unwrap().to_string();
+        assert!(err.contains("pickle bomb"), "{err}");
+    }
+
+    /// A dict of 50,000 distinct keys is read in linear time, and a repeated key still replaces
+    /// the earlier value.
+    #[test]
+    fn large_dict_is_read_in_linear_time() {
+        let mut p = b"\x80\x02}(".to_vec();
+        for i in 0..50_000 {
+            let k = format!("{i:05}");
+            p.extend_from_slice(&[0x8c, k.len() as u8]);
+            p.extend_from_slice(k.as_bytes());
+            p.push(b'N');
+        }
+        p.extend_from_slice(b"\x8c\x0500007K\x07u.");
+        let start = std::time::Instant::now();
+        let pk = parse(&p).unwrap();
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        let d = pk.dict(&pk.root).unwrap();
+        assert_eq!(d.len(), 50_000);
+        assert!(matches!(d[7].1, Value::Int(7)));
     }
 
     #[test]

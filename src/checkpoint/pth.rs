@@ -187,8 +187,9 @@ fn check_bounds(name: &str, t: &TensorRef, record: &Record) -> Result<()> {
         Some(far)
     };
     if let Some(last) = last {
-        let need = (last + 1)
-            .checked_mul(elem)
+        let need = last
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(elem))
             .with_context(|| format!("tensor {name}: too large"))?;
         if need > record_len {
             bail!(

@@ -64,13 +64,17 @@ pub fn read_index(path: &Path) -> Result<Index> {
         bail!("{len} bytes is too large for a sharded index");
     }
     let text = std::fs::read_to_string(path).context("cannot read")?;
+    parse_index(&text, path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Parses the text of an index whose shards live in `dir`, checking that each shard exists there.
+pub fn parse_index(text: &str, dir: &Path) -> Result<Index> {
     let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("not valid JSON: {e}"))?;
+        serde_json::from_str(text).map_err(|e| anyhow::anyhow!("not valid JSON: {e}"))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .context("JSON without a weight_map object is not a sharded index")?;
-    let dir = path.parent().unwrap_or(Path::new("."));
     let mut weight_map = BTreeMap::new();
     for (name, shard) in map {
         let shard = shard
