@@ -542,3 +542,22 @@ fn regression_fuzz_pickle_dict_with_many_keys() {
     // number of keys), which CI's time limit would expose.
     inspect_fails(&d, &f, &["no state dict found"]);
 }
+
+/// A deflated data.pkl of 257 MiB in a 260 kB file is refused by its size, before inflating it.
+#[test]
+fn oversized_pickle_is_refused_before_inflating() {
+    use std::io::Write;
+    let d = TestDir::new();
+    let path = d.path("big_pickle.pth");
+    let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
+    z.start_file("a/data.pkl", opts).unwrap();
+    let block = vec![b'N'; 1 << 20];
+    for _ in 0..257 {
+        z.write_all(&block).unwrap();
+    }
+    z.finish().unwrap();
+    inspect_fails(&d, &path, &["data.pkl", "limit"]);
+}

@@ -14,6 +14,10 @@ use super::dtype::DType;
 use super::pickle::{self, Pickle, TensorRef, Value};
 use super::safetensors::checked_numel;
 
+/// Largest data.pkl we read. The pickle holds only the object graph (tensor data lives in other
+/// records): a ResNet-152 training checkpoint's is well under 1 MB.
+pub const MAX_PICKLE_BYTES: u64 = 256 << 20;
+
 /// Keys that hold a state dict inside a training checkpoint, in the order timm prefers them.
 pub const STATE_DICT_KEYS: [&str; 4] = ["state_dict_ema", "model_ema", "state_dict", "model"];
 
@@ -90,9 +94,17 @@ pub fn read(bytes: &[u8], key: Option<&str>) -> Result<PthContents> {
         }
     }
     let pickle_bytes = {
-        let mut f = archive.by_name(&pkl)?;
+        let f = archive.by_name(&pkl)?;
+        if f.size() > MAX_PICKLE_BYTES {
+            bail!("data.pkl claims {} bytes, over the {MAX_PICKLE_BYTES}-byte limit for a state dict's pickle", f.size());
+        }
         let mut v = Vec::with_capacity(f.size().min(bytes.len() as u64) as usize);
-        std::io::Read::read_to_end(&mut f, &mut v).context("reading data.pkl")?;
+        // The claimed size of a compressed record can lie: never inflate past the limit.
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_PICKLE_BYTES + 1), &mut v)
+            .context("reading data.pkl")?;
+        if v.len() as u64 > MAX_PICKLE_BYTES {
+            bail!("data.pkl inflates past the {MAX_PICKLE_BYTES}-byte limit for a state dict's pickle");
+        }
         v
     };
     let pk = pickle::parse(&pickle_bytes).context("data.pkl")?;
