@@ -14,16 +14,7 @@ fn inputs_are_byte_identical_after_every_command() {
     ]);
     let before: Vec<String> = inputs.iter().map(|f| sha256(f)).collect();
     let digits = p(&fixture("digits/val"));
-    let norm = [
-        "--size",
-        "32",
-        "--crop-pct",
-        "1",
-        "--mean",
-        "0.5",
-        "--std",
-        "0.5",
-    ];
+    let norm = crate::eval::DIGITS;
     let runs: Vec<Vec<String>> = vec![
         vec!["inspect", "--tensors", "train_epoch_10.pth.tar"],
         vec![

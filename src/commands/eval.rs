@@ -6,11 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use crate::checkpoint::Checkpoint;
 use crate::cli::{DataArgs, GlobalArgs, OpenArgs};
-use crate::device;
 use crate::eval;
-use crate::models::Model;
 use crate::report::Reporter;
 
 /// Evaluate a checkpoint on an ImageFolder: top-1, top-5, loss
@@ -35,12 +32,8 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
-    let ck = Checkpoint::open(&args.model, &args.open.options())?;
-    if let Some(n) = ck.origin_note() {
-        rep.note(n);
-    }
-    let dev = device::resolve(global.device, |m| rep.note(m))?;
-    let model = Model::load(&ck, args.arch.as_deref(), &dev)?;
+    let (_, model) =
+        super::open_model(&args.model, &args.open, args.arch.as_deref(), global, &rep)?;
     let cfg = args.data.config(global.threads)?;
     let (ds, mut loader) = cfg.open(&rep)?;
     if !ds.is_labelled() {

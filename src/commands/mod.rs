@@ -10,7 +10,13 @@ pub mod recal_bn;
 pub mod swa;
 pub mod sweep_res;
 
+use std::path::Path;
+
 use anyhow::Result;
+
+use crate::checkpoint::Checkpoint;
+use crate::cli::{GlobalArgs, OpenArgs};
+use crate::models::Model;
 
 use crate::cli::{Cli, Command};
 use crate::report::Reporter;
@@ -32,4 +38,22 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::RecalBn(a) => recal_bn::run(a, &cli.global, rep),
         Command::SweepRes(a) => sweep_res::run(a, &cli.global, rep),
     }
+}
+
+/// Opens a model checkpoint, says how its state dict was found, and builds the network on the
+/// device `--device` asks for.
+pub fn open_model(
+    path: &Path,
+    open: &OpenArgs,
+    arch: Option<&str>,
+    global: &GlobalArgs,
+    rep: &Reporter,
+) -> Result<(Checkpoint, Model)> {
+    let ck = Checkpoint::open(path, &open.options())?;
+    if let Some(n) = ck.origin_note() {
+        rep.note(n);
+    }
+    let dev = crate::device::resolve(global.device, |m| rep.note(m))?;
+    let model = Model::load(&ck, arch, &dev)?;
+    Ok((ck, model))
 }

@@ -12,7 +12,6 @@ use crate::checkpoint::write::{check_outputs, write_owned, OutputLayout, OwnedTe
 use crate::checkpoint::{provenance, Checkpoint, DType};
 use crate::cli::{DataOptions, GlobalArgs, OpenArgs};
 use crate::data::DataConfig;
-use crate::device;
 use crate::models::Model;
 use crate::report::Reporter;
 
@@ -65,12 +64,8 @@ pub struct RecalBnArgs {
 }
 
 pub fn run(args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
-    let ck = Checkpoint::open(&args.model, &args.open.options())?;
-    if let Some(n) = ck.origin_note() {
-        rep.note(n);
-    }
-    let dev = device::resolve(global.device, |m| rep.note(m))?;
-    let model = Model::load(&ck, args.arch.as_deref(), &dev)?;
+    let (ck, model) =
+        super::open_model(&args.model, &args.open, args.arch.as_deref(), global, &rep)?;
     if model.bn_layers.is_empty() {
         bail!(
             "{}: the model has no BatchNorm layers",
