@@ -26,53 +26,35 @@ impl Reporter {
 
     /// A progress bar over `total` bytes; hidden with `-q` or when stderr is not a terminal.
     pub fn bytes_bar(&self, total: u64, what: &str) -> ProgressBar {
-        if self.quiet {
-            return ProgressBar::hidden();
-        }
-        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap()
-            .progress_chars("=> "),
-        );
-        bar.set_message(what.to_string());
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
+        self.bar(
+            total,
+            what,
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
     }
 
     /// A progress bar over `total` images with the rate; hidden with `-q` or when stderr is not
     /// a terminal.
     pub fn images_bar(&self, total: u64, what: &str) -> ProgressBar {
+        self.bar(
+            total,
+            what,
+            "{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+        )
+    }
+
+    fn bar(&self, total: u64, what: &str, template: &str) -> ProgressBar {
         if self.quiet {
             return ProgressBar::hidden();
         }
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
         bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            ProgressStyle::with_template(template)
                 .unwrap()
                 .progress_chars("=> "),
         );
         bar.set_message(what.to_string());
         bar.enable_steady_tick(Duration::from_millis(200));
-        bar
-    }
-}
-
-impl Reporter {
-    /// A progress bar over `total` items (images), with the rate.
-    pub fn items_bar(&self, total: u64, what: &str) -> ProgressBar {
-        if self.quiet {
-            return ProgressBar::hidden();
-        }
-        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images {per_sec} eta {eta}")
-                .unwrap()
-                .progress_chars("=> "),
-        );
-        bar.set_message(what.to_string());
         bar
     }
 }

@@ -47,7 +47,7 @@ pub fn read_input_batch(ck: &Checkpoint, name: &str, model: &Model) -> Result<Te
 /// Eval-mode logits [N, classes] in f32, computed `batch` images at a time.
 pub fn logits(model: &Model, input: &Tensor, batch: usize, rep: &Reporter) -> Result<Tensor> {
     let n = input.dim(0)?;
-    let bar = rep.items_bar(n as u64, "logits");
+    let bar = rep.images_bar(n as u64, "logits");
     let mut parts = Vec::new();
     let mut start = 0;
     while start < n {
