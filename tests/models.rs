@@ -192,3 +192,87 @@ fn calibrate_mode_matches_pytorch_train_mode_bn() {
         }
     }
 }
+
+/// Issue 9: the CPU convolution path (im2col + gemm, direct depthwise, fused epilogue) against
+/// candle's conv2d followed by candle's shift, add and activation, on random inputs, for every
+/// shape class the supported families use, at odd and tiny spatial sizes (edges, inputs smaller
+/// than the kernel), with one thread, and with two threads at batch 1 (gemm's own threads) and
+/// batch 3 (one image per thread). Tolerance 1e-5 of the output's largest magnitude: the two
+/// paths sum the same products in a different order.
+#[test]
+fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
+    use candle_core::{Device, Tensor};
+    use ckpt::models::cpu_conv::{candle_conv2d, conv2d, Act, Geometry};
+
+    // (what uses it, cin, cout, k, stride, groups)
+    let classes: &[(&str, usize, usize, usize, usize, usize)] = &[
+        ("resnet stem 7x7 s2", 3, 8, 7, 2, 1),
+        ("mobilenet/efficientnet stem 3x3 s2", 3, 8, 3, 2, 1),
+        ("basic block 3x3", 8, 8, 3, 1, 1),
+        ("stage entry 3x3 s2", 8, 16, 3, 2, 1),
+        ("bottleneck / expand / project 1x1", 16, 24, 1, 1, 1),
+        ("downsample 1x1 s2", 8, 16, 1, 2, 1),
+        ("resnext grouped 3x3", 16, 16, 3, 1, 4),
+        ("resnext grouped 3x3 s2", 16, 16, 3, 2, 4),
+        ("depthwise 3x3", 6, 6, 3, 1, 6),
+        ("depthwise 3x3 s2", 6, 6, 3, 2, 6),
+        ("efficientnet depthwise 5x5", 6, 6, 5, 1, 6),
+        ("efficientnet depthwise 5x5 s2", 6, 6, 5, 2, 6),
+    ];
+    let dev = Device::Cpu;
+    let check = |what: &str, want: &Tensor, got: &Tensor| {
+        assert_eq!(want.dims(), got.dims(), "{what}");
+        let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (want - got)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            diff <= 1e-5 * scale.max(1e-6),
+            "{what}: max diff {diff:e}, scale {scale}"
+        );
+    };
+    let mut cases = 0;
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for &(name, cin, cout, k, stride, groups) in classes {
+                let g = Geometry {
+                    stride,
+                    padding: (k - 1) / 2,
+                    groups,
+                };
+                let w = Tensor::randn(0f32, 0.3, (cout, cin / groups, k, k), &dev).unwrap();
+                let shift = Tensor::randn(0f32, 0.5, cout, &dev).unwrap();
+                let sv = shift.to_vec1::<f32>().unwrap();
+                for (n, hw) in [(1, 9), (3, 15), (3, 2), (1, 1)] {
+                    let x = Tensor::randn(0f32, 1.0, (n, cin, hw, hw), &dev).unwrap();
+                    let ho = (hw + 2 * g.padding - k) / stride + 1;
+                    let r = Tensor::randn(0f32, 1.0, (n, cout, ho, ho), &dev).unwrap();
+                    for act in [Act::None, Act::Relu, Act::Relu6, Act::Silu] {
+                        for (with_shift, res) in [(false, None), (true, None), (true, Some(&r))] {
+                            let what = format!(
+                                "{name}, {threads} threads, batch {n}, {hw}x{hw}, {act:?}, \
+                                 shift {with_shift}, residual {}",
+                                res.is_some()
+                            );
+                            let s = with_shift.then_some((sv.as_slice(), &shift));
+                            let got = conv2d(&x, &w, g, s, res, act).unwrap();
+                            let want = candle_conv2d(&x, &w, g, s.map(|s| s.1), res, act).unwrap();
+                            check(&what, &want, &got);
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    assert_eq!(cases, 2 * 12 * 4 * 4 * 3);
+}

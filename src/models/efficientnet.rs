@@ -11,7 +11,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{global_avg_pool, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx, Linear};
+use super::layers::{global_avg_pool, Act, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx, Linear};
 use super::{Config as AnyConfig, Miss, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
@@ -185,18 +185,17 @@ impl MbConv {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let mut y = x.clone();
         if let Some(e) = &self.expand {
-            y = e.forward(&y, ctx)?.silu()?;
+            y = e.forward_act(&y, ctx, Act::Silu)?;
         }
-        y = self.depthwise.forward(&y, ctx)?.silu()?;
+        y = self.depthwise.forward_act(&y, ctx, Act::Silu)?;
         let s = y.mean_keepdim((2, 3))?;
-        let s = self.se_fc2.forward(&self.se_fc1.forward(&s)?.silu()?)?;
+        let s = self
+            .se_fc2
+            .forward(&self.se_fc1.forward_act(&s, Act::Silu)?)?;
         let s = candle_nn::ops::sigmoid(&s)?;
         y = y.broadcast_mul(&s)?;
-        y = self.project.forward(&y, ctx)?;
-        if self.residual {
-            y = (y + x)?;
-        }
-        Ok(y)
+        let residual = if self.residual { Some(x) } else { None };
+        self.project.forward_add_act(&y, residual, ctx, Act::None)
     }
 }
 
@@ -245,11 +244,11 @@ impl EfficientNet {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let mut x = self.stem.forward(x, ctx)?.silu()?;
+        let mut x = self.stem.forward_act(x, ctx, Act::Silu)?;
         for b in &self.blocks {
             x = b.forward(&x, ctx)?;
         }
-        let x = self.head.forward(&x, ctx)?.silu()?;
+        let x = self.head.forward_act(&x, ctx, Act::Silu)?;
         self.classifier.forward(&global_avg_pool(&x)?)
     }
 }

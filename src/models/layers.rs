@@ -11,6 +11,8 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 
+pub use super::cpu_conv::Act;
+use super::cpu_conv::{self, Geometry};
 use super::fused::channel_affine;
 use candle_nn::VarBuilder;
 
@@ -72,10 +74,9 @@ fn path_of(vb: &VarBuilder) -> String {
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     weight: Tensor,
-    bias: Option<Tensor>,
-    stride: usize,
-    padding: usize,
-    groups: usize,
+    /// The bias as a tensor (candle's path) and as values (the CPU path's epilogue).
+    bias: Option<(Vec<f32>, Tensor)>,
+    geometry: Geometry,
 }
 
 /// Shape of a convolution, as torch.nn.Conv2d takes it.
@@ -120,16 +121,19 @@ impl Conv2d {
     pub fn new(vb: VarBuilder, s: ConvSpec) -> Result<Conv2d> {
         let weight = vb.get((s.cout, s.cin / s.groups, s.k, s.k), "weight")?;
         let bias = if s.bias {
-            Some(vb.get(s.cout, "bias")?)
+            let b = vb.get(s.cout, "bias")?;
+            Some((b.to_dtype(DType::F32)?.to_vec1()?, b))
         } else {
             None
         };
         Ok(Conv2d {
             weight,
             bias,
-            stride: s.stride,
-            padding: (s.k - 1) / 2,
-            groups: s.groups,
+            geometry: Geometry {
+                stride: s.stride,
+                padding: (s.k - 1) / 2,
+                groups: s.groups,
+            },
         })
     }
 }
@@ -146,13 +150,17 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// act(conv(x) + bias), fused on the CPU.
+    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        let bias = self.bias.as_ref().map(|(v, t)| (v.as_slice(), t));
+        cpu_conv::conv2d(x, &self.weight, self.geometry, bias, None, act)
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)?;
-        match &self.bias {
-            Some(b) => channel_affine(&y, None, b, false),
-            None => Ok(y),
-        }
+        self.forward_act(x, Act::None)
     }
 }
 
@@ -229,14 +237,15 @@ impl BatchNorm {
 /// activation, at `vb.pp(0)` and `vb.pp(1)`, or any two named children.
 ///
 /// In eval mode the BN scale is folded into a copy of the convolution's weights, leaving one
-/// per-channel shift; calibrate mode runs the original convolution so that BN sees the
-/// un-normalised activations.
+/// per-channel shift, applied with the activation (and a residual, if any) in the convolution's
+/// epilogue; calibrate mode runs the original convolution so that BN sees the un-normalised
+/// activations.
 #[derive(Clone, Debug)]
 pub struct ConvBn {
     pub conv: Conv2d,
     pub bn: BatchNorm,
     folded: Conv2d,
-    shift: Tensor,
+    shift: (Vec<f32>, Tensor),
 }
 
 impl ConvBn {
@@ -251,36 +260,52 @@ impl ConvBn {
         let bn = BatchNorm::new(bn, s.cout, eps, reg)?;
         let folded = conv.scaled(&bn.scale)?;
         let shift = match &conv.bias {
-            Some(b) => ((b * &bn.scale)? + &bn.shift)?,
+            Some((_, b)) => ((b * &bn.scale)? + &bn.shift)?,
             None => bn.shift.clone(),
         };
         Ok(ConvBn {
             conv,
             bn,
             folded,
-            shift,
+            shift: (shift.to_dtype(DType::F32)?.to_vec1()?, shift),
         })
     }
 
+    /// Conv, BN.
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        self.forward_act(x, ctx, false)
+        self.forward_act(x, ctx, Act::None)
     }
 
-    /// Conv, BN, ReLU (fused in eval mode).
+    /// Conv, BN, ReLU.
     pub fn forward_relu(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        self.forward_act(x, ctx, true)
+        self.forward_act(x, ctx, Act::Relu)
     }
 
-    fn forward_act(&self, x: &Tensor, ctx: &mut Ctx, relu: bool) -> Result<Tensor> {
+    /// Conv, BN, activation.
+    pub fn forward_act(&self, x: &Tensor, ctx: &mut Ctx, act: Act) -> Result<Tensor> {
+        self.forward_add_act(x, None, ctx, act)
+    }
+
+    /// act(BN(conv(x)) + residual): the end of a residual block.
+    pub fn forward_add_act(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        ctx: &mut Ctx,
+        act: Act,
+    ) -> Result<Tensor> {
         match ctx.mode {
-            BnMode::Eval => channel_affine(&self.folded.forward(x)?, None, &self.shift, relu),
+            BnMode::Eval => {
+                let shift = Some((self.shift.0.as_slice(), &self.shift.1));
+                let f = &self.folded;
+                cpu_conv::conv2d(x, &f.weight, f.geometry, shift, residual, act)
+            }
             BnMode::Calibrate => {
-                let y = self.bn.forward(&self.conv.forward(x)?, ctx)?;
-                if relu {
-                    y.relu()
-                } else {
-                    Ok(y)
+                let mut y = self.bn.forward(&self.conv.forward(x)?, ctx)?;
+                if let Some(r) = residual {
+                    y = (y + r)?;
                 }
+                act.tensor(&y)
             }
         }
     }
@@ -305,10 +330,6 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
     }
-}
-
-pub fn relu6(x: &Tensor) -> Result<Tensor> {
-    x.clamp(0f32, 6f32)
 }
 
 /// Global average pooling to [N, C].

@@ -11,7 +11,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{global_avg_pool, relu6, BnRegistry, ConvBn, ConvSpec, Ctx, Linear};
+use super::layers::{global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Linear};
 use super::{Config as AnyConfig, Miss, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
@@ -152,19 +152,17 @@ impl MobileNetV2 {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let mut x = relu6(&self.stem.forward(x, ctx)?)?;
+        let mut x = self.stem.forward_act(x, ctx, Act::Relu6)?;
         for b in &self.blocks {
+            let (last, inner) = b.layers.split_last().expect("a block has layers");
             let mut y = x.clone();
-            let last = b.layers.len() - 1;
-            for (i, l) in b.layers.iter().enumerate() {
-                y = l.forward(&y, ctx)?;
-                if i < last {
-                    y = relu6(&y)?;
-                }
+            for l in inner {
+                y = l.forward_act(&y, ctx, Act::Relu6)?;
             }
-            x = if b.residual { (x + y)? } else { y };
+            let residual = if b.residual { Some(&x) } else { None };
+            x = last.forward_add_act(&y, residual, ctx, Act::None)?;
         }
-        let x = relu6(&self.head.forward(&x, ctx)?)?;
+        let x = self.head.forward_act(&x, ctx, Act::Relu6)?;
         self.classifier.forward(&global_avg_pool(&x)?)
     }
 }

@@ -11,6 +11,7 @@
 //! state-dict prefix and run in eval or calibrate mode (see [`layers`]); everything else always
 //! runs as in eval (no dropout, no stochastic depth).
 
+pub mod cpu_conv;
 pub mod efficientnet;
 pub mod fused;
 pub mod layers;

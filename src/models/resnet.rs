@@ -12,7 +12,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{
-    global_avg_pool, max_pool_3x3_s2_p1, BnRegistry, ConvBn, ConvSpec, Ctx, Linear,
+    global_avg_pool, max_pool_3x3_s2_p1, Act, BnMode, BnRegistry, ConvBn, ConvSpec, Ctx, Linear,
 };
 use super::{Config as AnyConfig, Miss, Probe, Shapes};
 
@@ -143,20 +143,23 @@ struct Block {
 
 impl Block {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let (last, inner) = self.convs.split_last().expect("a block has convolutions");
         let mut y = x.clone();
-        let last = self.convs.len() - 1;
-        for (i, c) in self.convs.iter().enumerate() {
-            y = if i < last {
-                c.forward_relu(&y, ctx)?
-            } else {
-                c.forward(&y, ctx)?
-            };
+        for c in inner {
+            y = c.forward_relu(&y, ctx)?;
         }
-        let identity = match &self.downsample {
-            Some(d) => d.forward(x, ctx)?,
-            None => x.clone(),
+        let identity = |ctx: &mut Ctx| match &self.downsample {
+            Some(d) => d.forward(x, ctx),
+            None => Ok(x.clone()),
         };
-        (y + identity)?.relu()
+        if ctx.mode == BnMode::Calibrate {
+            // BN layers report in torchvision's forward order: the last conv's before the
+            // projection's.
+            let y = last.forward(&y, ctx)?;
+            return (y + identity(ctx)?)?.relu();
+        }
+        let identity = identity(ctx)?;
+        last.forward_add_act(&y, Some(&identity), ctx, Act::Relu)
     }
 }
 

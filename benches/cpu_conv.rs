@@ -1,0 +1,207 @@
+//! Per-layer speed of the CPU convolution path (not a test): for the shape classes of ResNet-50,
+//! MobileNetV2 and EfficientNet-B0 at 224 px, batch 32, the fused CPU path
+//! (`ckpt::models::cpu_conv`) against candle's conv2d + shift + activation, same inputs, same
+//! thread count, in one run. Prints GFLOP/s of each and the ratio.
+//!
+//!     cargo bench --bench cpu_conv [-- --batch 32 --reps 3]
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use ckpt::models::cpu_conv::{candle_conv2d, conv2d, Act, Geometry};
+
+struct Layer {
+    name: &'static str,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    groups: usize,
+    hw: usize,
+}
+
+const LAYERS: &[Layer] = &[
+    Layer {
+        name: "stem 7x7 s2 3->64",
+        cin: 3,
+        cout: 64,
+        k: 7,
+        stride: 2,
+        groups: 1,
+        hw: 224,
+    },
+    Layer {
+        name: "3x3 64->64 @56",
+        cin: 64,
+        cout: 64,
+        k: 3,
+        stride: 1,
+        groups: 1,
+        hw: 56,
+    },
+    Layer {
+        name: "1x1 256->64 @56",
+        cin: 256,
+        cout: 64,
+        k: 1,
+        stride: 1,
+        groups: 1,
+        hw: 56,
+    },
+    Layer {
+        name: "1x1 64->256 @56",
+        cin: 64,
+        cout: 256,
+        k: 1,
+        stride: 1,
+        groups: 1,
+        hw: 56,
+    },
+    Layer {
+        name: "3x3 s2 128->128 @56",
+        cin: 128,
+        cout: 128,
+        k: 3,
+        stride: 2,
+        groups: 1,
+        hw: 56,
+    },
+    Layer {
+        name: "1x1 s2 256->512 @56",
+        cin: 256,
+        cout: 512,
+        k: 1,
+        stride: 2,
+        groups: 1,
+        hw: 56,
+    },
+    Layer {
+        name: "3x3 256->256 @14",
+        cin: 256,
+        cout: 256,
+        k: 3,
+        stride: 1,
+        groups: 1,
+        hw: 14,
+    },
+    Layer {
+        name: "1x1 2048->512 @7",
+        cin: 2048,
+        cout: 512,
+        k: 1,
+        stride: 1,
+        groups: 1,
+        hw: 7,
+    },
+    Layer {
+        name: "3x3 512->512 @7",
+        cin: 512,
+        cout: 512,
+        k: 3,
+        stride: 1,
+        groups: 1,
+        hw: 7,
+    },
+    Layer {
+        name: "grouped 3x3 g32 128 @56",
+        cin: 128,
+        cout: 128,
+        k: 3,
+        stride: 1,
+        groups: 32,
+        hw: 56,
+    },
+    Layer {
+        name: "dw 3x3 96 @112 s2",
+        cin: 96,
+        cout: 96,
+        k: 3,
+        stride: 2,
+        groups: 96,
+        hw: 112,
+    },
+    Layer {
+        name: "dw 3x3 144 @56",
+        cin: 144,
+        cout: 144,
+        k: 3,
+        stride: 1,
+        groups: 144,
+        hw: 56,
+    },
+    Layer {
+        name: "dw 5x5 240 @28",
+        cin: 240,
+        cout: 240,
+        k: 5,
+        stride: 1,
+        groups: 240,
+        hw: 28,
+    },
+];
+
+fn main() -> Result<()> {
+    let mut batch = 32;
+    let mut reps = 3;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--batch" => batch = args.next().context("--batch N")?.parse()?,
+            "--reps" => reps = args.next().context("--reps N")?.parse()?,
+            _ => {} // `--bench`, added by cargo
+        }
+    }
+    let dev = Device::Cpu;
+    println!(
+        "batch {batch}, {} threads, best of {reps}",
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:26} {:>12} {:>12} {:>7}",
+        "layer", "ckpt GFLOP/s", "candle", "ratio"
+    );
+    let (mut fast_total, mut candle_total, mut flops_total) = (0.0, 0.0, 0.0);
+    for l in LAYERS {
+        let x = Tensor::randn(0f32, 1.0, (batch, l.cin, l.hw, l.hw), &dev)?;
+        let w = Tensor::randn(0f32, 0.1, (l.cout, l.cin / l.groups, l.k, l.k), &dev)?;
+        let shift = Tensor::randn(0f32, 0.1, l.cout, &dev)?;
+        let sv = shift.to_vec1::<f32>()?;
+        let g = Geometry {
+            stride: l.stride,
+            padding: (l.k - 1) / 2,
+            groups: l.groups,
+        };
+        let ho = (l.hw + 2 * g.padding - l.k) / l.stride + 1;
+        let flops = 2.0 * (batch * l.cout * ho * ho * (l.cin / l.groups) * l.k * l.k) as f64;
+        let best = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+            let mut best = f64::INFINITY;
+            for _ in 0..reps {
+                let t = Instant::now();
+                f()?;
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            Ok(best)
+        };
+        let fast = best(&|| Ok(conv2d(&x, &w, g, Some((&sv, &shift)), None, Act::Relu)?))?;
+        let slow = best(&|| Ok(candle_conv2d(&x, &w, g, Some(&shift), None, Act::Relu)?))?;
+        fast_total += fast;
+        candle_total += slow;
+        flops_total += flops;
+        println!(
+            "{:26} {:12.1} {:12.1} {:7.2}",
+            l.name,
+            flops / fast / 1e9,
+            flops / slow / 1e9,
+            slow / fast
+        );
+    }
+    println!(
+        "{:26} {:12.1} {:12.1} {:7.2}",
+        "all layers",
+        flops_total / fast_total / 1e9,
+        flops_total / candle_total / 1e9,
+        candle_total / fast_total
+    );
+    Ok(())
+}
