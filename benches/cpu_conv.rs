@@ -4,6 +4,10 @@
 //! thread count, in one run. Prints GFLOP/s of each and the ratio.
 //!
 //!     cargo bench --bench cpu_conv [-- --batch 32 --reps 3]
+//!     cargo bench --bench cpu_conv -- --peak    # only the machine's f32 peak, in GFLOP/s
+//!
+//! The peak is measured, not looked up: every thread runs independent chains of 8-wide fused
+//! multiply-adds (AVX2 + FMA) for about a second.
 
 use std::time::Instant;
 
@@ -141,6 +145,49 @@ const LAYERS: &[Layer] = &[
     },
 ];
 
+/// 12 independent accumulators of 8 f32 lanes, each step one FMA: 192 FLOP per iteration.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_set1_ps(0.0); 12];
+    let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+    for _ in 0..iters {
+        for r in acc.iter_mut() {
+            *r = _mm256_fmadd_ps(*r, a, b);
+        }
+    }
+    let mut out = [0f32; 8];
+    let s = acc
+        .iter()
+        .fold(_mm256_set1_ps(0.0), |s, &r| _mm256_add_ps(s, r));
+    _mm256_storeu_ps(out.as_mut_ptr(), s);
+    out.iter().sum()
+}
+
+/// Measured f32 peak of all rayon threads together, GFLOP/s (best of three).
+fn peak_gflops() -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        use rayon::prelude::*;
+        let threads = rayon::current_num_threads();
+        let iters = 50_000_000;
+        let mut best = 0f64;
+        for _ in 0..3 {
+            let t = Instant::now();
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            let s: f32 = (0..threads)
+                .into_par_iter()
+                .map(|_| unsafe { fma_chains(iters) })
+                .sum();
+            std::hint::black_box(s);
+            best = best.max(192.0 * (iters * threads) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+        return best;
+    }
+    f64::NAN
+}
+
 fn main() -> Result<()> {
     let mut batch = 32;
     let mut reps = 3;
@@ -149,14 +196,17 @@ fn main() -> Result<()> {
         match a.as_str() {
             "--batch" => batch = args.next().context("--batch N")?.parse()?,
             "--reps" => reps = args.next().context("--reps N")?.parse()?,
+            "--peak" => {
+                println!("{:.1}", peak_gflops());
+                return Ok(());
+            }
             _ => {} // `--bench`, added by cargo
         }
     }
     let dev = Device::Cpu;
-    println!(
-        "batch {batch}, {} threads, best of {reps}",
-        rayon::current_num_threads()
-    );
+    let threads = rayon::current_num_threads();
+    println!("batch {batch}, {threads} threads, best of {reps}");
+    println!("machine f32 peak (measured): {:.1} GFLOP/s", peak_gflops());
     println!(
         "{:26} {:>12} {:>12} {:>7}",
         "layer", "ckpt GFLOP/s", "candle", "ratio"

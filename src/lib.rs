@@ -4,6 +4,7 @@
 //! ([`average`]), which read and write through [`checkpoint`]. Engines never print; progress goes
 //! through the small [`report::Reporter`] a command hands them.
 
+pub mod alloc;
 pub mod average;
 pub mod bn;
 pub mod checkpoint;

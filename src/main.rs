@@ -2,6 +2,10 @@
 
 use std::process::ExitCode;
 
+/// Large freed blocks are kept for the next batch's activations (see `ckpt::alloc`).
+#[global_allocator]
+static ALLOC: ckpt::alloc::CachingAllocator = ckpt::alloc::CachingAllocator::new();
+
 fn main() -> ExitCode {
     let cli = ckpt::cli::parse();
     match ckpt::commands::run(cli) {

@@ -76,13 +76,17 @@ pub fn run(args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let dev = device::resolve(global.device, |m| rep.note(m))?;
     let model = Model::load(&ck, args.arch.as_deref(), &dev)?;
     rep.note(format!("{}: {}", args.model.display(), model.config));
+    let x = match &input_ck {
+        Some(input_ck) => Some(eval::read_input_batch(input_ck, &args.input_key, &model)?),
+        None => None,
+    };
+    // With --input, the forward passes alone; with --data, decoding too (it overlaps).
     let t0 = std::time::Instant::now();
     let mut extra_meta = Vec::new();
     let mut labels = None;
-    let (values, n, classes) = match (&input_ck, &args.data) {
-        (Some(input_ck), _) => {
-            let x = eval::read_input_batch(input_ck, &args.input_key, &model)?;
-            let logits = eval::logits(&model, &x, args.data_opts.batch_size.max(1), &rep)?;
+    let (values, n, classes) = match (&x, &args.data) {
+        (Some(x), _) => {
+            let logits = eval::logits(&model, x, args.data_opts.batch_size.max(1), &rep)?;
             let (n, classes) = logits.dims2()?;
             (logits.flatten_all()?.to_vec1::<f32>()?, n, classes)
         }
