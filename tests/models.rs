@@ -218,6 +218,8 @@ fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
         ("depthwise 3x3 s2", 6, 6, 3, 2, 6),
         ("efficientnet depthwise 5x5", 6, 6, 5, 1, 6),
         ("efficientnet depthwise 5x5 s2", 6, 6, 5, 2, 6),
+        // 94 KB per unfolded output row at 15 px: several blocks per image.
+        ("unfolded in blocks 7x7", 32, 8, 7, 1, 1),
     ];
     let dev = Device::Cpu;
     let check = |what: &str, want: &Tensor, got: &Tensor| {
@@ -274,5 +276,29 @@ fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
             }
         });
     }
-    assert_eq!(cases, 2 * 12 * 4 * 4 * 3);
+    assert_eq!(cases, 2 * 13 * 4 * 4 * 3);
+}
+
+/// Issue 9: the ResNet stem's 3x3 stride-2 max pool (CPU kernel) against candle's pool over an
+/// edge-replicated copy, at even, odd and tiny sizes: exactly equal (a maximum has no rounding).
+#[test]
+fn cpu_max_pool_equals_candle_issue_9() {
+    use candle_core::{Device, Tensor};
+    for (h, w) in [(8, 8), (9, 7), (1, 1), (2, 3), (112, 112)] {
+        let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu).unwrap();
+        let got = ckpt::models::cpu_conv::max_pool_3x3_s2_p1(&x).unwrap();
+        let want = x
+            .pad_with_same(2, 1, 1)
+            .unwrap()
+            .pad_with_same(3, 1, 1)
+            .unwrap()
+            .max_pool2d_with_stride(3, 2)
+            .unwrap();
+        assert_eq!(got.dims(), want.dims(), "{h}x{w}");
+        let (g, w_) = (
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(g, w_, "{h}x{w}");
+    }
 }

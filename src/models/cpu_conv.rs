@@ -19,6 +19,7 @@
 //! `tests/models.rs` hold them to 1e-5 of the output's scale for every shape class the supported
 //! families use.
 
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -111,6 +112,53 @@ pub fn candle_conv2d(
 }
 
 type Uninit = std::mem::MaybeUninit<f32>;
+
+/// Size of one unfolded block of the input (see `dense`): a core's L2 on the machines measured.
+const COL_BLOCK_BYTES: usize = 1 << 20;
+
+/// dst[:, c0..c0 + n] = lhs [m x k] * rhs [k x n], where dst has `p` columns; rhs is row-major
+/// with n columns.
+///
+/// # Safety
+/// dst must hold m x p values, c0 + n <= p, lhs m x k values, rhs k x n values, and dst must not
+/// overlap either input. gemm writes every element of the block without reading it.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into(
+    dst: &mut [Uninit],
+    p: usize,
+    c0: usize,
+    n: usize,
+    lhs: &[f32],
+    m: usize,
+    k: usize,
+    rhs: &[f32],
+    par: Parallelism,
+) {
+    debug_assert!(dst.len() >= m * p && c0 + n <= p && lhs.len() >= m * k && rhs.len() >= k * n);
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(c0).cast::<f32>(),
+            1,
+            p as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
 
 /// The slice as initialised values.
 ///
@@ -214,44 +262,30 @@ impl ConvOp<'_> {
         let kk = cin_g * d.k * d.k;
         let direct = d.k == 1 && g.stride == 1 && g.padding == 0;
         let plane_in = d.h * d.w;
+        // Unfold a block of output rows at a time, so that the unfolded block (written once,
+        // read by gemm's packing) stays in L2 instead of going out to memory and back.
+        let chunk_rows = (COL_BLOCK_BYTES / (4 * kk * d.wo).max(1)).clamp(1, d.ho);
         let image = |i: usize, out_img: &mut [Uninit], col: &mut Vec<f32>, par: Parallelism| {
             let x_img = &x[i * d.cin * plane_in..][..d.cin * plane_in];
             for gi in 0..g.groups {
                 let xg = &x_img[gi * cin_g * plane_in..][..cin_g * plane_in];
-                let rhs = if direct {
-                    xg
-                } else {
-                    col.resize(kk * p, 0.0);
-                    im2col(xg, cin_g, d, g, col);
-                    &col[..]
-                };
                 let wg = &w[gi * cout_g * kk..][..cout_g * kk];
-                let dst = &mut out_img[gi * cout_g * p..][..cout_g * p];
-                // SAFETY: dst is cout_g x p row-major, wg cout_g x kk, rhs kk x p, each slice
-                // exactly that long (checked by the slicing above), and dst aliases neither;
-                // with read_dst false, gemm only writes dst.
-                unsafe {
-                    gemm::gemm(
-                        cout_g,
-                        p,
-                        kk,
-                        dst.as_mut_ptr().cast::<f32>(),
-                        1,
-                        p as isize,
-                        false,
-                        wg.as_ptr(),
-                        1,
-                        kk as isize,
-                        rhs.as_ptr(),
-                        1,
-                        p as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        par,
-                    );
+                let dst_g = &mut out_img[gi * cout_g * p..][..cout_g * p];
+                if direct {
+                    // SAFETY: as below, with the whole plane as the right-hand side.
+                    unsafe { gemm_into(dst_g, p, 0, p, wg, cout_g, kk, xg, par) };
+                    continue;
+                }
+                for rows in (0..d.ho)
+                    .step_by(chunk_rows)
+                    .map(|r| r..(r + chunk_rows).min(d.ho))
+                {
+                    let n = rows.len() * d.wo;
+                    col.resize(kk * n, 0.0);
+                    im2col(xg, cin_g, d, g, rows.clone(), col);
+                    // SAFETY: dst_g is cout_g x p, wg cout_g x kk, col kk x n, and the columns
+                    // rows.start * wo .. + n lie inside p; dst_g aliases neither input.
+                    unsafe { gemm_into(dst_g, p, rows.start * d.wo, n, wg, cout_g, kk, col, par) };
                 }
             }
             // SAFETY: the gemms above wrote every element of this image's output.
@@ -327,28 +361,27 @@ fn valid_range(len: usize, out_len: usize, tap: usize, g: Geometry) -> (usize, u
     (lo, hi.max(lo))
 }
 
-/// Unfolds one group's input planes [cin_g, H, W] into `col` [cin_g * K * K, Ho * Wo], rows in
-/// (channel, ky, kx) order: the weight's own layout.
-fn im2col(x: &[f32], cin_g: usize, d: Dims, g: Geometry, col: &mut [f32]) {
-    let (k, p) = (d.k, d.ho * d.wo);
+/// Unfolds output rows `rows` of one group's input planes [cin_g, H, W] into `col`
+/// [cin_g * K * K, rows.len() * Wo], rows in (channel, ky, kx) order: the weight's own layout.
+fn im2col(x: &[f32], cin_g: usize, d: Dims, g: Geometry, rows: Range<usize>, col: &mut [f32]) {
+    let k = d.k;
+    let len = rows.len() * d.wo;
     let (x_lo, x_hi): (Vec<_>, Vec<_>) = (0..k).map(|kx| valid_range(d.w, d.wo, kx, g)).unzip();
     for ci in 0..cin_g {
         let plane = &x[ci * d.h * d.w..][..d.h * d.w];
         for ky in 0..k {
             let (y_lo, y_hi) = valid_range(d.h, d.ho, ky, g);
             for kx in 0..k {
-                let row = &mut col[((ci * k + ky) * k + kx) * p..][..p];
-                row[..y_lo * d.wo].fill(0.0);
-                row[y_hi * d.wo..].fill(0.0);
+                let row = &mut col[((ci * k + ky) * k + kx) * len..][..len];
                 let (lo, hi) = (x_lo[kx], x_hi[kx]);
-                for oy in y_lo..y_hi {
-                    let src = &plane[(oy * g.stride + ky - g.padding) * d.w..][..d.w];
-                    let dst = &mut row[oy * d.wo..][..d.wo];
-                    dst[..lo].fill(0.0);
-                    dst[hi..].fill(0.0);
-                    if lo == hi {
+                for (oy, dst) in rows.clone().zip(row.chunks_mut(d.wo)) {
+                    if oy < y_lo || oy >= y_hi || lo == hi {
+                        dst.fill(0.0);
                         continue;
                     }
+                    let src = &plane[(oy * g.stride + ky - g.padding) * d.w..][..d.w];
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
                     let first = lo * g.stride + kx - g.padding;
                     if g.stride == 1 {
                         dst[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
@@ -615,6 +648,58 @@ impl CustomOp3 for ConvOp<'_> {
         let (x, w) = (f32_slice(xs, xl, "input")?, f32_slice(ws, wl, "weight")?);
         let out = self.run(x, w, Some(f32_slice(rs, rl, "residual")?), d)?;
         Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+/// torch.nn.MaxPool2d(3, stride 2, padding 1) over [N, C, H, W] (the ResNet stem's pool). On
+/// the CPU in f32 one pass per plane (a row maximum of three input rows, then of three columns);
+/// elsewhere candle's pool over an edge-replicated copy, which is exact for a maximum since the
+/// replicated value is already in the window.
+pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4 && fast_path_enabled() {
+        return x.contiguous()?.apply_op1_no_bwd(&MaxPool3x3S2);
+    }
+    x.pad_with_same(2, 1, 1)?
+        .pad_with_same(3, 1, 1)?
+        .max_pool2d_with_stride(3, 2)
+}
+
+struct MaxPool3x3S2;
+
+impl candle_core::CustomOp1 for MaxPool3x3S2 {
+    fn name(&self) -> &'static str {
+        "cpu-max-pool-3x3-s2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "input")?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        if h == 0 || w == 0 {
+            candle_core::bail!("max pool: empty input {:?}", l.shape());
+        }
+        let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+        let mut out = vec![0f32; n * c * ho * wo];
+        out.par_chunks_mut(ho * wo)
+            .zip(x.par_chunks(h * w))
+            .for_each_init(Vec::new, |rowmax, (o, plane)| {
+                rowmax.resize(w, 0.0);
+                for oy in 0..ho {
+                    let (y0, y1) = ((2 * oy).saturating_sub(1), (2 * oy + 1).min(h - 1));
+                    rowmax.copy_from_slice(&plane[y0 * w..][..w]);
+                    for iy in y0 + 1..=y1 {
+                        for (m, &v) in rowmax.iter_mut().zip(&plane[iy * w..][..w]) {
+                            *m = m.max(v);
+                        }
+                    }
+                    for (ox, v) in o[oy * wo..][..wo].iter_mut().enumerate() {
+                        let (x0, x1) = ((2 * ox).saturating_sub(1), (2 * ox + 1).min(w - 1));
+                        *v = rowmax[x0..=x1]
+                            .iter()
+                            .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
     }
 }
 

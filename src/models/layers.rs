@@ -337,10 +337,4 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.mean((2, 3))
 }
 
-/// torch.nn.MaxPool2d(3, 2, padding=1): replicate-padding is exact for max pooling, since the
-/// replicated edge value is already inside the window.
-pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    x.pad_with_same(2, 1, 1)?
-        .pad_with_same(3, 1, 1)?
-        .max_pool2d_with_stride(3, 2)
-}
+pub use super::cpu_conv::max_pool_3x3_s2_p1;
