@@ -2,12 +2,23 @@
 """Benchmark (not a test): eval forward throughput of ckpt against PyTorch on this machine.
 
     cargo build --release
-    ../ref-venv/bin/python benches/forward_bench.py [--models resnet18,resnet50] [--batch 32] [--images 64]
+    ../ref-venv/bin/python benches/forward_bench.py [--models resnet18,resnet50,...] [--batch 32]
+        [--images 64] [--candle]
 
-For each torchvision model (random weights, BN statistics as initialised), at 224 x 224 and the
-given batch size, with the same number of threads for both (all cores): PyTorch's images/s
-over `--images` images (after one warm-up batch), and ckpt's, from `ckpt logits` on the same
-weights and inputs (ckpt reports its forward time without the loading). Prints a table.
+For each torchvision model (random weights, seeded; BN statistics as initialised), at 224 x 224
+and the given batch size, with the same number of threads for both (all cores), in one run:
+
+- PyTorch: images/s over `--images` images after one warm-up batch (torch.no_grad, eval).
+- ckpt: `ckpt logits` on the same weights and inputs; ckpt prints the time of its forward passes
+  (without loading). Steady state, as for PyTorch: the time for warm-up batch + `--images`
+  images minus the time for the warm-up batch alone, from two runs.
+- `--candle`: also ckpt with `CKPT_CPU_CONV=candle` (candle's own convolution, the path before
+  issue 9), same method.
+- GFLOP/s: 2 x the multiply-adds of every Conv2d and Linear (counted with forward hooks) per
+  second, and that as a share of the machine's f32 peak, measured by
+  `cargo bench --bench cpu_conv -- --peak` (FMA chains on every core).
+
+Prints a table (markdown) with the PyTorch version.
 """
 
 import argparse
@@ -26,42 +37,88 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parent.parent
 
 
+def flops_per_image(model, x):
+    macs = 0
+
+    def hook(m, inp, out):
+        nonlocal macs
+        if isinstance(m, torch.nn.Conv2d):
+            macs += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, torch.nn.Linear):
+            macs += out.numel() * m.in_features
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model(x[:1])
+    for h in hs:
+        h.remove()
+    return 2 * macs
+
+
+def ckpt_forward_seconds(args, threads, weights, inputs, out, env):
+    r = subprocess.run(
+        [args.ckpt, "--threads", str(threads), "--device", "cpu", "logits", str(weights), "--input", str(inputs),
+         "--batch-size", str(args.batch), "-o", str(out), "--force"],
+        capture_output=True, text=True, env=env,
+    )
+    if r.returncode != 0:
+        sys.exit(f"ckpt failed: {r.stderr}")
+    return float(re.search(r"forward: (\d+) images in ([0-9.]+) s", r.stderr).group(2))
+
+
+def ckpt_steady(args, threads, tmp, name, env):
+    w = tmp / f"{name}.safetensors"
+    t_all = ckpt_forward_seconds(args, threads, w, tmp / "input_all.safetensors", tmp / "l.safetensors", env)
+    t_warm = ckpt_forward_seconds(args, threads, w, tmp / "input_warm.safetensors", tmp / "l.safetensors", env)
+    return args.images / (t_all - t_warm)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,efficientnet_b0")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--candle", action="store_true", help="also time candle's own convolution path")
     ap.add_argument("--ckpt", default=str(REPO / "target/release/ckpt"))
     args = ap.parse_args()
     threads = os.cpu_count()
     torch.set_num_threads(threads)
+    peak = float(subprocess.run(["cargo", "bench", "-q", "--bench", "cpu_conv", "--", "--peak"], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout.split()[-1])
     tmp = Path(tempfile.mkdtemp(prefix="ckpt-forward-bench-"))
-    x = torch.randn(args.images, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    save_file({"input": x}, str(tmp / "input.safetensors"))
+    x = torch.randn(args.images + args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    save_file({"input": x}, str(tmp / "input_all.safetensors"))
+    save_file({"input": x[: args.batch].contiguous()}, str(tmp / "input_warm.safetensors"))
+    fast_env = {k: v for k, v in os.environ.items() if k != "CKPT_CPU_CONV"}
+    candle_env = dict(fast_env, CKPT_CPU_CONV="candle")
     rows = []
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = getattr(tvm, name)().eval()
+        flops = flops_per_image(model, x)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / f"{name}.safetensors"))
         with torch.no_grad():
             model(x[: args.batch])
             t0 = time.perf_counter()
-            for i in range(0, args.images, args.batch):
+            for i in range(args.batch, args.batch + args.images, args.batch):
                 model(x[i : i + args.batch])
-            t_torch = time.perf_counter() - t0
-        out = subprocess.run(
-            [args.ckpt, "--threads", str(threads), "--device", "cpu", "logits", str(tmp / f"{name}.safetensors"),
-             "--input", str(tmp / "input.safetensors"), "--batch-size", str(args.batch), "-o", str(tmp / f"{name}_logits.safetensors")],
-            capture_output=True, text=True, check=True,
-        )
-        m = re.search(r"forward: (\d+) images in ([0-9.]+) s", out.stderr)
-        t_ckpt = float(m.group(2))
-        rows.append((name, args.images / t_torch, args.images / t_ckpt))
-        print(f"  {name}: torch {args.images / t_torch:.2f} img/s, ckpt {args.images / t_ckpt:.2f} img/s", file=sys.stderr)
-    print(f"\neval at 224, batch {args.batch}, {args.images} images, {threads} threads, torch {torch.__version__}")
-    print(f"{'model':18} {'PyTorch img/s':>14} {'ckpt img/s':>11} {'ckpt / PyTorch':>15}")
-    for name, a, b in rows:
-        print(f"{name:18} {a:14.2f} {b:11.2f} {b / a:15.2f}")
+            torch_ips = args.images / (time.perf_counter() - t0)
+        ckpt_ips = ckpt_steady(args, threads, tmp, name, fast_env)
+        candle_ips = ckpt_steady(args, threads, tmp, name, candle_env) if args.candle else None
+        rows.append((name, flops, torch_ips, ckpt_ips, candle_ips))
+        print(f"  {name}: torch {torch_ips:.2f} img/s, ckpt {ckpt_ips:.2f} img/s", file=sys.stderr)
+    print(f"\neval at 224, batch {args.batch}, {args.images} images after a warm-up batch, {threads} threads, "
+          f"f32; torch {torch.__version__}; machine f32 peak {peak:.0f} GFLOP/s (measured)\n")
+    head = "| model | GFLOP/image | PyTorch img/s | ckpt img/s | ckpt / PyTorch | ckpt GFLOP/s | % of peak |"
+    if args.candle:
+        head += " candle conv img/s | ckpt / candle |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for name, flops, a, b, c in rows:
+        line = f"| {name} | {flops / 1e9:.2f} | {a:.1f} | {b:.1f} | {b / a:.2f} | {b * flops / 1e9:.0f} | {100 * b * flops / 1e9 / peak:.0f} % |"
+        if c is not None:
+            line += f" {c:.1f} | {b / c:.2f} |"
+        print(line)
 
 
 if __name__ == "__main__":
