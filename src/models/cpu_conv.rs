@@ -113,6 +113,13 @@ pub fn candle_conv2d(
 
 type Uninit = std::mem::MaybeUninit<f32>;
 
+/// A thread's scratch space for the dense path: the unfolded block and the phase-split input.
+#[derive(Default)]
+struct ColBuffers {
+    col: Vec<f32>,
+    phases: Vec<f32>,
+}
+
 /// Size of one unfolded block of the input (see `dense`): a core's L2 on the machines measured.
 const COL_BLOCK_BYTES: usize = 1 << 20;
 
@@ -265,7 +272,8 @@ impl ConvOp<'_> {
         // Unfold a block of output rows at a time, so that the unfolded block (written once,
         // read by gemm's packing) stays in L2 instead of going out to memory and back.
         let chunk_rows = (COL_BLOCK_BYTES / (4 * kk * d.wo).max(1)).clamp(1, d.ho);
-        let image = |i: usize, out_img: &mut [Uninit], col: &mut Vec<f32>, par: Parallelism| {
+        let image = |i: usize, out_img: &mut [Uninit], bufs: &mut ColBuffers, par: Parallelism| {
+            let ColBuffers { col, phases } = bufs;
             let x_img = &x[i * d.cin * plane_in..][..d.cin * plane_in];
             for gi in 0..g.groups {
                 let xg = &x_img[gi * cin_g * plane_in..][..cin_g * plane_in];
@@ -276,13 +284,14 @@ impl ConvOp<'_> {
                     unsafe { gemm_into(dst_g, p, 0, p, wg, cout_g, kk, xg, par) };
                     continue;
                 }
+                let xg = split_phases(xg, d, g, phases);
                 for rows in (0..d.ho)
                     .step_by(chunk_rows)
                     .map(|r| r..(r + chunk_rows).min(d.ho))
                 {
                     let n = rows.len() * d.wo;
                     col.resize(kk * n, 0.0);
-                    im2col(xg, cin_g, d, g, rows.clone(), col);
+                    im2col(&xg, cin_g, d, g, rows.clone(), col);
                     // SAFETY: dst_g is cout_g x p, wg cout_g x kk, col kk x n, and the columns
                     // rows.start * wo .. + n lie inside p; dst_g aliases neither input.
                     unsafe { gemm_into(dst_g, p, rows.start * d.wo, n, wg, cout_g, kk, col, par) };
@@ -298,11 +307,13 @@ impl ConvOp<'_> {
         if d.n >= threads || threads == 1 {
             out.par_chunks_mut(img_len)
                 .enumerate()
-                .for_each_init(Vec::new, |col, (i, o)| image(i, o, col, Parallelism::None));
+                .for_each_init(ColBuffers::default, |b, (i, o)| {
+                    image(i, o, b, Parallelism::None)
+                });
         } else {
-            let mut col = Vec::new();
+            let mut bufs = ColBuffers::default();
             for (i, o) in out.chunks_mut(img_len).enumerate() {
-                image(i, o, &mut col, Parallelism::Rayon(threads));
+                image(i, o, &mut bufs, Parallelism::Rayon(threads));
             }
         }
     }
@@ -361,38 +372,59 @@ fn valid_range(len: usize, out_len: usize, tap: usize, g: Geometry) -> (usize, u
     (lo, hi.max(lo))
 }
 
-/// Unfolds output rows `rows` of one group's input planes [cin_g, H, W] into `col`
+/// One group's input planes [cin_g, H, W] with each row split into `stride` phases (phase q
+/// holds columns q, q + s, q + 2s, ...; row length s * lp), so that every unfolded row segment
+/// is a contiguous copy even for strided convolutions; for stride 1 the planes themselves.
+struct Phased<'a> {
+    data: &'a [f32],
+    /// Values per phase.
+    lp: usize,
+}
+
+fn split_phases<'a>(x: &'a [f32], d: Dims, g: Geometry, buf: &'a mut Vec<f32>) -> Phased<'a> {
+    let s = g.stride;
+    if s == 1 {
+        return Phased { data: x, lp: d.w };
+    }
+    let lp = d.w.div_ceil(s);
+    buf.resize(x.len() / d.w * s * lp, 0.0);
+    for (src, dst) in x.chunks_exact(d.w).zip(buf.chunks_exact_mut(s * lp)) {
+        for (q, phase) in dst.chunks_exact_mut(lp).enumerate() {
+            for (v, &x) in phase.iter_mut().zip(src[q.min(d.w)..].iter().step_by(s)) {
+                *v = x;
+            }
+        }
+    }
+    Phased { data: buf, lp }
+}
+
+/// Unfolds output rows `rows` of one group's input (as phases) into `col`
 /// [cin_g * K * K, rows.len() * Wo], rows in (channel, ky, kx) order: the weight's own layout.
-fn im2col(x: &[f32], cin_g: usize, d: Dims, g: Geometry, rows: Range<usize>, col: &mut [f32]) {
-    let k = d.k;
+fn im2col(x: &Phased, cin_g: usize, d: Dims, g: Geometry, rows: Range<usize>, col: &mut [f32]) {
+    let (k, s) = (d.k, g.stride);
     let len = rows.len() * d.wo;
-    let (x_lo, x_hi): (Vec<_>, Vec<_>) = (0..k).map(|kx| valid_range(d.w, d.wo, kx, g)).unzip();
+    let row_len = s * x.lp;
     for ci in 0..cin_g {
-        let plane = &x[ci * d.h * d.w..][..d.h * d.w];
+        let plane = &x.data[ci * d.h * row_len..][..d.h * row_len];
         for ky in 0..k {
             let (y_lo, y_hi) = valid_range(d.h, d.ho, ky, g);
             for kx in 0..k {
                 let row = &mut col[((ci * k + ky) * k + kx) * len..][..len];
-                let (lo, hi) = (x_lo[kx], x_hi[kx]);
+                let (lo, hi) = valid_range(d.w, d.wo, kx, g);
+                // Input column of output column o: o * s + t, in phase t mod s at o + t div s.
+                let t = kx as isize - g.padding as isize;
+                let (q, shift) = (t.rem_euclid(s as isize) as usize, t.div_euclid(s as isize));
                 for (oy, dst) in rows.clone().zip(row.chunks_mut(d.wo)) {
                     if oy < y_lo || oy >= y_hi || lo == hi {
                         dst.fill(0.0);
                         continue;
                     }
-                    let src = &plane[(oy * g.stride + ky - g.padding) * d.w..][..d.w];
+                    let iy = oy * s + ky - g.padding;
+                    let src = &plane[iy * row_len + q * x.lp..][..x.lp];
                     dst[..lo].fill(0.0);
                     dst[hi..].fill(0.0);
-                    let first = lo * g.stride + kx - g.padding;
-                    if g.stride == 1 {
-                        dst[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
-                    } else {
-                        for (v, s) in dst[lo..hi]
-                            .iter_mut()
-                            .zip(src[first..].iter().step_by(g.stride))
-                        {
-                            *v = *s;
-                        }
-                    }
+                    let first = (lo as isize + shift) as usize;
+                    dst[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
                 }
             }
         }
