@@ -9,11 +9,11 @@
 //! biased variance and element count to an observer; its running statistics are not touched
 //! (the estimators in the recal-bn engine decide what to do with the reports).
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 
 pub use super::cpu_conv::Act;
 use super::cpu_conv::{self, Geometry};
-use super::fused::channel_affine;
+use super::fused::{channel_affine, channel_moments};
 use candle_nn::VarBuilder;
 
 /// How BatchNorm layers behave during a forward pass.
@@ -168,8 +168,9 @@ impl Module for Conv2d {
 pub struct BatchNorm {
     pub index: usize,
     pub prefix: String,
-    weight: Tensor,
-    bias: Tensor,
+    /// gamma and beta, for calibrate mode's normalisation.
+    weight_v: Vec<f32>,
+    bias_v: Vec<f32>,
     eps: f64,
     /// Eval mode: y = x * scale[c] + shift[c], both [C].
     scale: Tensor,
@@ -194,8 +195,8 @@ impl BatchNorm {
         Ok(BatchNorm {
             index: reg.prefixes.len() - 1,
             prefix,
-            weight,
-            bias,
+            weight_v: weight.to_dtype(DType::F32)?.to_vec1()?,
+            bias_v: bias.to_dtype(DType::F32)?.to_vec1()?,
             eps,
             scale,
             shift,
@@ -207,27 +208,31 @@ impl BatchNorm {
             BnMode::Eval => channel_affine(x, Some(&self.scale), &self.shift, false),
             BnMode::Calibrate => {
                 let (n, c, h, w) = x.dims4()?;
-                // [C, N*H*W]: per-channel statistics over batch and space, two-pass in f32 as
-                // PyTorch's CPU kernel computes them.
-                let flat = x.transpose(0, 1)?.reshape((c, n * h * w))?;
-                let mean = flat.mean_keepdim(D::Minus1)?;
-                let centred = flat.broadcast_sub(&mean)?;
-                let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+                let (mean, var) = channel_moments(x)?;
+                let scale: Vec<f32> = (0..c)
+                    .map(|i| self.weight_v[i] / (var[i] as f64 + self.eps).sqrt() as f32)
+                    .collect();
+                let shift: Vec<f32> = (0..c)
+                    .map(|i| self.bias_v[i] - mean[i] * scale[i])
+                    .collect();
                 if let Some(obs) = ctx.observer.as_deref_mut() {
                     obs.observe(
                         self.index,
                         BatchStats {
-                            mean: mean.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
-                            var: var.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+                            mean,
+                            var,
                             count: n * h * w,
                         },
                     )?;
                 }
-                let inv = (var + self.eps)?.sqrt()?.recip()?;
-                let scale = inv.broadcast_mul(&self.weight.reshape((c, 1))?)?;
-                let shift = (self.bias.reshape((c, 1))? - mean.broadcast_mul(&scale)?)?;
-                let y = flat.broadcast_mul(&scale)?.broadcast_add(&shift)?;
-                y.reshape((c, n, h, w))?.transpose(0, 1)?.contiguous()
+                let dev = x.device();
+                let (scale, shift) = (Tensor::new(scale, dev)?, Tensor::new(shift, dev)?);
+                channel_affine(
+                    x,
+                    Some(&scale.to_dtype(x.dtype())?),
+                    &shift.to_dtype(x.dtype())?,
+                    false,
+                )
             }
         }
     }
