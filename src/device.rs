@@ -43,14 +43,20 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
-/// Resolves a spec to a candle device. `note` receives the one line said when `auto` falls back.
+/// Resolves a spec to a candle device. `note` receives one line: which GPU runs the passes, or
+/// why `auto` falls back to the CPU (nothing for an explicit `cpu`).
 pub fn resolve(spec: DeviceSpec, note: impl Fn(&str)) -> Result<candle_core::Device> {
     match spec {
         DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
-        DeviceSpec::Cuda(n) => cuda(n),
+        DeviceSpec::Cuda(n) => {
+            let d = cuda(n)?;
+            note(&format!("running on cuda:{n}"));
+            Ok(d)
+        }
         DeviceSpec::Auto => {
             if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
                 if let Ok(d) = candle_core::Device::new_cuda(0) {
+                    note("--device auto: running on cuda:0");
                     return Ok(d);
                 }
             }

@@ -176,10 +176,18 @@ pub fn pass(
         ds.len(),
         ds.root.display()
     ));
+    let t0 = std::time::Instant::now();
     let stats = bn::calibrate(model, &mut loader)?;
-    for s in &loader.summary().skipped {
+    let secs = t0.elapsed().as_secs_f64();
+    let skipped = &loader.summary().skipped;
+    for s in skipped {
         rep.note(format!("skipped {}", s.error));
     }
+    let n = ds.len() - skipped.len();
+    rep.note(format!(
+        "calibration: {n} images in {secs:.2} s ({:.1} images/s, decoding included)",
+        n as f64 / secs
+    ));
     let mut meta = BTreeMap::new();
     meta.insert("ckpt.recal.data".into(), cfg.dir.display().to_string());
     meta.insert(

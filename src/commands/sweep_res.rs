@@ -216,7 +216,14 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
     ));
     let transforms: Vec<EvalTransform> = points.clone();
     let mut loader = sweep_loader(&ds, &transforms, &eval_cfg.loader, &rep)?;
+    let t0 = std::time::Instant::now();
     let results = sweep::run(&refs, &mut loader)?;
+    rep.note(format!(
+        "sweep: {} images decoded once, {} forward passes each, in {:.2} s",
+        ds.len(),
+        points.len() * cks.len(),
+        t0.elapsed().as_secs_f64()
+    ));
     let rows = rows(&args, &cks, &points, &results, train);
 
     print_table(&rows)?;
