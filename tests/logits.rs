@@ -1,24 +1,35 @@
 //! `ckpt logits --input` against torchvision's eval-mode logits for one small model per family
 //! (made by fixtures/make_fixtures.py). Tolerance: 1e-4 of the largest logit; f32 convolutions
-//! summed in another order differ by a few 1e-7, which is what is measured.
+//! summed in another order differ by a few 1e-7, which is what is measured. Each family runs
+//! twice: on the CPU kernels, and with `CKPT_CPU_CONV=candle` on the candle ops that every other
+//! device (CUDA) runs, so that path stays checked without a GPU.
 
 use safetensors::Dtype;
 
 use crate::util::*;
 
 fn check_family(model: &str, io: &str, arch_words: &[&str]) {
+    for env in [&[][..], &[("CKPT_CPU_CONV", "candle")][..]] {
+        check_family_with(model, io, arch_words, env);
+    }
+}
+
+fn check_family_with(model: &str, io: &str, arch_words: &[&str], env: &[(&str, &str)]) {
     let d = TestDir::new();
     let r = d
-        .run(&[
-            "logits",
-            &p(&fixture(model)),
-            "--input",
-            &p(&fixture(io)),
-            "-o",
-            "out.safetensors",
-            "--device",
-            "cpu",
-        ])
+        .run_env(
+            &[
+                "logits",
+                &p(&fixture(model)),
+                "--input",
+                &p(&fixture(io)),
+                "-o",
+                "out.safetensors",
+                "--device",
+                "cpu",
+            ],
+            env,
+        )
         .ok();
     for w in arch_words {
         assert!(
@@ -37,7 +48,10 @@ fn check_family(model: &str, io: &str, arch_words: &[&str]) {
         .zip(&w)
         .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
         / scale;
-    assert!(worst < 1e-4, "{model}: relative difference {worst:e}");
+    assert!(
+        worst < 1e-4,
+        "{model} {env:?}: relative difference {worst:e}"
+    );
 }
 
 #[test]

@@ -11,6 +11,10 @@ use crate::eval::{accuracy_reference, eval_json, DIGITS};
 use crate::util::*;
 
 fn recal(d: &TestDir, model: &str, out: &str, extra: &[&str]) -> Run {
+    recal_env(d, model, out, extra, &[])
+}
+
+fn recal_env(d: &TestDir, model: &str, out: &str, extra: &[&str], env: &[(&str, &str)]) -> Run {
     let mut args = vec![
         "recal-bn".to_string(),
         model.to_string(),
@@ -21,7 +25,7 @@ fn recal(d: &TestDir, model: &str, out: &str, extra: &[&str]) -> Run {
     ];
     args.extend(DIGITS.iter().map(|s| s.to_string()));
     args.extend(extra.iter().map(|s| s.to_string()));
-    d.run(&args)
+    d.run_env(&args, env)
 }
 
 fn assert_bn_close(
@@ -54,22 +58,27 @@ fn assert_bn_close(
     }
 }
 
+/// Also with `CKPT_CPU_CONV=candle`: the candle ops (batch moments over a transposed copy in f32)
+/// that CUDA runs, on the CPU.
 #[test]
 fn torch_estimator_matches_update_bn() {
-    let d = TestDir::new();
-    let swa = fixture("expected/swa_all.safetensors");
-    recal(
-        &d,
-        &p(&swa),
-        "t.safetensors",
-        &["--estimator", "torch", "--batch-size", "64"],
-    )
-    .ok();
-    assert_bn_close(
-        &read_st(&d.path("t.safetensors")),
-        &read_st(&fixture("expected/recal_torch.safetensors")),
-        &read_st(&swa),
-    );
+    for env in [&[][..], &[("CKPT_CPU_CONV", "candle")][..]] {
+        let d = TestDir::new();
+        let swa = fixture("expected/swa_all.safetensors");
+        recal_env(
+            &d,
+            &p(&swa),
+            "t.safetensors",
+            &["--estimator", "torch", "--batch-size", "64"],
+            env,
+        )
+        .ok();
+        assert_bn_close(
+            &read_st(&d.path("t.safetensors")),
+            &read_st(&fixture("expected/recal_torch.safetensors")),
+            &read_st(&swa),
+        );
+    }
 }
 
 #[test]

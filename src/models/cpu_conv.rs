@@ -58,11 +58,13 @@ pub struct Geometry {
     pub groups: usize,
 }
 
-/// Whether the fast path is on: `CKPT_CPU_CONV=candle` turns it off (for benchmarks and for
-/// checking a result against candle's own convolution).
-fn fast_path_enabled() -> bool {
+/// Whether the CPU kernels here and in `fused` take `x`: an f32 tensor on the CPU, unless
+/// `CKPT_CPU_CONV=candle` (for benchmarks, and to run on the CPU the candle path other devices
+/// take, so that tests can check it).
+pub fn cpu_kernels_for(x: &Tensor) -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("CKPT_CPU_CONV").map_or(true, |v| v != "candle"))
+    let on = *ON.get_or_init(|| std::env::var("CKPT_CPU_CONV").map_or(true, |v| v != "candle"));
+    on && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// `act(conv2d(x, weight) + shift[c] + residual)`: x is [N, Cin, H, W], weight
@@ -76,8 +78,7 @@ pub fn conv2d(
     residual: Option<&Tensor>,
     act: Act,
 ) -> Result<Tensor> {
-    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32;
-    if cpu_f32 && fast_path_enabled() {
+    if cpu_kernels_for(x) && weight.dtype() == DType::F32 {
         let op = ConvOp {
             g,
             shift: shift.map(|s| s.0),
@@ -688,7 +689,7 @@ impl CustomOp3 for ConvOp<'_> {
 /// elsewhere candle's pool over an edge-replicated copy, which is exact for a maximum since the
 /// replicated value is already in the window.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4 && fast_path_enabled() {
+    if cpu_kernels_for(x) && x.rank() == 4 {
         return x.contiguous()?.apply_op1_no_bwd(&MaxPool3x3S2);
     }
     x.pad_with_same(2, 1, 1)?

@@ -11,6 +11,8 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::cpu_conv::cpu_kernels_for;
+
 struct ChannelAffine {
     scale: Option<Vec<f32>>,
     shift: Vec<f32>,
@@ -59,7 +61,7 @@ pub fn channel_affine(
     shift: &Tensor,
     relu: bool,
 ) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2 {
+    if cpu_kernels_for(x) && x.rank() >= 2 {
         let x = x.contiguous()?;
         let op = ChannelAffine {
             scale: scale.map(|s| s.to_vec1::<f32>()).transpose()?,
@@ -97,7 +99,7 @@ pub fn channel_moments(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
     let (n, c) = (dims[0], dims[1]);
     let plane: usize = dims[2..].iter().product();
     let count = (n * plane).max(1) as f64;
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if cpu_kernels_for(x) {
         let x = x.contiguous()?;
         let (storage, layout) = x.storage_and_layout();
         let (start, end) = layout
