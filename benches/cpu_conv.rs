@@ -15,6 +15,10 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use ckpt::models::cpu_conv::{candle_conv2d, conv2d, Act, Geometry};
 
+/// As in the binary (see `ckpt::alloc`): without it every fresh 100 MB output is page-faulted in.
+#[global_allocator]
+static ALLOC: ckpt::alloc::CachingAllocator = ckpt::alloc::CachingAllocator::new();
+
 struct Layer {
     name: &'static str,
     cin: usize,
