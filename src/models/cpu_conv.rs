@@ -351,7 +351,7 @@ impl ConvOp<'_> {
         for (j, plane) in out.chunks_mut(p).enumerate() {
             let b = self.shift.map_or(0.0, |s| s[c0 + j]);
             let r = residual.map(|r| &r[j * p..][..p]);
-            simd.epilogue(plane, b, r, self.act);
+            simd.epilogue(plane, 1.0, b, r, self.act);
         }
     }
 }
@@ -436,14 +436,14 @@ fn im2col(x: &Phased, cin_g: usize, d: Dims, g: Geometry, rows: Range<usize>, co
 /// the crate is built for baseline x86-64, and these loops are 2-3x faster with AVX2 and FMA
 /// (the gemm crate dispatches the same way).
 #[derive(Clone, Copy)]
-enum Simd {
+pub(crate) enum Simd {
     Baseline,
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
 }
 
 impl Simd {
-    fn detect() -> Simd {
+    pub(crate) fn detect() -> Simd {
         #[cfg(target_arch = "x86_64")]
         {
             static AVX2_FMA: OnceLock<bool> = OnceLock::new();
@@ -473,12 +473,20 @@ impl Simd {
         }
     }
 
-    fn epilogue(self, plane: &mut [f32], shift: f32, residual: Option<&[f32]>, act: Act) {
+    /// act(v * scale + shift + residual) over one plane, in place.
+    pub(crate) fn epilogue(
+        self,
+        plane: &mut [f32],
+        scale: f32,
+        shift: f32,
+        residual: Option<&[f32]>,
+        act: Act,
+    ) {
         match self {
-            Simd::Baseline => epilogue::<false>(plane, shift, residual, act),
+            Simd::Baseline => epilogue::<false>(plane, scale, shift, residual, act),
             // SAFETY: detect() found AVX2 and FMA on this CPU.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2Fma => unsafe { epilogue_avx2(plane, shift, residual, act) },
+            Simd::Avx2Fma => unsafe { epilogue_avx2(plane, scale, shift, residual, act) },
         }
     }
 }
@@ -498,8 +506,14 @@ unsafe fn depthwise_plane_avx2(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn epilogue_avx2(plane: &mut [f32], shift: f32, residual: Option<&[f32]>, act: Act) {
-    epilogue::<true>(plane, shift, residual, act)
+unsafe fn epilogue_avx2(
+    plane: &mut [f32],
+    scale: f32,
+    shift: f32,
+    residual: Option<&[f32]>,
+    act: Act,
+) {
+    epilogue::<true>(plane, scale, shift, residual, act)
 }
 
 /// a * b + c, fused where the CPU has FMA (a call into libm where it has not, so not there).
@@ -512,17 +526,25 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// act(v + shift + residual) over one plane.
+/// act(v * s + b + residual) over one plane (s = 1 after a convolution: exactly v + b).
 #[inline(always)]
-fn epilogue<const FMA: bool>(plane: &mut [f32], b: f32, residual: Option<&[f32]>, act: Act) {
+fn epilogue<const FMA: bool>(
+    plane: &mut [f32],
+    s: f32,
+    b: f32,
+    residual: Option<&[f32]>,
+    act: Act,
+) {
     macro_rules! each {
         ($act:expr) => {
             match residual {
                 Some(r) => plane
                     .iter_mut()
                     .zip(r)
-                    .for_each(|(v, &r)| *v = $act(*v + b + r)),
-                None => plane.iter_mut().for_each(|v| *v = $act(*v + b)),
+                    .for_each(|(v, &r)| *v = $act(madd::<FMA>(*v, s, b) + r)),
+                None => plane
+                    .iter_mut()
+                    .for_each(|v| *v = $act(madd::<FMA>(*v, s, b))),
             }
         };
     }
@@ -636,6 +658,30 @@ fn depthwise_plane<const FMA: bool>(
     }
 }
 
+impl ConvOp<'_> {
+    /// The CPU forward of both custom ops: without and with a residual.
+    fn cpu_forward(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        (ws, wl): (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(xl, wl)?;
+        let shape = Shape::from((d.n, d.cout, d.ho, d.wo));
+        let r = match residual {
+            Some((rs, rl)) => {
+                if rl.shape() != &shape {
+                    candle_core::bail!("cpu conv: residual {:?} for output {shape:?}", rl.shape());
+                }
+                Some(f32_slice(rs, rl, "residual")?)
+            }
+            None => None,
+        };
+        let (x, w) = (f32_slice(xs, xl, "input")?, f32_slice(ws, wl, "weight")?);
+        Ok((CpuStorage::F32(self.run(x, w, r, d)?), shape))
+    }
+}
+
 impl CustomOp2 for ConvOp<'_> {
     fn name(&self) -> &'static str {
         "cpu-conv2d"
@@ -648,14 +694,7 @@ impl CustomOp2 for ConvOp<'_> {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = self.dims(xl, wl)?;
-        let out = self.run(
-            f32_slice(xs, xl, "input")?,
-            f32_slice(ws, wl, "weight")?,
-            None,
-            d,
-        )?;
-        Ok((CpuStorage::F32(out), Shape::from((d.n, d.cout, d.ho, d.wo))))
+        self.cpu_forward((xs, xl), (ws, wl), None)
     }
 }
 
@@ -673,14 +712,7 @@ impl CustomOp3 for ConvOp<'_> {
         rs: &CpuStorage,
         rl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = self.dims(xl, wl)?;
-        let shape = Shape::from((d.n, d.cout, d.ho, d.wo));
-        if rl.shape() != &shape {
-            candle_core::bail!("cpu conv: residual {:?} for output {:?}", rl.shape(), shape);
-        }
-        let (x, w) = (f32_slice(xs, xl, "input")?, f32_slice(ws, wl, "weight")?);
-        let out = self.run(x, w, Some(f32_slice(rs, rl, "residual")?), d)?;
-        Ok((CpuStorage::F32(out), shape))
+        self.cpu_forward((xs, xl), (ws, wl), Some((rs, rl)))
     }
 }
 

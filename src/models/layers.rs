@@ -204,8 +204,19 @@ impl BatchNorm {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        self.forward_add_act(x, None, ctx, Act::None)
+    }
+
+    /// act(BN(x) + residual), one pass on the CPU.
+    pub fn forward_add_act(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        ctx: &mut Ctx,
+        act: Act,
+    ) -> Result<Tensor> {
         match ctx.mode {
-            BnMode::Eval => channel_affine(x, Some(&self.scale), &self.shift, false),
+            BnMode::Eval => channel_affine(x, Some(&self.scale), &self.shift, residual, act),
             BnMode::Calibrate => {
                 let (n, c, h, w) = x.dims4()?;
                 let (mean, var) = channel_moments(x)?;
@@ -227,12 +238,8 @@ impl BatchNorm {
                 }
                 let dev = x.device();
                 let (scale, shift) = (Tensor::new(scale, dev)?, Tensor::new(shift, dev)?);
-                channel_affine(
-                    x,
-                    Some(&scale.to_dtype(x.dtype())?),
-                    &shift.to_dtype(x.dtype())?,
-                    false,
-                )
+                let (scale, shift) = (scale.to_dtype(x.dtype())?, shift.to_dtype(x.dtype())?);
+                channel_affine(x, Some(&scale), &shift, residual, act)
             }
         }
     }
@@ -306,11 +313,8 @@ impl ConvBn {
                 cpu_conv::conv2d(x, &f.weight, f.geometry, shift, residual, act)
             }
             BnMode::Calibrate => {
-                let mut y = self.bn.forward(&self.conv.forward(x)?, ctx)?;
-                if let Some(r) = residual {
-                    y = (y + r)?;
-                }
-                act.tensor(&y)
+                self.bn
+                    .forward_add_act(&self.conv.forward(x)?, residual, ctx, act)
             }
         }
     }
