@@ -7,11 +7,21 @@
 //!
 //! - dense and grouped convolutions are an im2col (skipped for 1x1 stride-1, where the input
 //!   plane already is the gemm's right-hand side) into the `gemm` crate, one image per rayon task
-//!   when the batch can keep every thread busy, else one image at a time with gemm's own threads;
-//! - depthwise convolutions (groups = channels) are a direct kernel, one plane per task, whose
-//!   stride-1 inner loop is a contiguous multiply-add the compiler vectorises;
+//!   when the batch can keep every thread busy, else one image at a time with gemm's own threads.
+//!   Output rows are unfolded in blocks of about a core's L2, and strided convolutions unfold
+//!   from a copy of the input whose rows are split into stride phases, so every copy is a
+//!   contiguous run rather than a gather;
+//! - depthwise convolutions (groups = channels) are a direct kernel, one plane per task, over a
+//!   zero-padded, phase-split copy of the plane, so each tap is a contiguous multiply-add of one
+//!   output row that stays in L1;
 //! - the epilogue `act(conv + shift[c] + residual)` runs on each image's output while it is still
-//!   in cache, replacing three or four full passes over the activation.
+//!   in cache, replacing three or four full passes over the activation (the same kernel serves
+//!   calibrate-mode BN in `fused`);
+//! - ResNet's 3x3 stride-2 max pool is one pass per plane.
+//!
+//! The element-wise kernels are compiled twice, for baseline x86-64 and for AVX2 + FMA, and
+//! picked at run time; gemm dispatches its own. Measured speeds: README.md, "Performance", and
+//! `cargo bench --bench cpu_conv`.
 //!
 //! Everything else (other devices and dtypes, or `CKPT_CPU_CONV=candle` to measure the
 //! difference) takes candle's conv2d and tensor ops, so a model is one description for CPU and
