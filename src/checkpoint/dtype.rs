@@ -199,6 +199,20 @@ pub fn read_f64(src: &[u8], dtype: DType, i: usize) -> f64 {
     }
 }
 
+/// Every element of `src` as f32 (floating dtypes only): f32 data is copied as it is, f16 and
+/// bf16 widen exactly, f64 rounds to nearest.
+pub fn to_f32_vec(src: &[u8], dtype: DType) -> Vec<f32> {
+    if dtype == DType::F32 {
+        return src
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+    }
+    (0..src.len() / dtype.size())
+        .map(|i| read_f64(src, dtype, i) as f32)
+        .collect()
+}
+
 /// Rounds each f64 once (to nearest, ties to even) into `dtype` and writes it to `dst`.
 pub fn store(acc: &[f64], dtype: DType, dst: &mut [u8]) {
     debug_assert_eq!(dst.len(), acc.len() * dtype.size());

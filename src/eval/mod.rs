@@ -38,16 +38,7 @@ pub fn read_input_batch(ck: &Checkpoint, name: &str, model: &Model) -> Result<Te
         );
     }
     let bytes = ck.bytes(t);
-    let v: Vec<f32> = if t.dtype == ckdtype::DType::F32 {
-        bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
-    } else {
-        (0..t.numel())
-            .map(|i| ckdtype::read_f64(&bytes, t.dtype, i) as f32)
-            .collect()
-    };
+    let v = ckdtype::to_f32_vec(&bytes, t.dtype);
     Ok(Tensor::from_vec(v, t.shape.clone(), &model.device)?)
 }
 

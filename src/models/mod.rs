@@ -338,9 +338,7 @@ impl SimpleBackend for CheckpointBackend<'_> {
             candle_core::bail!("tensor {name} is {}, expected a floating dtype", t.dtype);
         }
         let bytes = self.ck.bytes(t);
-        let values: Vec<f32> = (0..t.numel())
-            .map(|i| ckdtype::read_f64(&bytes, t.dtype, i) as f32)
-            .collect();
+        let values = ckdtype::to_f32_vec(&bytes, t.dtype);
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             candle_core::bail!("tensor {name} has {} at element {i}", values[i]);
         }
