@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use ckpt::models::cpu_conv::{candle_conv2d, conv2d, Act, Geometry};
+use ckpt::models::cpu_conv::{candle_conv2d, conv2d, Act, Geometry, Kernels};
 
 /// As in the binary (see `ckpt::alloc`): without it every fresh 100 MB output is page-faulted in.
 #[global_allocator]
@@ -237,7 +237,17 @@ fn main() -> Result<()> {
             }
             Ok(best)
         };
-        let fast = best(&|| Ok(conv2d(&x, &w, g, Some((&sv, &shift)), None, Act::Relu)?))?;
+        let fast = best(&|| {
+            Ok(conv2d(
+                Kernels::Fast,
+                &x,
+                &w,
+                g,
+                Some((&sv, &shift)),
+                None,
+                Act::Relu,
+            )?)
+        })?;
         let slow = best(&|| Ok(candle_conv2d(&x, &w, g, Some(&shift), None, Act::Relu)?))?;
         fast_total += fast;
         candle_total += slow;

@@ -43,10 +43,13 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
-/// Resolves a spec to a candle device. `note` receives one line: which GPU runs the passes, or
-/// why `auto` falls back to the CPU (nothing for an explicit `cpu`).
-pub fn resolve(spec: DeviceSpec, note: impl Fn(&str)) -> Result<candle_core::Device> {
-    match spec {
+/// Resolves a spec (`None`: none asked for, which is `auto`) to a candle device. `note` receives
+/// one line: which GPU runs the passes, or why `auto` falls back to the CPU. Nothing is said for
+/// an explicit `cpu`, nor for a build without CUDA when no device was asked for: there the CPU is
+/// the only choice and not news.
+pub fn resolve(spec: Option<DeviceSpec>, note: impl Fn(&str)) -> Result<candle_core::Device> {
+    let explicit = spec.is_some();
+    match spec.unwrap_or_default() {
         DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
         DeviceSpec::Cuda(n) => {
             let d = cuda(n)?;
@@ -62,8 +65,10 @@ pub fn resolve(spec: DeviceSpec, note: impl Fn(&str)) -> Result<candle_core::Dev
             }
             let why = if cfg!(feature = "cuda") {
                 "no usable CUDA GPU found"
-            } else {
+            } else if explicit {
                 "this ckpt was built without the cuda feature"
+            } else {
+                return Ok(candle_core::Device::Cpu);
             };
             note(&format!("--device auto: {why}; running on the CPU"));
             Ok(candle_core::Device::Cpu)

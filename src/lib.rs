@@ -1,8 +1,10 @@
 //! ckpt: make a trained image classifier better from its saved checkpoints alone.
 //!
-//! Data flows one way: [`commands`] (argument handling and all printing) call the engines
-//! ([`average`]), which read and write through [`checkpoint`]. Engines never print; progress goes
-//! through the small [`report::Reporter`] a command hands them.
+//! Data flows one way: [`cli`] (the one definition of the command line) <- [`commands`] (one
+//! thin file per subcommand: arguments to engine configurations, then all printing) -> the
+//! engines ([`average`], [`bn`], [`eval`], [`models`], [`data`]) -> [`checkpoint`] (I/O, which
+//! knows no architecture). Engines never import the CLI or a command and never print; progress
+//! goes through the small [`report::Reporter`] a command hands them. No command imports another.
 
 pub mod alloc;
 pub mod average;

@@ -8,12 +8,18 @@ static ALLOC: ckpt::alloc::CachingAllocator = ckpt::alloc::CachingAllocator::new
 
 fn main() -> ExitCode {
     let cli = ckpt::cli::parse();
-    match ckpt::commands::run(cli) {
+    let code = match ckpt::commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if ckpt::report::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("ckpt: {}", ckpt::report::one_line(&err));
             ExitCode::FAILURE
         }
+    };
+    if std::env::var_os(ckpt::report::PEAK_RSS_ENV).is_some() {
+        if let Some(kb) = ckpt::report::peak_rss_kb() {
+            eprintln!("ckpt: peak resident memory {kb} kB");
+        }
     }
+    code
 }

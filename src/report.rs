@@ -99,3 +99,44 @@ pub fn human_bytes(n: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+/// Testing hook: `CKPT_TEST_PAUSE=<point>:<file>` makes a pass stop at the named point, create
+/// `<file>` and wait until the test removes it (at most 60 s). A test can then signal, truncate
+/// or rewrite something at a known moment instead of racing the process. Points: `average`
+/// (after the outputs are created, before any tensor is averaged) and `calibrate` (before a
+/// calibration pass's first batch).
+pub fn test_pause(point: &str) {
+    let Some(spec) = std::env::var_os("CKPT_TEST_PAUSE") else {
+        return;
+    };
+    let spec = spec.to_string_lossy();
+    let Some((p, file)) = spec.split_once(':') else {
+        return;
+    };
+    if p != point {
+        return;
+    }
+    let file = std::path::Path::new(file);
+    if std::fs::write(file, point).is_err() {
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    while file.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The process's peak resident memory in kB (Linux's VmHWM), if the system says.
+///
+/// Unlike the `ru_maxrss` a parent reads with `wait4`, this counts only this program: `ru_maxrss`
+/// keeps the high-water mark of the process image that `exec` replaced, which for a child of a
+/// large process (a test runner, a Python benchmark) is that process's size.
+pub fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `CKPT_REPORT_PEAK_RSS=1`: the binary ends with one stderr line `ckpt: peak resident memory N
+/// kB`, for tests and benchmarks that hold memory use to a bound.
+pub const PEAK_RSS_ENV: &str = "CKPT_REPORT_PEAK_RSS";

@@ -138,3 +138,62 @@ fn per_step_needs_numbers() {
     ])
     .fails_with(&["final.safetensors", "step number"]);
 }
+
+/// Issue 14: `ema --recal-bn DIR` in one command writes the tensors that `ema` followed by
+/// `recal-bn` over DIR writes (the average judged in memory is the average written), and no
+/// intermediate file.
+#[test]
+fn ema_with_recal_bn_equals_ema_then_recal_bn_issue_14() {
+    let d = TestDir::new();
+    let train = p(&fixture("digits/train"));
+    let digits: Vec<String> = crate::eval::DIGITS.iter().map(|s| s.to_string()).collect();
+    let mut one = vec!["-q".to_string(), "ema".into()];
+    one.extend(snapshots().iter().map(|s| p(s)));
+    one.extend(
+        [
+            "--decay",
+            "0.5",
+            "-o",
+            "one.safetensors",
+            "--recal-bn",
+            &train,
+        ]
+        .map(String::from),
+    );
+    one.extend(digits.iter().cloned());
+    d.run(&one).ok();
+    let mut plain = vec!["-q".to_string(), "ema".into()];
+    plain.extend(snapshots().iter().map(|s| p(s)));
+    plain.extend(["--decay", "0.5", "-o", "plain.safetensors"].map(String::from));
+    d.run(&plain).ok();
+    let mut recal = vec![
+        "-q".to_string(),
+        "recal-bn".into(),
+        "plain.safetensors".into(),
+    ];
+    recal.extend(["--data", &train, "-o", "two.safetensors"].map(String::from));
+    recal.extend(digits.iter().cloned());
+    d.run(&recal).ok();
+    assert_eq!(
+        d.listing(),
+        ["one.safetensors", "plain.safetensors", "two.safetensors"],
+        "no intermediate file left"
+    );
+    let (a, b) = (
+        read_st(&d.path("one.safetensors")),
+        read_st(&d.path("two.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    let mut recalibrated = 0;
+    for (k, t) in &a {
+        assert_eq!(t, &b[k], "{k}");
+        recalibrated += usize::from(k.ends_with("running_var"));
+    }
+    assert!(recalibrated > 0);
+    // The statistics did change: they are not the averaged ones.
+    let plain = read_st(&d.path("plain.safetensors"));
+    assert_ne!(plain["bn1.running_var"], a["bn1.running_var"]);
+    let m = read_metadata(&d.path("one.safetensors"));
+    assert_eq!(m["ckpt.method"], "ema");
+    assert_eq!(m["ckpt.recal.estimator"], "population");
+}

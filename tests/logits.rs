@@ -1,12 +1,18 @@
 //! `ckpt logits --input` against torchvision's eval-mode logits for one small model per family
-//! (made by fixtures/make_fixtures.py). Tolerance: 1e-4 of the largest logit; f32 convolutions
-//! summed in another order differ by a few 1e-7, which is what is measured. Each family runs
+//! (made by fixtures/make_fixtures.py). Tolerance: [`LOGITS_TOLERANCE`] of the largest logit; f32
+//! convolutions summed in another order differ by a few 1e-7, which is what is measured. Each family runs
 //! twice: on the CPU kernels, and with `CKPT_CPU_CONV=candle` on the candle ops that every other
 //! device (CUDA) runs, so that path stays checked without a GPU.
 
 use safetensors::Dtype;
 
 use crate::util::*;
+
+/// Largest difference from torchvision's logits, relative to the largest logit. Measured: at
+/// most 5e-7 on both paths (f32 sums in another order); 4e-6 leaves room for other CPUs' FMA and
+/// thread counts and still fails a wrong padding, activation or BN epsilon by orders of
+/// magnitude.
+const LOGITS_TOLERANCE: f64 = 4e-6;
 
 fn check_family(model: &str, io: &str, arch_words: &[&str]) {
     for env in [&[][..], &[("CKPT_CPU_CONV", "candle")][..]] {
@@ -49,7 +55,7 @@ fn check_family_with(model: &str, io: &str, arch_words: &[&str], env: &[(&str, &
         .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
         / scale;
     assert!(
-        worst < 1e-4,
+        worst < LOGITS_TOLERANCE,
         "{model} {env:?}: relative difference {worst:e}"
     );
 }
@@ -206,4 +212,72 @@ fn bad_model_or_input_is_a_clear_error() {
         .fails_with(&["--device cuda:0", "without the cuda feature"]);
     }
     assert!(!d.path("o.safetensors").exists());
+}
+
+/// Issue 14: `logits --data` over a labelled folder writes every image's logits and label in
+/// folder order, with the image paths in the metadata; top-1 computed from them is PyTorch's
+/// (fixtures/expected/digits_accuracy.json, the same 200 digits), and --top-k keeps each row's
+/// largest logits.
+#[test]
+fn logits_over_a_folder_give_pytorchs_accuracy_issue_14() {
+    let d = TestDir::new();
+    let model = p(&fixture("tiny/epoch_10.safetensors"));
+    let data = p(&fixture("digits/val"));
+    let mut args: Vec<String> = [
+        "-q",
+        "logits",
+        &model,
+        "--data",
+        &data,
+        "-o",
+        "all.safetensors",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(crate::eval::DIGITS.iter().map(|s| s.to_string()));
+    d.run(&args).ok();
+    let got = read_st(&d.path("all.safetensors"));
+    assert_eq!(got["logits"].shape, vec![200, 10]);
+    assert_eq!(got["labels"].shape, vec![200]);
+    let logits = as_f64(&got["logits"]);
+    let labels: Vec<i64> = got["labels"]
+        .data
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let argmax = |row: &[f64]| (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
+    let correct = logits
+        .chunks(10)
+        .zip(&labels)
+        .filter(|(row, &l)| argmax(row) as i64 == l)
+        .count();
+    let want = crate::eval::accuracy_reference()["epoch_10"]["top1"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (100.0 * correct as f64 / 200.0 - want).abs() <= 0.5,
+        "top-1 from the logits {correct}/200, PyTorch {want} %"
+    );
+    let meta = read_metadata(&d.path("all.safetensors"));
+    let images: Vec<String> = serde_json::from_str(&meta["ckpt.images"]).unwrap();
+    assert_eq!(images.len(), 200);
+    let mut sorted = images.clone();
+    sorted.sort();
+    assert_eq!(images, sorted, "folder order");
+    // Labels follow the class folders.
+    for (img, l) in images.iter().zip(&labels) {
+        assert!(img.starts_with(&format!("{l}/")), "{img} has label {l}");
+    }
+    args[6] = "top.safetensors".into();
+    args.extend(["--top-k".to_string(), "3".into()]);
+    d.run(&args).ok();
+    let top = read_st(&d.path("top.safetensors"));
+    let idx: Vec<i64> = top["topk_indices"]
+        .data
+        .chunks(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    for (row, first) in logits.chunks(10).zip(idx.chunks(3)) {
+        assert_eq!(first[0], argmax(row) as i64);
+    }
 }

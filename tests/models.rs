@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 
-use ckpt::models::{detect, Config, Model, ShapeOnlyBackend, Shapes};
+use ckpt::models::{detect, resnet, Model, ShapeOnlyBackend, Shapes};
 
 use crate::util::fixture;
 
@@ -85,9 +85,10 @@ fn other_class_counts_and_depths_are_read_from_shapes() {
     let mut s = real_size()["resnet18"].clone();
     s.insert("fc.weight".into(), vec![37, 512]);
     s.insert("fc.bias".into(), vec![37]);
-    match detect(&s, None).unwrap() {
-        Config::ResNet(c) => assert_eq!((c.num_classes, c.blocks), (37, [2, 2, 2, 2])),
-        other => panic!("{other:?}"),
+    let detected = detect(&s, None).unwrap();
+    match detected.downcast::<resnet::Config>() {
+        Some(c) => assert_eq!((c.num_classes, c.blocks), (37, [2, 2, 2, 2])),
+        None => panic!("{detected:?}"),
     }
 }
 
@@ -202,7 +203,7 @@ fn calibrate_mode_matches_pytorch_train_mode_bn() {
 #[test]
 fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
     use candle_core::{Device, Tensor};
-    use ckpt::models::cpu_conv::{candle_conv2d, conv2d, Act, Geometry};
+    use ckpt::models::cpu_conv::{candle_conv2d, conv2d, Act, Geometry, Kernels};
 
     // (what uses it, cin, cout, k, stride, groups)
     let classes: &[(&str, usize, usize, usize, usize, usize)] = &[
@@ -266,7 +267,7 @@ fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
                                 res.is_some()
                             );
                             let s = with_shift.then_some((sv.as_slice(), &shift));
-                            let got = conv2d(&x, &w, g, s, res, act).unwrap();
+                            let got = conv2d(Kernels::Fast, &x, &w, g, s, res, act).unwrap();
                             let want = candle_conv2d(&x, &w, g, s.map(|s| s.1), res, act).unwrap();
                             check(&what, &want, &got);
                             cases += 1;
@@ -286,7 +287,8 @@ fn cpu_max_pool_equals_candle_issue_9() {
     use candle_core::{Device, Tensor};
     for (h, w) in [(8, 8), (9, 7), (1, 1), (2, 3), (112, 112)] {
         let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu).unwrap();
-        let got = ckpt::models::cpu_conv::max_pool_3x3_s2_p1(&x).unwrap();
+        let got =
+            ckpt::models::cpu_conv::max_pool_3x3_s2_p1(ckpt::models::Kernels::Fast, &x).unwrap();
         let want = x
             .pad_with_same(2, 1, 1)
             .unwrap()
@@ -301,4 +303,101 @@ fn cpu_max_pool_equals_candle_issue_9() {
         );
         assert_eq!(g, w_, "{h}x{w}");
     }
+}
+
+/// Issue 14: one process holds a frozen model on the fast kernels and a trainable copy on
+/// candle's differentiable ops (as distillation will); the trainable copy runs FixRes's modes
+/// (every BN in eval but the last, which trains) and gradients reach exactly the parameters
+/// built as `Var`s.
+#[test]
+fn frozen_and_trainable_models_side_by_side_issue_14() {
+    use ckpt::checkpoint::Checkpoint;
+    use ckpt::models::{BnMode, BuildOptions, Ctx, Kernels};
+    let ck = Checkpoint::open(fixture("tiny/epoch_10.safetensors"), &Default::default()).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let frozen = Model::load(&ck, None, &dev).unwrap();
+    let pick = |p: &str| p.starts_with("fc.");
+    let trainable = Model::load_with(
+        &ck,
+        None,
+        &dev,
+        &BuildOptions {
+            trainable: Some(&pick),
+            ..BuildOptions::default()
+        },
+    )
+    .unwrap()
+    .with_kernels(Kernels::Candle);
+    let names: Vec<&str> = trainable
+        .trainable()
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(names, ["fc.weight", "fc.bias"]);
+    let io = Checkpoint::open(
+        fixture("zoo/tiny_resnet_io.safetensors"),
+        &Default::default(),
+    )
+    .unwrap();
+    let x = ckpt::eval::read_input_batch(&io, "input", &frozen).unwrap();
+
+    // Eval mode: the two kernels agree.
+    let a = frozen.forward(&x, &mut Ctx::eval()).unwrap();
+    let b = trainable.forward(&x, &mut Ctx::eval()).unwrap();
+    let diff = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = a
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff <= 1e-5 * scale,
+        "fast and candle kernels: {diff} of {scale}"
+    );
+
+    // FixRes: the last BN trains, the rest stay in eval.
+    let last = trainable.bn.len() - 1;
+    let mut modes = vec![BnMode::Eval; trainable.bn.len()];
+    modes[last] = BnMode::Train;
+    let before: Vec<Vec<f32>> = trainable
+        .bn
+        .iter()
+        .map(|l| l.running().mean.clone())
+        .collect();
+    let mut ctx = Ctx {
+        layer_modes: Some(&modes),
+        ..Ctx::default()
+    };
+    let y = trainable.forward(&x, &mut ctx).unwrap();
+    let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, v) in trainable.trainable() {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0, "{name}");
+    }
+    for (i, l) in trainable.bn.iter().enumerate() {
+        let r = l.running();
+        assert_eq!(r.batches, u64::from(i == last), "{}", l.prefix);
+        assert_eq!(r.mean != before[i], i == last, "{}", l.prefix);
+    }
+    // The frozen model shares nothing with the trained one.
+    assert!(frozen.bn.iter().all(|l| l.running().batches == 0));
+    assert!(frozen.trainable().is_empty());
 }

@@ -25,8 +25,7 @@ fn accuracy_at_each_size_equals_torchvision_within_one_image() {
             "24,32,40,48",
             "--crop-pct",
             "1.0,0.875",
-            "--json",
-            "r.json",
+            "--json=r.json",
         ],
     )
     .ok();
@@ -71,7 +70,13 @@ fn csv_json_and_plot_outputs() {
         &d,
         &["tiny/epoch_10.safetensors"],
         &[
-            "--sizes", "24,32,40", "--csv", "r.csv", "--plot", "r.png", "--json", "r.json",
+            "--sizes",
+            "24,32,40",
+            "--csv",
+            "r.csv",
+            "--plot",
+            "r.png",
+            "--json=r.json",
         ],
     )
     .ok();
@@ -133,8 +138,7 @@ fn recal_at_a_size_equals_recal_bn_at_that_size() {
             &train,
             "--save-best",
             "best.safetensors",
-            "--json",
-            "r.json",
+            "--json=r.json",
         ],
     )
     .ok();

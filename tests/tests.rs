@@ -3,6 +3,7 @@
 mod util;
 
 mod bad_inputs;
+mod completions;
 mod data;
 mod ema;
 mod eval;

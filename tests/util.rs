@@ -292,3 +292,22 @@ pub fn sorted_keys<V>(m: &HashMap<String, V>) -> Vec<String> {
 pub fn sha256(path: &Path) -> String {
     format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()))
 }
+
+/// Runs `cmd` (a ckpt command) to completion and returns its output with its peak resident
+/// memory in kB, as the binary reports it under `CKPT_REPORT_PEAK_RSS` (its own VmHWM: a
+/// parent's `wait4` would count the test runner's memory too, which `exec` carries over into
+/// `ru_maxrss`). Fails, rather than skips, when the figure is missing.
+pub fn output_with_peak_rss(cmd: &mut std::process::Command) -> (std::process::Output, u64) {
+    let out = cmd
+        .env("CKPT_REPORT_PEAK_RSS", "1")
+        .output()
+        .expect("running ckpt");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let kb = err
+        .lines()
+        .find_map(|l| l.strip_prefix("ckpt: peak resident memory "))
+        .and_then(|l| l.strip_suffix(" kB"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no peak memory line in: {err}"));
+    (out, kb)
+}

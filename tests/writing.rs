@@ -82,55 +82,88 @@ fn output_folder_must_exist() {
         .fails_with(&["missing/out.safetensors", "does not exist"]);
 }
 
-#[test]
-fn interrupted_write_leaves_no_file() {
+/// Runs `ckpt args` paused at `point` (see `report::test_pause`), interrupts it there with
+/// SIGINT, and returns the output once it exits: the signal arrives mid-pass, never after.
+fn interrupted_at(d: &TestDir, point: &str, args: &[String]) -> std::process::Output {
     use std::process::{Command, Stdio};
-    let d = TestDir::new();
-    // Big enough inputs that the pass is still running when the signal arrives.
-    let n = 8_000_000usize;
-    for name in ["a", "b"] {
-        let bytes = vec![0u8; n * 4];
-        write_st(
-            &d.path(&format!("{name}.safetensors")),
-            &[("w", safetensors::Dtype::F32, vec![n], bytes)],
-        );
-    }
+    let marker = d.path(".paused");
     let child = Command::new(env!("CARGO_BIN_EXE_ckpt"))
-        .args([
-            "-q",
-            "--threads",
-            "1",
-            "swa",
-            "a.safetensors",
-            "b.safetensors",
-            "-o",
-            "out.safetensors",
-        ])
+        .args(args)
+        .env("CKPT_TEST_PAUSE", format!("{point}:{}", marker.display()))
         .current_dir(d.dir.path())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the temporary output exists, then interrupt.
     let t0 = std::time::Instant::now();
-    while !d.listing().iter().any(|f| f.ends_with(".tmp")) && t0.elapsed().as_secs() < 20 {
+    while !marker.exists() {
+        assert!(t0.elapsed().as_secs() < 60, "ckpt never reached {point}");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    unsafe { libc_kill(child.id() as i32, 2) };
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
-    let listing = d.listing();
-    if out.status.success() {
-        // The pass won the race; then the output must be complete.
-        assert_eq!(read_st(&d.path("out.safetensors")).len(), 1);
-    } else {
-        assert!(!listing.contains(&"out.safetensors".to_string()));
-        assert!(
-            !listing.iter().any(|f| f.ends_with(".tmp")),
-            "left behind: {listing:?}"
-        );
-    }
+    let _ = std::fs::remove_file(&marker);
+    out
 }
 
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
+#[test]
+fn interrupted_write_leaves_no_file() {
+    let d = TestDir::new();
+    for name in ["a", "b"] {
+        write_st(
+            &d.path(&format!("{name}.safetensors")),
+            &[("w", safetensors::Dtype::F32, vec![1000], vec![0u8; 4000])],
+        );
+    }
+    let args: Vec<String> = [
+        "-q",
+        "swa",
+        "a.safetensors",
+        "b.safetensors",
+        "-o",
+        "out.safetensors",
+    ]
+    .map(String::from)
+    .to_vec();
+    let out = interrupted_at(&d, "average", &args);
+    assert!(!out.status.success(), "the interrupted pass must fail");
+    let listing = d.listing();
+    assert_eq!(
+        listing,
+        ["a.safetensors", "b.safetensors"],
+        "left behind: {listing:?}"
+    );
+}
+
+/// Issue 14: a Ctrl-C while `swa --recal-bn` recalibrates the average (the signal arrives while
+/// the calibration pass is paused) leaves no file behind: the average lives in memory until the
+/// recalibrated output is written.
+#[test]
+fn interrupted_recalibration_leaves_no_file_issue_14() {
+    let d = TestDir::new();
+    d.copy_in(&[
+        fixture("tiny/epoch_5.safetensors"),
+        fixture("tiny/epoch_10.safetensors"),
+    ]);
+    let mut args: Vec<String> = [
+        "-q",
+        "swa",
+        "epoch_5.safetensors",
+        "epoch_10.safetensors",
+        "-o",
+        "out.safetensors",
+        "--recal-bn",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.push(p(&fixture("digits/train")));
+    args.extend(crate::eval::DIGITS.iter().map(|s| s.to_string()));
+    let out = interrupted_at(&d, "calibrate", &args);
+    assert!(!out.status.success(), "the interrupted pass must fail");
+    let listing = d.listing();
+    assert_eq!(
+        listing,
+        ["epoch_10.safetensors", "epoch_5.safetensors"],
+        "left behind: {listing:?}"
+    );
 }

@@ -7,6 +7,12 @@
 //! is therefore a few chunk-sized buffers per thread, whatever the size of the checkpoints or of
 //! any one tensor. Integer tensors (`num_batches_tracked`) are never averaged: an [`IntPolicy`]
 //! picks or combines them exactly, in their own dtype.
+//!
+//! An output goes to a [`Target`]: a checkpoint file (streamed, committed atomically at the end)
+//! or memory, where it becomes an in-memory [`Checkpoint`] that a model can be built from and
+//! judged before anything is written (BN recalibration of an average, soups). The arithmetic is
+//! the same for both, so an average written later from memory is byte-identical to one written
+//! straight to a file.
 
 pub mod select;
 pub mod weights;
@@ -27,8 +33,7 @@ use crate::report::Reporter;
 pub const CHUNK: usize = 1 << 15;
 
 /// What to do with integer (and bool) tensors, which are never averaged.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-#[value(rename_all = "lower")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum IntPolicy {
     /// Take the oldest snapshot's value
     First,
@@ -55,10 +60,18 @@ pub struct Config {
     pub force: bool,
 }
 
+/// Where an output of an averaging pass goes.
+#[derive(Clone, Debug)]
+pub enum Target {
+    File(OutputLayout),
+    /// An in-memory checkpoint, named in messages by the path given.
+    Memory(std::path::PathBuf),
+}
+
 /// One output of an averaging pass.
 #[derive(Clone, Debug)]
 pub struct OutputSpec {
-    pub layout: OutputLayout,
+    pub target: Target,
     /// One weight per input, summing to 1.
     pub weights: Vec<f64>,
     pub metadata: BTreeMap<String, String>,
@@ -213,14 +226,55 @@ struct Item {
     end: usize,
 }
 
-/// Runs the averaging pass and commits every output, or leaves none behind on error.
+/// Receives an output's bytes: tensor `i`'s bytes from `byte_offset` on, in any order, from
+/// any thread.
+trait Sink: Sync {
+    fn write(&self, i: usize, byte_offset: usize, bytes: &[u8]) -> Result<()>;
+}
+
+impl Sink for CheckpointWriter {
+    fn write(&self, i: usize, byte_offset: usize, bytes: &[u8]) -> Result<()> {
+        CheckpointWriter::write(self, i, byte_offset, bytes)
+    }
+}
+
+/// An output held in memory: one buffer per tensor.
+struct MemorySink {
+    tensors: Vec<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Sink for MemorySink {
+    fn write(&self, i: usize, byte_offset: usize, bytes: &[u8]) -> Result<()> {
+        let mut t = self.tensors[i].lock().unwrap_or_else(|e| e.into_inner());
+        t[byte_offset..byte_offset + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
+enum Writer {
+    File(CheckpointWriter),
+    Memory(MemorySink),
+}
+
+impl Writer {
+    fn sink(&self) -> &dyn Sink {
+        match self {
+            Writer::File(w) => w,
+            Writer::Memory(m) => m,
+        }
+    }
+}
+
+/// Runs the averaging pass and commits every file output, or leaves none behind on error.
+/// Returns the statistics and, for each output in order, its in-memory checkpoint when its
+/// target was memory.
 pub fn run(
     inputs: &[Checkpoint],
     plan: &Plan,
     outputs: &[OutputSpec],
     cfg: &Config,
     rep: &Reporter,
-) -> Result<Stats> {
+) -> Result<(Stats, Vec<Option<Checkpoint>>)> {
     let t0 = Instant::now();
     for o in outputs {
         if o.weights.len() != inputs.len() {
@@ -234,8 +288,22 @@ pub fn run(
     let planned = plan.planned_tensors();
     let writers = outputs
         .iter()
-        .map(|o| CheckpointWriter::create(&o.layout, planned.clone(), &o.metadata, cfg.force))
+        .map(|o| match &o.target {
+            Target::File(layout) => Ok(Writer::File(CheckpointWriter::create(
+                layout,
+                planned.clone(),
+                &o.metadata,
+                cfg.force,
+            )?)),
+            Target::Memory(_) => Ok(Writer::Memory(MemorySink {
+                tensors: planned
+                    .iter()
+                    .map(|t| std::sync::Mutex::new(vec![0u8; t.nbytes()]))
+                    .collect(),
+            })),
+        })
         .collect::<Result<Vec<_>>>()?;
+    crate::report::test_pause("average");
 
     let mut items = Vec::new();
     let mut total_read = 0u64;
@@ -293,13 +361,17 @@ pub fn run(
                         }
                         out.resize(n * e.out_dtype.size(), 0);
                         dtype::store(&accs[k], e.out_dtype, out);
-                        writers[k].write(item.entry, item.start * e.out_dtype.size(), out)?;
+                        writers[k].sink().write(
+                            item.entry,
+                            item.start * e.out_dtype.size(),
+                            out,
+                        )?;
                     }
                 }
                 Kind::Int => {
                     let bytes = combine_ints(inputs, e, cfg.int_policy)?;
                     for w in &writers {
-                        w.write(item.entry, 0, &bytes)?;
+                        w.sink().write(item.entry, 0, &bytes)?;
                     }
                     bar.inc((bytes.len() * e.holders.len()) as u64);
                 }
@@ -310,17 +382,36 @@ pub fn run(
     bar.finish_and_clear();
     let written: u64 =
         planned.iter().map(|t| t.nbytes() as u64).sum::<u64>() * outputs.len() as u64;
-    for w in writers {
-        w.commit()?;
+    let mut memory = Vec::new();
+    for (w, o) in writers.into_iter().zip(outputs) {
+        memory.push(match (w, &o.target) {
+            (Writer::File(w), _) => {
+                w.commit()?;
+                None
+            }
+            (Writer::Memory(m), Target::Memory(label)) => {
+                let bytes = m
+                    .tensors
+                    .into_iter()
+                    .map(|t| t.into_inner().unwrap_or_else(|e| e.into_inner()));
+                Some(Checkpoint::from_memory(
+                    label,
+                    planned.iter().cloned().zip(bytes).collect(),
+                    o.metadata.clone(),
+                )?)
+            }
+            (Writer::Memory(_), Target::File(_)) => unreachable!("writers follow their targets"),
+        });
     }
-    Ok(Stats {
+    let stats = Stats {
         tensors: plan.entries.len(),
         averaged: plan.entries.len() - plan.num_int(),
         integer: plan.num_int(),
         bytes_read: total_read,
         bytes_written: written,
         elapsed: t0.elapsed(),
-    })
+    };
+    Ok((stats, memory))
 }
 
 fn combine_ints(inputs: &[Checkpoint], e: &Entry, policy: IntPolicy) -> Result<Vec<u8>> {

@@ -16,14 +16,16 @@
 //! merge exactly: [`Stats`] is what `--stats-out` writes and `--merge` adds up.
 
 pub mod apply;
+pub mod pass;
+
+pub use pass::{pass, recalibrated};
 
 use anyhow::{bail, Context, Result};
 
 use crate::models::{BatchStats, BnObserver};
 
 /// Which estimate of the running statistics to store.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
-#[value(rename_all = "lower")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Estimator {
     /// fvcore's precise BN: statistics of all elements seen, weighted by count
     #[default]
@@ -225,6 +227,25 @@ impl BnObserver for Accumulator {
     }
 }
 
+/// A calibrate pass in the forward loop: every model runs in calibrate mode reporting here, and
+/// each output ends a batch.
+impl crate::eval::forward::Visitor for Accumulator {
+    fn ctx(&mut self, _: usize, _: usize) -> crate::models::Ctx<'_> {
+        crate::models::Ctx::calibrate(self)
+    }
+    fn output(
+        &mut self,
+        _: usize,
+        _: usize,
+        feed: &crate::eval::forward::Feed,
+        _: &candle_core::Tensor,
+        _: f64,
+    ) -> Result<()> {
+        self.end_batch(feed.len());
+        Ok(())
+    }
+}
+
 /// Names of the tensors a stats file holds for layer `i`.
 fn key(i: usize, what: &str) -> String {
     format!("layer{i}.{what}")
@@ -274,13 +295,9 @@ pub fn from_tensors(
 
 /// Runs every batch of `loader` through `model` in calibrate mode and collects the statistics.
 pub fn calibrate(model: &crate::models::Model, loader: &mut crate::data::Loader) -> Result<Stats> {
+    use crate::eval::forward;
     let mut acc = Accumulator::new(model.bn_layers.clone());
-    for b in loader.by_ref() {
-        let b = b?;
-        let x = crate::eval::batch_tensor(&b, &model.device)?;
-        model.forward(&x, &mut crate::models::Ctx::calibrate(&mut acc))?;
-        acc.end_batch(b.n);
-    }
+    forward::run(forward::single(loader.by_ref()), &[vec![model]], &mut acc)?;
     if acc.stats.batches == 0 {
         bail!("no images were read");
     }

@@ -38,6 +38,8 @@ pub enum Format {
     Safetensors,
     ShardedSafetensors,
     TorchSave,
+    /// Tensors made in memory by an engine (an average judged before it is written).
+    InMemory,
 }
 
 impl Format {
@@ -46,6 +48,7 @@ impl Format {
             Format::Safetensors => "safetensors",
             Format::ShardedSafetensors => "safetensors-sharded",
             Format::TorchSave => "torch-save",
+            Format::InMemory => "in-memory",
         }
     }
 }
@@ -175,6 +178,37 @@ impl Checkpoint {
             Self::open_file(path, opts)?
         };
         ck.normalise_names(opts)?;
+        Ok(ck)
+    }
+
+    /// A checkpoint of tensors held in memory, `(planned tensor, bytes)` in order; `label`
+    /// names it in messages. It reads no file: `files` is empty.
+    pub fn from_memory(
+        label: &Path,
+        tensors: Vec<(write::PlannedTensor, Vec<u8>)>,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Checkpoint> {
+        let mut ck = Self::empty(label, Format::InMemory);
+        ck.metadata = metadata;
+        for (t, bytes) in tensors {
+            if bytes.len() != t.nbytes() {
+                bail!(
+                    "tensor {}: {} bytes for {} {:?}",
+                    t.name,
+                    bytes.len(),
+                    t.dtype,
+                    t.shape
+                );
+            }
+            ck.push(TensorInfo {
+                name: t.name,
+                dtype: t.dtype,
+                shape: t.shape,
+                source: Source::Inflated(Arc::new(bytes)),
+                offset: 0,
+                stride: None,
+            })?;
+        }
         Ok(ck)
     }
 

@@ -27,7 +27,8 @@ pub struct Summary {
     /// Tensor count per dtype.
     pub dtypes: BTreeMap<String, usize>,
     pub bn_layers: Vec<String>,
-    /// The architecture recognised from the tensors, if any.
+    /// The architecture recognised from the tensors, if any (filled by the caller: this layer
+    /// knows no architecture).
     pub arch: Option<String>,
     pub metadata: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -51,9 +52,7 @@ pub fn summarize(ck: &Checkpoint, with_tensors: bool) -> Summary {
         total_bytes: ck.total_bytes(),
         dtypes,
         bn_layers: bn_layers(ck),
-        arch: crate::models::detect(&crate::models::shapes_of(ck), None)
-            .ok()
-            .map(|c| c.to_string()),
+        arch: None,
         metadata: ck.metadata.clone(),
         tensors: with_tensors.then(|| {
             ck.tensors()

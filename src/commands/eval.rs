@@ -1,39 +1,17 @@
 //! `ckpt eval`: top-1, top-5 and loss of a checkpoint on an ImageFolder.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use clap::Args;
 
-use crate::cli::{DataArgs, GlobalArgs, OpenArgs};
+use crate::cli::{EvalArgs, GlobalArgs};
+use crate::commands::common;
 use crate::eval;
 use crate::report::Reporter;
 
-/// Evaluate a checkpoint on an ImageFolder: top-1, top-5, loss
-///
-/// Images go through the eval transform as torchvision's Resize + CenterCrop + ToTensor +
-/// Normalize would make them; the model is recognised from the checkpoint.
-#[derive(Args, Debug)]
-pub struct EvalArgs {
-    /// Model checkpoint
-    #[arg(value_name = "MODEL")]
-    pub model: PathBuf,
-    #[command(flatten)]
-    pub data: DataArgs,
-    /// Architecture, instead of recognising it
-    #[arg(long, value_name = "NAME")]
-    pub arch: Option<String>,
-    /// Print one JSON object instead of text
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub open: OpenArgs,
-}
-
 pub fn run(args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
-    let (_, model) =
-        super::open_model(&args.model, &args.open, args.arch.as_deref(), global, &rep)?;
+    let (ck, model) = super::open_model(&args.model, global, &rep)?;
+    common::check_json(&args.json, &ck.files, args.force)?;
     let cfg = args.data.config(global.threads)?;
     let (ds, mut loader) = cfg.open(&rep)?;
     if !ds.is_labelled() {
@@ -52,14 +30,14 @@ pub fn run(args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     }
     rep.note(format!(
         "{}: {}; {} images",
-        args.model.display(),
+        args.model.model.display(),
         model.config,
         ds.len()
     ));
     let pass = eval::eval_pass(&model, &mut loader, false)?;
     let acc = pass.accuracy.unwrap_or_default();
     let report = serde_json::json!({
-        "model": args.model.display().to_string(),
+        "model": args.model.model.display().to_string(),
         "arch": model.config.name(),
         "data": ds.root.display().to_string(),
         "images": acc.images,
@@ -71,13 +49,9 @@ pub fn run(args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         "size": args.data.opts.size,
         "crop_pct": args.data.opts.crop_pct[0],
     });
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
+    if !args.json.to_stdout() {
         writeln!(
-            out,
+            std::io::stdout().lock(),
             "top-1 {:.3} %  top-5 {:.3} %  loss {:.4}  ({} images, {:.1} images/s)",
             acc.top1(),
             acc.top5(),
@@ -86,6 +60,7 @@ pub fn run(args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
             pass.summary.images_per_second()
         )?;
     }
+    common::emit_json(&args.json, &report, args.force)?;
     for s in &pass.summary.skipped {
         rep.note(format!("skipped {}", s.error));
     }

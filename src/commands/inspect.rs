@@ -1,43 +1,25 @@
 //! `ckpt inspect`: what a checkpoint holds.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::Args;
 
 use crate::checkpoint::summary::{summarize, Summary};
 use crate::checkpoint::Checkpoint;
-use crate::cli::{GlobalArgs, OpenArgs};
+use crate::cli::{GlobalArgs, InspectArgs};
+use crate::commands::common;
+use crate::models::{detect, shapes_of};
 use crate::report::{human_bytes, Reporter};
-
-/// Show a checkpoint's format, tensors, parameter count, BatchNorm layers and provenance
-#[derive(Args, Debug)]
-pub struct InspectArgs {
-    /// Checkpoint: .safetensors, sharded index or its folder, or a torch.save file
-    #[arg(value_name = "PATH")]
-    pub path: PathBuf,
-    #[command(flatten)]
-    pub open: OpenArgs,
-    /// List every tensor with its dtype and shape
-    #[arg(long)]
-    pub tensors: bool,
-    /// Print one JSON object instead of text
-    #[arg(long)]
-    pub json: bool,
-}
 
 pub fn run(args: InspectArgs, _global: &GlobalArgs, _rep: Reporter) -> Result<()> {
     let ck = Checkpoint::open(&args.path, &args.open.options())?;
-    let s = summarize(&ck, args.tensors);
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &s)?;
-        writeln!(out)?;
-    } else {
-        print_text(&mut out, &s)?;
+    let mut s = summarize(&ck, args.tensors);
+    s.arch = detect(&shapes_of(&ck), None).ok().map(|c| c.to_string());
+    common::check_json(&args.json, &ck.files, args.force)?;
+    if !args.json.to_stdout() {
+        print_text(&mut std::io::stdout().lock(), &s)?;
     }
-    Ok(())
+    common::emit_json(&args.json, &s, args.force)
 }
 
 fn print_text(out: &mut impl Write, s: &Summary) -> Result<()> {

@@ -1,66 +1,17 @@
 //! `ckpt logits`: a model's eval-mode logits for an input batch, as distillation targets or to
 //! check ckpt against PyTorch.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
-use clap::Args;
 
 use crate::checkpoint::provenance;
 use crate::checkpoint::write::{check_outputs, write_owned, OwnedTensor};
 use crate::checkpoint::{Checkpoint, DType};
-use crate::cli::{GlobalArgs, OpenArgs};
-use crate::device;
+use crate::cli::{GlobalArgs, LogitsArgs};
 use crate::eval;
-use crate::models::Model;
 use crate::report::Reporter;
 
-/// Compute a model's logits for a batch of images
-///
-/// With --input, a safetensors (or torch.save) file whose tensor `input` is an N x 3 x H x W
-/// batch, already normalised; with --data, a folder of images. Writes `logits` (N x classes,
-/// f32), or with --top-k the `topk_values` and `topk_indices` (offline distillation targets).
-/// The model is recognised from the checkpoint's tensor names and shapes.
-#[derive(Args, Debug)]
-pub struct LogitsArgs {
-    /// Model checkpoint
-    #[arg(value_name = "MODEL")]
-    pub model: PathBuf,
-    /// File holding the input batch as tensor `input` (see --input-key)
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "data",
-        conflicts_with = "data"
-    )]
-    pub input: Option<PathBuf>,
-    /// Folder of images instead (eval transform, see the data options); also writes `labels`
-    /// for an ImageFolder and records the image paths in the metadata
-    #[arg(long = "data", value_name = "DIR")]
-    pub data: Option<PathBuf>,
-    #[command(flatten)]
-    pub data_opts: crate::cli::DataOptions,
-    /// Name of the input tensor
-    #[arg(long, default_value = "input", value_name = "NAME")]
-    pub input_key: String,
-    /// Output safetensors file
-    #[arg(short, long, value_name = "OUT")]
-    pub output: PathBuf,
-    /// Replace an existing output
-    #[arg(long)]
-    pub force: bool,
-    /// Store only the K largest logits per image and their class indices
-    #[arg(long, value_name = "K")]
-    pub top_k: Option<usize>,
-    /// Architecture, instead of recognising it (e.g. resnet50, mobilenet_v2, efficientnet_b0)
-    #[arg(long, value_name = "NAME")]
-    pub arch: Option<String>,
-    #[command(flatten)]
-    pub open: OpenArgs,
-}
-
 pub fn run(args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
-    let ck = Checkpoint::open(&args.model, &args.open.options())?;
+    let ck = Checkpoint::open(&args.model.model, &args.model.open.options())?;
     if let Some(n) = ck.origin_note() {
         rep.note(n);
     }
@@ -72,10 +23,13 @@ pub fn run(args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     if let Some(i) = &input_ck {
         inputs.extend(i.files.clone());
     }
-    check_outputs(std::slice::from_ref(&args.output), &inputs, args.force)?;
-    let dev = device::resolve(global.device, |m| rep.note(m))?;
-    let model = Model::load(&ck, args.arch.as_deref(), &dev)?;
-    rep.note(format!("{}: {}", args.model.display(), model.config));
+    check_outputs(
+        std::slice::from_ref(&args.out.output),
+        &inputs,
+        args.out.force,
+    )?;
+    let model = super::load_model(&ck, args.model.arch.get(), global, &rep)?;
+    rep.note(format!("{}: {}", args.model.model.display(), model.config));
     let x = match &input_ck {
         Some(input_ck) => Some(eval::read_input_batch(input_ck, &args.input_key, &model)?),
         None => None,
@@ -159,10 +113,10 @@ pub fn run(args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let mut meta = provenance::metadata(&provenance::command_line(), &sources)?;
     meta.insert("ckpt.arch".into(), model.config.name());
     meta.extend(extra_meta);
-    write_owned(&args.output, &tensors, &meta, args.force)?;
+    write_owned(&args.out.output, &tensors, &meta, args.out.force)?;
     println!(
         "wrote {} ({n} images, {classes} classes)",
-        args.output.display()
+        args.out.output.display()
     );
     Ok(())
 }

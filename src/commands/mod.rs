@@ -1,7 +1,10 @@
-//! One thin file per subcommand: its arguments, and a `run` that turns them into an engine
-//! configuration, calls the engine and prints the result. The only code that prints.
+//! One thin file per subcommand: a `run` that turns its arguments (defined in `crate::cli`) into
+//! engine configurations, calls the engines and prints the result. The only code that prints.
+//! No command imports another: what several share is here ([`open_model`], [`device`]) or in
+//! [`common`].
 
-pub mod average_common;
+pub mod common;
+pub mod completions;
 pub mod ema;
 pub mod eval;
 pub mod inspect;
@@ -10,15 +13,11 @@ pub mod recal_bn;
 pub mod swa;
 pub mod sweep_res;
 
-use std::path::Path;
-
 use anyhow::Result;
 
 use crate::checkpoint::Checkpoint;
-use crate::cli::{GlobalArgs, OpenArgs};
+use crate::cli::{Cli, Command, GlobalArgs, ModelArgs};
 use crate::models::Model;
-
-use crate::cli::{Cli, Command};
 use crate::report::Reporter;
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -37,23 +36,37 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval::run(a, &cli.global, rep),
         Command::RecalBn(a) => recal_bn::run(a, &cli.global, rep),
         Command::SweepRes(a) => sweep_res::run(a, &cli.global, rep),
+        Command::Completions(a) => completions::run(a),
     }
 }
 
+/// The device `--device` asks for (auto when not given), with its one-line note.
+pub fn device(global: &GlobalArgs, rep: &Reporter) -> Result<candle_core::Device> {
+    crate::device::resolve(global.device, |m| rep.note(m))
+}
+
 /// Opens a model checkpoint, says how its state dict was found, and builds the network on the
-/// device `--device` asks for.
+/// device `--device` asks for, with the kernels `--kernels` chooses.
 pub fn open_model(
-    path: &Path,
-    open: &OpenArgs,
-    arch: Option<&str>,
+    args: &ModelArgs,
     global: &GlobalArgs,
     rep: &Reporter,
 ) -> Result<(Checkpoint, Model)> {
-    let ck = Checkpoint::open(path, &open.options())?;
+    let ck = Checkpoint::open(&args.model, &args.open.options())?;
     if let Some(n) = ck.origin_note() {
         rep.note(n);
     }
-    let dev = crate::device::resolve(global.device, |m| rep.note(m))?;
-    let model = Model::load(&ck, arch, &dev)?;
+    let model = load_model(&ck, args.arch.get(), global, rep)?;
     Ok((ck, model))
+}
+
+/// Builds the network of an open checkpoint (see [`open_model`]).
+pub fn load_model(
+    ck: &Checkpoint,
+    arch: Option<&str>,
+    global: &GlobalArgs,
+    rep: &Reporter,
+) -> Result<Model> {
+    let dev = device(global, rep)?;
+    Ok(Model::load(ck, arch, &dev)?.with_kernels(global.kernels))
 }

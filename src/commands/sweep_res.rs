@@ -6,110 +6,22 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use clap::Args;
 
-use crate::bn::Estimator;
+use crate::bn;
 use crate::checkpoint::write::{check_outputs, write_file, OutputLayout};
 use crate::checkpoint::{num_params, provenance, Checkpoint};
-use crate::cli::{DataOptions, GlobalArgs, OpenArgs};
-use crate::commands::recal_bn;
+use crate::cli::{GlobalArgs, SweepResArgs};
+use crate::commands::common;
 use crate::data::{sweep_loader, EvalTransform, Transform};
-use crate::device;
-use crate::eval::sweep::{self, PointResult};
-use crate::models::Model;
-use crate::plot::{Chart, Series};
+use crate::eval::sweep::{self, Row};
+use crate::models::{BuildOptions, Model};
 use crate::report::Reporter;
-
-/// Accuracy at several test sizes (and crop fractions) in one pass over the images
-///
-/// Each image is decoded once and resized to every size (resize = floor(size / crop_pct), centre
-/// crop). Several checkpoints are compared in the same pass. With --recal-bn DIR, the BN
-/// statistics are re-estimated at each size over DIR first (FixRes-lite), so that each size is
-/// measured with statistics that fit it; --save-best writes that checkpoint for the best size.
-/// The recalibration passes use the same data options as the evaluation (batch size 64 by
-/// default, as recal-bn's), over DIR.
-#[derive(Args, Debug)]
-#[command(
-    mut_arg("size", |a| a.long("train-size").help("Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it, and deltas are against it")),
-    mut_arg("batch_size", |a| a.default_value("64"))
-)]
-pub struct SweepResArgs {
-    /// Checkpoints to compare (last epoch, SWA, EMA, ...)
-    #[arg(value_name = "MODEL", required = true)]
-    pub models: Vec<PathBuf>,
-    /// Folder of labelled images (ImageFolder)
-    #[arg(long = "data", value_name = "DIR")]
-    pub data: PathBuf,
-    #[command(flatten)]
-    pub data_opts: DataOptions,
-    /// Test sizes (default: multiples of 32 from 0.75x to 1.5x of --train-size)
-    #[arg(long, value_delimiter = ',', value_name = "S1,S2,...")]
-    pub sizes: Option<Vec<u32>>,
-    /// Re-estimate BN statistics at each size over the images in DIR before evaluating it
-    #[arg(long = "recal-bn", value_name = "DIR")]
-    pub recal_bn: Option<PathBuf>,
-    /// Estimator for --recal-bn (see `ckpt recal-bn --help`)
-    #[arg(long, value_enum, default_value = "population")]
-    pub estimator: Estimator,
-    /// Write the checkpoint recalibrated at the best size (needs --recal-bn and one MODEL)
-    #[arg(long, value_name = "OUT", requires = "recal_bn")]
-    pub save_best: Option<PathBuf>,
-    /// Write the results as CSV in the column layout of timm's results-imagenet.csv
-    #[arg(long, value_name = "FILE")]
-    pub csv: Option<PathBuf>,
-    /// Write the results as JSON
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
-    /// Plot top-1 against test size, one line per model and crop_pct (.png or .svg)
-    #[arg(long, value_name = "FILE")]
-    pub plot: Option<PathBuf>,
-    /// Replace existing output files
-    #[arg(long)]
-    pub force: bool,
-    /// Architecture, instead of recognising it
-    #[arg(long, value_name = "NAME")]
-    pub arch: Option<String>,
-    #[command(flatten)]
-    pub open: OpenArgs,
-}
-
-/// One row of the results.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Row {
-    pub model: String,
-    pub img_size: u32,
-    pub resize: u32,
-    pub crop_pct: f64,
-    pub interpolation: String,
-    pub top1: f64,
-    pub top5: f64,
-    pub images: u64,
-    /// Top-1 minus top-1 at the training size (same model and crop_pct), if measured.
-    pub delta_top1: Option<f64>,
-    pub images_per_second: f64,
-    /// Parameters in millions.
-    pub param_count: f64,
-    pub best: bool,
-    pub recal_bn: bool,
-}
-
-/// Sizes from 0.75x to 1.5x of `train`, multiples of 32 (always including `train`).
-pub fn default_sizes(train: u32) -> Vec<u32> {
-    let lo = ((train as f64 * 0.75) as u32 / 32 * 32).max(32);
-    let hi = (train as f64 * 1.5) as u32;
-    let mut v: Vec<u32> = (lo..=hi).step_by(32).collect();
-    if !v.contains(&train) {
-        v.push(train);
-        v.sort();
-    }
-    v
-}
 
 pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let sizes = args
         .sizes
         .clone()
-        .unwrap_or_else(|| default_sizes(args.data_opts.size));
+        .unwrap_or_else(|| sweep::default_sizes(args.data_opts.size));
     if sizes.is_empty() || sizes.contains(&0) {
         bail!("--sizes needs positive sizes");
     }
@@ -131,13 +43,17 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
         bail!("--save-best needs exactly one MODEL");
     }
     let inputs: Vec<PathBuf> = cks.iter().flat_map(|c| c.files.clone()).collect();
-    let outs: Vec<PathBuf> = [&args.csv, &args.json, &args.plot, &args.save_best]
+    let json = args.json.file().map(|p| p.to_path_buf());
+    let outs: Vec<PathBuf> = [&args.csv, &json, &args.plot, &args.save_best]
         .into_iter()
         .flatten()
         .cloned()
         .collect();
     check_outputs(&outs, &inputs, args.force)?;
-    let dev = device::resolve(global.device, |m| rep.note(m))?;
+    let dev = super::device(global, &rep)?;
+    let load = |ck: &Checkpoint, opts: &BuildOptions| -> Result<Model> {
+        Ok(Model::load_with(ck, args.arch.get(), &dev, opts)?.with_kernels(global.kernels))
+    };
     let eval_cfg = args
         .data_opts
         .config_at(&args.data, global.threads, points[0].crop_pct)?;
@@ -157,21 +73,23 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
             rep.note(n);
         }
         match &args.recal_bn {
-            None => models.push(vec![Model::load(ck, args.arch.as_deref(), &dev)?]),
+            None => models.push(vec![load(ck, &BuildOptions::default())?]),
             Some(dir) => {
-                let base = Model::load(ck, args.arch.as_deref(), &dev)?;
+                let base = load(ck, &BuildOptions::default())?;
                 let mut per_point = Vec::new();
                 let mut stats_per_point = Vec::new();
                 for t in &points {
                     let mut cfg = args.data_opts.config_at(dir, global.threads, t.crop_pct)?;
                     cfg.transform = Transform::Eval(*t);
+                    // --shard selects images of --data; every recalibration reads all of DIR.
+                    cfg.dataset.shard = None;
                     rep.note(format!(
                         "{}: BN statistics at {} (crop_pct {})",
                         ck.path.display(),
                         t.size,
                         t.crop_pct
                     ));
-                    let (stats, _) = recal_bn::pass(&base, &cfg, &rep)?;
+                    let (stats, _) = bn::pass(&base, &cfg, None, &rep)?;
                     let mut overrides = HashMap::new();
                     for (prefix, (m, v)) in
                         stats.layers.iter().zip(stats.estimates(args.estimator)?)
@@ -185,11 +103,12 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
                             v.iter().map(|x| *x as f32).collect(),
                         );
                     }
-                    per_point.push(Model::load_with(
+                    per_point.push(load(
                         ck,
-                        args.arch.as_deref(),
-                        &dev,
-                        &overrides,
+                        &BuildOptions {
+                            overrides: Some(&overrides),
+                            ..BuildOptions::default()
+                        },
                     )?);
                     stats_per_point.push(stats);
                 }
@@ -224,19 +143,29 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
         points.len() * cks.len(),
         t0.elapsed().as_secs_f64()
     ));
-    let rows = rows(&args, &cks, &points, &results, train);
+    let sources: Vec<(PathBuf, usize)> = args
+        .models
+        .iter()
+        .cloned()
+        .zip(cks.iter().map(num_params))
+        .collect();
+    let rows = sweep::rows(&sources, &points, &results, train, args.recal_bn.is_some());
 
-    print_table(&rows)?;
+    if !args.json.to_stdout() {
+        print_table(&rows)?;
+    }
     let write = |path: &Option<PathBuf>, bytes: Vec<u8>| -> Result<()> {
         match path {
             Some(p) => write_file(p, &bytes, args.force),
             None => Ok(()),
         }
     };
-    write(&args.csv, to_csv(&rows).into_bytes())?;
-    write(&args.json, serde_json::to_vec_pretty(&rows)?)?;
+    if args.csv.is_some() {
+        write(&args.csv, sweep::to_csv(&rows)?)?;
+    }
+    common::emit_json(&args.json, &rows, args.force)?;
     if let Some(p) = &args.plot {
-        write(&args.plot, chart(&rows, train).encode_for(p)?)?;
+        write(&args.plot, sweep::chart(&rows, train).encode_for(p)?)?;
     }
     if let (Some(out), Some(stats)) = (&args.save_best, best_stats.first()) {
         let best = rows.iter().position(|r| r.best).unwrap_or(0);
@@ -247,7 +176,7 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
             "ckpt.recal.crop_pct".into(),
             points[best].crop_pct.to_string(),
         );
-        recal_bn::recalibrated(
+        bn::recalibrated(
             &cks[0],
             &stats[best],
             args.estimator,
@@ -262,94 +191,6 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
         ));
     }
     Ok(())
-}
-
-fn label(p: &std::path::Path, all: &[PathBuf]) -> String {
-    let stem = p
-        .file_name()
-        .unwrap_or(p.as_os_str())
-        .to_string_lossy()
-        .to_string();
-    let stem = stem
-        .split(".safetensors")
-        .next()
-        .unwrap_or(&stem)
-        .split(".pth")
-        .next()
-        .unwrap_or(&stem)
-        .to_string();
-    let clash = all
-        .iter()
-        .filter(|q| q.file_name() == p.file_name())
-        .count()
-        > 1;
-    if clash {
-        p.display().to_string()
-    } else {
-        stem
-    }
-}
-
-fn rows(
-    args: &SweepResArgs,
-    cks: &[Checkpoint],
-    points: &[EvalTransform],
-    results: &[Vec<PointResult>],
-    train: u32,
-) -> Vec<Row> {
-    let mut rows = Vec::new();
-    for (m, ck) in cks.iter().enumerate() {
-        let name = label(&args.models[m], &args.models);
-        let params = num_params(ck) as f64 / 1e6;
-        let start = rows.len();
-        for (p, t) in points.iter().enumerate() {
-            let r = &results[m][p];
-            rows.push(Row {
-                model: name.clone(),
-                img_size: t.size,
-                resize: t.scale_size(),
-                crop_pct: t.crop_pct,
-                interpolation: t.interpolation.name().to_string(),
-                top1: r.accuracy.top1(),
-                top5: r.accuracy.top5(),
-                images: r.accuracy.images,
-                delta_top1: None,
-                images_per_second: r.accuracy.images as f64 / r.forward_secs.max(1e-9),
-                param_count: params,
-                best: false,
-                recal_bn: args.recal_bn.is_some(),
-            });
-        }
-        let block = &mut rows[start..];
-        let at_train: Vec<(f64, f64)> = block
-            .iter()
-            .filter(|r| r.img_size == train)
-            .map(|r| (r.crop_pct, r.top1))
-            .collect();
-        for r in block.iter_mut() {
-            r.delta_top1 = at_train
-                .iter()
-                .find(|(c, _)| *c == r.crop_pct)
-                .map(|(_, t)| r.top1 - t);
-        }
-        // Best: highest top-1, then top-5, then the smaller size.
-        if let Some(b) = (0..block.len()).max_by(|&i, &j| {
-            (
-                block[i].top1,
-                block[i].top5,
-                std::cmp::Reverse(block[i].img_size),
-            )
-                .partial_cmp(&(
-                    block[j].top1,
-                    block[j].top5,
-                    std::cmp::Reverse(block[j].img_size),
-                ))
-                .unwrap_or(std::cmp::Ordering::Equal)
-        }) {
-            block[b].best = true;
-        }
-    }
-    rows
 }
 
 fn print_table(rows: &[Row]) -> Result<()> {
@@ -380,55 +221,4 @@ fn print_table(rows: &[Row]) -> Result<()> {
         )?;
     }
     Ok(())
-}
-
-/// timm's results-imagenet.csv layout; accuracies in percent, parameters in millions.
-pub fn to_csv(rows: &[Row]) -> String {
-    let mut s = String::from(
-        "model,img_size,top1,top1_err,top5,top5_err,param_count,crop_pct,interpolation\n",
-    );
-    for r in rows {
-        let model = if r.model.contains([',', '"']) {
-            format!("\"{}\"", r.model.replace('"', "\"\""))
-        } else {
-            r.model.clone()
-        };
-        s.push_str(&format!(
-            "{model},{},{:.3},{:.3},{:.3},{:.3},{:.2},{:.3},{}\n",
-            r.img_size,
-            r.top1,
-            100.0 - r.top1,
-            r.top5,
-            100.0 - r.top5,
-            r.param_count,
-            r.crop_pct,
-            r.interpolation
-        ));
-    }
-    s
-}
-
-fn chart(rows: &[Row], train: u32) -> Chart {
-    let mut series: Vec<Series> = Vec::new();
-    for r in rows {
-        let label = if rows.iter().any(|o| o.crop_pct != r.crop_pct) {
-            format!("{} @{}", r.model, r.crop_pct)
-        } else {
-            r.model.clone()
-        };
-        match series.iter_mut().find(|s| s.label == label) {
-            Some(s) => s.points.push((r.img_size as f64, r.top1)),
-            None => series.push(Series {
-                label,
-                points: vec![(r.img_size as f64, r.top1)],
-            }),
-        }
-    }
-    Chart {
-        title: "top-1 accuracy against test size".into(),
-        x_label: "test size (px)".into(),
-        y_label: "top-1 %".into(),
-        series,
-        marker: Some((train as f64, format!("train {train}"))),
-    }
 }

@@ -26,8 +26,7 @@ use fast_image_resize::{FilterType, IntoImageView, PixelType, ResizeAlg, ResizeO
 use super::decode::DecodedImage;
 
 /// The resampling filter, as torchvision's `InterpolationMode` names it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
-#[value(rename_all = "lower")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Interpolation {
     /// PIL's BILINEAR (triangle filter, antialiased): torchvision's default
     #[default]

@@ -82,8 +82,7 @@ impl Normalize {
 }
 
 /// How the eval transform fits an image into the square crop (timm's `crop_mode`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
-#[value(rename_all = "lower")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum CropMode {
     /// Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre
     #[default]

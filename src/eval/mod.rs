@@ -1,12 +1,16 @@
-//! Forward passes over data and what is measured from them: logits, top-k, accuracy. Results
-//! are data; commands format them.
+//! Forward passes over data and what is measured from them: logits, top-k, accuracy,
+//! resolution sweeps. Results are data; commands format them. Every pass goes through the one
+//! loop in [`forward`].
 
+pub mod forward;
 pub mod sweep;
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
+
+use forward::Feed;
 
 use crate::data::{Batch, LoadSummary, Loader};
 
@@ -44,19 +48,33 @@ pub fn read_input_batch(ck: &Checkpoint, name: &str, model: &Model) -> Result<Te
 
 /// Eval-mode logits [N, classes] in f32, computed `batch` images at a time.
 pub fn logits(model: &Model, input: &Tensor, batch: usize, rep: &Reporter) -> Result<Tensor> {
+    struct Keep<'b> {
+        parts: Vec<Tensor>,
+        bar: &'b indicatif::ProgressBar,
+    }
+    impl forward::Visitor for Keep<'_> {
+        fn ctx(&mut self, _: usize, _: usize) -> Ctx<'_> {
+            Ctx::eval()
+        }
+        fn output(&mut self, _: usize, _: usize, f: &Feed, y: &Tensor, _: f64) -> Result<()> {
+            self.parts.push(y.clone());
+            self.bar.inc(f.len() as u64);
+            Ok(())
+        }
+    }
     let n = input.dim(0)?;
     let bar = rep.images_bar(n as u64, "logits");
-    let mut parts = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = batch.min(n - start);
-        let x = input.narrow(0, start, len)?;
-        parts.push(model.forward(&x, &mut Ctx::eval())?.to_dtype(DType::F32)?);
-        bar.inc(len as u64);
-        start += len;
-    }
+    let mut keep = Keep {
+        parts: Vec::new(),
+        bar: &bar,
+    };
+    forward::run(
+        forward::chunks(input, batch)?.into_iter(),
+        &[vec![model]],
+        &mut keep,
+    )?;
     bar.finish_and_clear();
-    Ok(Tensor::cat(&parts, 0)?)
+    Ok(Tensor::cat(&keep.parts, 0)?)
 }
 
 /// A loader batch as a tensor [n, 3, size, size] on `device`.
@@ -81,28 +99,43 @@ pub struct Pass {
 /// Runs the model in eval mode over every batch of `loader`, measuring accuracy when the folder
 /// is labelled and keeping the logits when `keep_logits`.
 pub fn eval_pass(model: &Model, loader: &mut Loader, keep_logits: bool) -> Result<Pass> {
-    let classes = model.config.num_classes();
-    let mut pass = Pass {
-        classes,
-        ..Pass::default()
-    };
-    for b in loader.by_ref() {
-        let b = b?;
-        let y = model.forward(&batch_tensor(&b, &model.device)?, &mut Ctx::eval())?;
-        let v: Vec<f32> = y.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-        if let Some(labels) = &b.labels {
-            pass.accuracy
-                .get_or_insert_with(Accuracy::default)
-                .add(&v, classes, labels)?;
-            pass.labels.extend_from_slice(labels);
-        }
-        if keep_logits {
-            pass.logits.extend_from_slice(&v);
-        }
-        pass.paths.extend(b.paths.iter().cloned());
+    struct Collect {
+        pass: Pass,
+        keep_logits: bool,
     }
-    pass.summary = loader.summary().clone();
-    Ok(pass)
+    impl forward::Visitor for Collect {
+        fn ctx(&mut self, _: usize, _: usize) -> Ctx<'_> {
+            Ctx::eval()
+        }
+        fn output(&mut self, _: usize, _: usize, f: &Feed, y: &Tensor, _: f64) -> Result<()> {
+            let b = f.batch().context("eval pass over a tensor")?;
+            let v: Vec<f32> = y.flatten_all()?.to_vec1()?;
+            let pass = &mut self.pass;
+            if let Some(labels) = &b.labels {
+                pass.accuracy.get_or_insert_with(Accuracy::default).add(
+                    &v,
+                    pass.classes,
+                    labels,
+                )?;
+                pass.labels.extend_from_slice(labels);
+            }
+            if self.keep_logits {
+                pass.logits.extend_from_slice(&v);
+            }
+            pass.paths.extend(b.paths.iter().cloned());
+            Ok(())
+        }
+    }
+    let mut c = Collect {
+        pass: Pass {
+            classes: model.config.num_classes(),
+            ..Pass::default()
+        },
+        keep_logits,
+    };
+    forward::run(forward::single(loader.by_ref()), &[vec![model]], &mut c)?;
+    c.pass.summary = loader.summary().clone();
+    Ok(c.pass)
 }
 
 /// The `k` largest values per row and their indices (ties: the lower index first).

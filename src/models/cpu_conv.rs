@@ -23,8 +23,8 @@
 //! picked at run time; gemm dispatches its own. Measured speeds: README.md, "Performance", and
 //! `cargo bench --bench cpu_conv`.
 //!
-//! Everything else (other devices and dtypes, or `CKPT_CPU_CONV=candle` to measure the
-//! difference) takes candle's conv2d and tensor ops, so a model is one description for CPU and
+//! Everything else (other devices and dtypes, or `the candle kernels chosen for a model, to
+//! measure the difference or to train) takes candle's conv2d and tensor ops, so a model is one description for CPU and
 //! CUDA. Results agree with candle's path to float rounding (summation order): tests in
 //! `tests/models.rs` hold them to 1e-5 of the output's scale for every shape class the supported
 //! families use.
@@ -68,19 +68,30 @@ pub struct Geometry {
     pub groups: usize,
 }
 
-/// Whether the CPU kernels here and in `fused` take `x`: an f32 tensor on the CPU, unless
-/// `CKPT_CPU_CONV=candle` (for benchmarks, and to run on the CPU the candle path other devices
-/// take, so that tests can check it).
-pub fn cpu_kernels_for(x: &Tensor) -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("CKPT_CPU_CONV").map_or(true, |v| v != "candle"));
-    on && x.device().is_cpu() && x.dtype() == DType::F32
+/// Which kernels a model's forward passes run on. Chosen per model (a frozen teacher on the fast
+/// kernels next to a trained student on candle's differentiable ops) and carried in the forward
+/// pass's context, never read from the process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// The kernels here and in `fused` wherever they apply (f32 on the CPU), candle's ops
+    /// elsewhere. They have no backward pass.
+    #[default]
+    Fast,
+    /// candle's ops everywhere: the path CUDA takes, differentiable.
+    Candle,
+}
+
+/// Whether the CPU kernels here and in `fused` take `x` under `k`: an f32 tensor on the CPU
+/// with the fast kernels chosen.
+pub fn cpu_kernels_for(x: &Tensor, k: Kernels) -> bool {
+    k == Kernels::Fast && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// `act(conv2d(x, weight) + shift[c] + residual)`: x is [N, Cin, H, W], weight
 /// [Cout, Cin / groups, K, K], shift [Cout] (a missing shift is zero), residual shaped as the
 /// output. On the CPU in f32 this is one fused pass (see the module doc); elsewhere candle's ops.
 pub fn conv2d(
+    k: Kernels,
     x: &Tensor,
     weight: &Tensor,
     g: Geometry,
@@ -88,7 +99,7 @@ pub fn conv2d(
     residual: Option<&Tensor>,
     act: Act,
 ) -> Result<Tensor> {
-    if cpu_kernels_for(x) && weight.dtype() == DType::F32 {
+    if cpu_kernels_for(x, k) && weight.dtype() == DType::F32 {
         let op = ConvOp {
             g,
             shift: shift.map(|s| s.0),
@@ -730,8 +741,8 @@ impl CustomOp3 for ConvOp<'_> {
 /// the CPU in f32 one pass per plane (a row maximum of three input rows, then of three columns);
 /// elsewhere candle's pool over an edge-replicated copy, which is exact for a maximum since the
 /// replicated value is already in the window.
-pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    if cpu_kernels_for(x) && x.rank() == 4 {
+pub fn max_pool_3x3_s2_p1(k: Kernels, x: &Tensor) -> Result<Tensor> {
+    if cpu_kernels_for(x, k) && x.rank() == 4 {
         return x.contiguous()?.apply_op1_no_bwd(&MaxPool3x3S2);
     }
     x.pad_with_same(2, 1, 1)?

@@ -9,10 +9,11 @@
 //! stages 2, 3, 4 and 6 has stride 2). Stochastic depth and dropout are identities in eval.
 
 use candle_core::{Module, Result, Tensor};
+
 use candle_nn::VarBuilder;
 
 use super::layers::{global_avg_pool, Act, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx, Linear};
-use super::{Config as AnyConfig, Miss, Probe, Shapes};
+use super::{torchvision_naming, Architecture, Family, Miss, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
 const STAGE_STRIDES: [usize; 7] = [1, 2, 2, 2, 1, 2, 1];
@@ -49,6 +50,14 @@ pub struct Config {
     pub num_classes: usize,
 }
 
+/// The registry's entry (see `models::FAMILIES`).
+pub const FAMILY: Family = Family {
+    name: "efficientnet",
+    detect,
+    accepts,
+    namings: torchvision_naming,
+};
+
 pub fn accepts(arch: &str) -> bool {
     arch.starts_with("efficientnet")
 }
@@ -64,8 +73,16 @@ fn make_divisible(v: f64) -> usize {
     n as usize
 }
 
-impl Config {
-    pub fn name(&self) -> String {
+impl Architecture for Config {
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn build(&self, vb: VarBuilder, reg: &mut BnRegistry) -> Result<Box<dyn Network>> {
+        Ok(Box::new(EfficientNet::new(self, vb, reg)?))
+    }
+
+    fn name(&self) -> String {
         let depths: Vec<usize> = self.stages.iter().map(Vec::len).collect();
         for (name, w, d) in VARIANTS {
             let want_depths: Vec<usize> = STAGE_DEPTHS
@@ -86,7 +103,7 @@ impl Config {
     }
 }
 
-pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
+pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Miss> {
     let mut p = Probe::new(shapes);
     let stem = p.stem_channels("features.0.0.weight", 3)?;
     let mut cin = stem;
@@ -132,7 +149,7 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
     }
     let head = p.shape("features.8.0.weight", 4)?;
     let fc = p.shape("classifier.1.weight", 2)?;
-    Ok(AnyConfig::EfficientNet(Config {
+    Ok(Box::new(Config {
         stem,
         stages,
         last_channel: head[0],
@@ -191,7 +208,7 @@ impl MbConv {
         let s = y.mean_keepdim((2, 3))?;
         let s = self
             .se_fc2
-            .forward(&self.se_fc1.forward_act(&s, Act::Silu)?)?;
+            .forward(&self.se_fc1.forward_act(&s, ctx, Act::Silu)?, ctx)?;
         let s = candle_nn::ops::sigmoid(&s)?;
         y = y.broadcast_mul(&s)?;
         let residual = if self.residual { Some(x) } else { None };
@@ -242,8 +259,10 @@ impl EfficientNet {
             classifier,
         })
     }
+}
 
-    pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+impl Network for EfficientNet {
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let mut x = self.stem.forward_act(x, ctx, Act::Silu)?;
         for b in &self.blocks {
             x = b.forward(&x, ctx)?;

@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::cpu_conv::{cpu_kernels_for, Act, Simd};
+use super::cpu_conv::{cpu_kernels_for, Act, Kernels, Simd};
 
 struct ChannelAffine {
     scale: Option<Vec<f32>>,
@@ -85,13 +85,14 @@ impl CustomOp2 for ChannelAffine {
 /// act(x * scale[c] + shift[c] + residual) over [N, C, ...]; `scale` and `shift` are [C]
 /// tensors, the residual is shaped as x.
 pub fn channel_affine(
+    k: Kernels,
     x: &Tensor,
     scale: Option<&Tensor>,
     shift: &Tensor,
     residual: Option<&Tensor>,
     act: Act,
 ) -> Result<Tensor> {
-    if cpu_kernels_for(x) && x.rank() >= 2 {
+    if cpu_kernels_for(x, k) && x.rank() >= 2 {
         let x = x.contiguous()?;
         let op = ChannelAffine {
             scale: scale.map(|s| s.to_vec1::<f32>()).transpose()?,
@@ -139,7 +140,7 @@ fn lanes_sum(v: &[f32], f: impl Fn(f64) -> f64) -> f64 {
 /// f64 straight from the NCHW layout. Elsewhere candle's reductions over a [C, N * H * W] copy,
 /// two-pass in f32 as PyTorch's CPU kernel. Either agrees with PyTorch's batch statistics well
 /// inside the 1e-4 the recal-bn tests hold them to; the f64 sums are the closer to exact.
-pub fn channel_moments(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+pub fn channel_moments(k: Kernels, x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
     let dims = x.dims().to_vec();
     if dims.len() < 2 {
         candle_core::bail!("channel moments of a tensor of shape {dims:?}");
@@ -147,7 +148,7 @@ pub fn channel_moments(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
     let (n, c) = (dims[0], dims[1]);
     let plane: usize = dims[2..].iter().product();
     let count = (n * plane).max(1) as f64;
-    if cpu_kernels_for(x) {
+    if cpu_kernels_for(x, k) {
         let x = x.contiguous()?;
         let (storage, layout) = x.storage_and_layout();
         let (start, end) = layout
@@ -196,7 +197,7 @@ mod tests {
         let b = Tensor::new(&[1.0f32, 0.0, -1.0], &Device::Cpu).unwrap();
         for act in [Act::None, Act::Relu, Act::Relu6, Act::Silu] {
             for res in [None, Some(&r)] {
-                let got = channel_affine(&x, Some(&s), &b, res, act).unwrap();
+                let got = channel_affine(Kernels::Fast, &x, Some(&s), &b, res, act).unwrap();
                 let mut want = x
                     .broadcast_mul(&s.reshape((1, 3, 1, 1)).unwrap())
                     .unwrap()

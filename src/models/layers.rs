@@ -1,18 +1,23 @@
 //! The layers our CNNs are made of, each reading its own leaf tensors through a `VarBuilder`
-//! whose path is the PyTorch module path, so a missing or misshapen tensor is reported under its
-//! real state-dict key.
+//! whose path is the module path, so a missing or misshapen tensor is reported under its real
+//! state-dict key (the model's [`Naming`](super::naming::Naming) maps one to the other).
 //!
-//! BatchNorm is ours rather than candle-nn's: every BN layer knows its state-dict prefix and its
-//! position in forward order, and runs in one of two modes. In eval it applies the running
+//! BatchNorm is ours rather than candle-nn's: every BN layer knows its module path and its
+//! position in forward order, and runs in one of three modes. In eval it applies the running
 //! statistics, folded once into a per-channel scale and shift. In calibrate it normalises with
 //! the batch's own statistics, as PyTorch's train mode does, and reports that batch's mean,
 //! biased variance and element count to an observer; its running statistics are not touched
-//! (the estimators in the recal-bn engine decide what to do with the reports).
+//! (the estimators in the recal-bn engine decide what to do with the reports). In train it also
+//! normalises with the batch's statistics, through candle's differentiable ops, and updates its
+//! running statistics with momentum as `nn.BatchNorm2d.train()` does. A forward pass's [`Ctx`]
+//! says which mode each layer runs in and which kernels run it.
+
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Module, Result, Tensor};
 
-pub use super::cpu_conv::Act;
 use super::cpu_conv::{self, Geometry};
+pub use super::cpu_conv::{Act, Kernels};
 use super::fused::{channel_affine, channel_moments};
 use candle_nn::VarBuilder;
 
@@ -22,8 +27,12 @@ pub enum BnMode {
     /// Running statistics, as `model.eval()`.
     #[default]
     Eval,
-    /// Batch statistics, as `model.train()` for BN only; each layer reports to the observer.
+    /// Batch statistics, as `model.train()` for BN only; each layer reports to the observer and
+    /// keeps its running statistics.
     Calibrate,
+    /// Batch statistics through differentiable ops, and the running statistics updated with
+    /// momentum, as `model.train()`.
+    Train,
 }
 
 /// One batch's statistics of one BN layer's input, per channel.
@@ -41,11 +50,20 @@ pub trait BnObserver {
     fn observe(&mut self, layer: usize, stats: BatchStats) -> Result<()>;
 }
 
-/// The state of one forward pass.
+/// The state of one forward pass: how BN layers run, on which kernels, and who hears their
+/// batch statistics.
 #[derive(Default)]
 pub struct Ctx<'a> {
+    /// The mode of every BN layer not named in `layer_modes`.
     pub mode: BnMode,
+    /// Per-layer modes by BN index (forward order), e.g. one layer in train mode and the rest
+    /// in eval, as FixRes runs them.
+    pub layer_modes: Option<&'a [BnMode]>,
+    /// Momentum of train-mode running updates instead of each layer's own.
+    pub momentum: Option<f64>,
     pub observer: Option<&'a mut dyn BnObserver>,
+    /// Set from the model by [`Model::forward`](super::Model::forward).
+    pub kernels: Kernels,
 }
 
 impl<'a> Ctx<'a> {
@@ -56,17 +74,53 @@ impl<'a> Ctx<'a> {
         Ctx {
             mode: BnMode::Calibrate,
             observer: Some(observer),
+            ..Ctx::default()
+        }
+    }
+    pub fn train() -> Ctx<'a> {
+        Ctx {
+            mode: BnMode::Train,
+            ..Ctx::default()
+        }
+    }
+    /// The mode BN layer `index` runs in.
+    pub fn mode_of(&self, index: usize) -> BnMode {
+        self.layer_modes
+            .and_then(|m| m.get(index).copied())
+            .unwrap_or(self.mode)
+    }
+    /// Whether every layer runs in eval mode (the folded, fused path).
+    pub fn all_eval(&self) -> bool {
+        self.mode == BnMode::Eval
+            && self
+                .layer_modes
+                .is_none_or(|m| m.iter().all(|&x| x == BnMode::Eval))
+    }
+}
+
+/// Collects the BN layers in construction (= forward) order while a model is built.
+#[derive(Debug)]
+pub struct BnRegistry {
+    /// Module paths, in forward order.
+    pub prefixes: Vec<String>,
+    /// The layers themselves (clones share their running statistics).
+    pub layers: Vec<BatchNorm>,
+    /// Train-mode momentum of the layers built from here on: PyTorch's default unless the
+    /// family's builder sets its own.
+    pub momentum: f64,
+}
+
+impl Default for BnRegistry {
+    fn default() -> BnRegistry {
+        BnRegistry {
+            prefixes: Vec::new(),
+            layers: Vec::new(),
+            momentum: 0.1,
         }
     }
 }
 
-/// Collects the BN layers' prefixes in construction (= forward) order while a model is built.
-#[derive(Default, Debug)]
-pub struct BnRegistry {
-    pub prefixes: Vec<String>,
-}
-
-/// The state-dict path a VarBuilder stands for.
+/// The module path a VarBuilder stands for.
 fn path_of(vb: &VarBuilder) -> String {
     vb.prefix()
 }
@@ -136,9 +190,7 @@ impl Conv2d {
             },
         })
     }
-}
 
-impl Conv2d {
     /// The same convolution with each output channel's weights multiplied by `scale[c]` (BN
     /// folded in); the bias, if any, is dropped (callers fold it into their shift).
     fn scaled(&self, scale: &Tensor) -> Result<Conv2d> {
@@ -148,33 +200,47 @@ impl Conv2d {
             ..self.clone()
         })
     }
-}
 
-impl Conv2d {
-    /// act(conv(x) + bias), fused on the CPU.
-    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+    /// act(conv(x) + bias), fused on the CPU's fast kernels.
+    pub fn forward_act(&self, x: &Tensor, ctx: &Ctx, act: Act) -> Result<Tensor> {
         let bias = self.bias.as_ref().map(|(v, t)| (v.as_slice(), t));
-        cpu_conv::conv2d(x, &self.weight, self.geometry, bias, None, act)
+        cpu_conv::conv2d(ctx.kernels, x, &self.weight, self.geometry, bias, None, act)
+    }
+
+    /// conv(x) + bias.
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        self.forward_act(x, ctx, Act::None)
     }
 }
 
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_act(x, Act::None)
-    }
+/// Running statistics that train mode updates.
+#[derive(Debug)]
+pub struct Running {
+    pub mean: Vec<f32>,
+    pub var: Vec<f32>,
+    /// Train-mode batches seen since the model was built.
+    pub batches: u64,
 }
 
 #[derive(Clone, Debug)]
 pub struct BatchNorm {
     pub index: usize,
+    /// The module path.
     pub prefix: String,
-    /// gamma and beta, for calibrate mode's normalisation.
+    /// gamma and beta: values for calibrate mode's normalisation, tensors (trainable ones are
+    /// candle `Var`s) for train mode's.
     weight_v: Vec<f32>,
     bias_v: Vec<f32>,
+    weight: Tensor,
+    bias: Tensor,
     eps: f64,
+    /// PyTorch's `momentum` (0.1 unless a family's builder sets another).
+    pub momentum: f64,
     /// Eval mode: y = x * scale[c] + shift[c], both [C].
     scale: Tensor,
     shift: Tensor,
+    /// Shared by the clones of a layer.
+    running: Arc<Mutex<Running>>,
 }
 
 impl BatchNorm {
@@ -188,26 +254,41 @@ impl BatchNorm {
         let bias = vb.get(channels, "bias")?;
         let mean = vb.get(channels, "running_mean")?;
         let var = vb.get(channels, "running_var")?;
-        let scale = (&weight / (var + eps)?.sqrt()?)?;
-        let shift = (&bias - (mean * &scale)?)?;
+        let scale = (&weight / (&var + eps)?.sqrt()?)?;
+        let shift = (&bias - (&mean * &scale)?)?;
         let prefix = path_of(&vb);
-        reg.prefixes.push(prefix.clone());
-        Ok(BatchNorm {
-            index: reg.prefixes.len() - 1,
+        let bn = BatchNorm {
+            index: reg.prefixes.len(),
             prefix,
             weight_v: weight.to_dtype(DType::F32)?.to_vec1()?,
             bias_v: bias.to_dtype(DType::F32)?.to_vec1()?,
+            weight,
+            bias,
             eps,
+            momentum: reg.momentum,
             scale,
             shift,
-        })
+            running: Arc::new(Mutex::new(Running {
+                mean: mean.to_dtype(DType::F32)?.to_vec1()?,
+                var: var.to_dtype(DType::F32)?.to_vec1()?,
+                batches: 0,
+            })),
+        };
+        reg.prefixes.push(bn.prefix.clone());
+        reg.layers.push(bn.clone());
+        Ok(bn)
+    }
+
+    /// The running statistics as train mode has left them (as loaded, before any).
+    pub fn running(&self) -> std::sync::MutexGuard<'_, Running> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         self.forward_add_act(x, None, ctx, Act::None)
     }
 
-    /// act(BN(x) + residual), one pass on the CPU.
+    /// act(BN(x) + residual), one pass on the CPU's fast kernels.
     pub fn forward_add_act(
         &self,
         x: &Tensor,
@@ -215,11 +296,12 @@ impl BatchNorm {
         ctx: &mut Ctx,
         act: Act,
     ) -> Result<Tensor> {
-        match ctx.mode {
-            BnMode::Eval => channel_affine(x, Some(&self.scale), &self.shift, residual, act),
+        let k = ctx.kernels;
+        match ctx.mode_of(self.index) {
+            BnMode::Eval => channel_affine(k, x, Some(&self.scale), &self.shift, residual, act),
             BnMode::Calibrate => {
                 let (n, c, h, w) = x.dims4()?;
-                let (mean, var) = channel_moments(x)?;
+                let (mean, var) = channel_moments(k, x)?;
                 let scale: Vec<f32> = (0..c)
                     .map(|i| self.weight_v[i] / (var[i] as f64 + self.eps).sqrt() as f32)
                     .collect();
@@ -239,9 +321,66 @@ impl BatchNorm {
                 let dev = x.device();
                 let (scale, shift) = (Tensor::new(scale, dev)?, Tensor::new(shift, dev)?);
                 let (scale, shift) = (scale.to_dtype(x.dtype())?, shift.to_dtype(x.dtype())?);
-                channel_affine(x, Some(&scale), &shift, residual, act)
+                channel_affine(k, x, Some(&scale), &shift, residual, act)
+            }
+            BnMode::Train => {
+                let y = self.train_forward(x, ctx)?;
+                let y = match residual {
+                    Some(r) => (y + r)?,
+                    None => y,
+                };
+                act.tensor(&y)
             }
         }
+    }
+
+    /// Train mode: (x - mean) / sqrt(var + eps) * gamma + beta with the batch's mean and biased
+    /// variance, all in candle ops so that gradients reach gamma, beta and x; then the running
+    /// statistics move towards the batch's (unbiased variance), as PyTorch's do.
+    fn train_forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let count = n * h * w;
+        let per_channel = |t: &Tensor| -> Result<Tensor> {
+            t.transpose(0, 1)?
+                .reshape((c, count))?
+                .mean_keepdim(1)?
+                .reshape((1, c, 1, 1))
+        };
+        let mean = per_channel(x)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = per_channel(&centred.sqr()?)?;
+        let inv_std = (&var + self.eps)?.sqrt()?.recip()?;
+        let y = centred
+            .broadcast_mul(&inv_std)?
+            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
+        let mean_v: Vec<f32> = mean.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let var_v: Vec<f32> = var.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let m = ctx.momentum.unwrap_or(self.momentum);
+        let bessel = if count > 1 {
+            count as f64 / (count as f64 - 1.0)
+        } else {
+            f64::NAN
+        };
+        {
+            let mut r = self.running();
+            for i in 0..c {
+                r.mean[i] = ((1.0 - m) * r.mean[i] as f64 + m * mean_v[i] as f64) as f32;
+                r.var[i] = ((1.0 - m) * r.var[i] as f64 + m * var_v[i] as f64 * bessel) as f32;
+            }
+            r.batches += 1;
+        }
+        if let Some(obs) = ctx.observer.as_deref_mut() {
+            obs.observe(
+                self.index,
+                BatchStats {
+                    mean: mean_v,
+                    var: var_v,
+                    count,
+                },
+            )?;
+        }
+        Ok(y)
     }
 }
 
@@ -250,7 +389,7 @@ impl BatchNorm {
 ///
 /// In eval mode the BN scale is folded into a copy of the convolution's weights, leaving one
 /// per-channel shift, applied with the activation (and a residual, if any) in the convolution's
-/// epilogue; calibrate mode runs the original convolution so that BN sees the un-normalised
+/// epilogue; the other modes run the original convolution so that BN sees the un-normalised
 /// activations.
 #[derive(Clone, Debug)]
 pub struct ConvBn {
@@ -306,15 +445,15 @@ impl ConvBn {
         ctx: &mut Ctx,
         act: Act,
     ) -> Result<Tensor> {
-        match ctx.mode {
+        match ctx.mode_of(self.bn.index) {
             BnMode::Eval => {
                 let shift = Some((self.shift.0.as_slice(), &self.shift.1));
                 let f = &self.folded;
-                cpu_conv::conv2d(x, &f.weight, f.geometry, shift, residual, act)
+                cpu_conv::conv2d(ctx.kernels, x, &f.weight, f.geometry, shift, residual, act)
             }
-            BnMode::Calibrate => {
-                self.bn
-                    .forward_add_act(&self.conv.forward(x)?, residual, ctx, act)
+            BnMode::Calibrate | BnMode::Train => {
+                let y = self.conv.forward(x, ctx)?;
+                self.bn.forward_add_act(&y, residual, ctx, act)
             }
         }
     }
@@ -346,4 +485,105 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.mean((2, 3))
 }
 
-pub use super::cpu_conv::max_pool_3x3_s2_p1;
+/// torch.nn.MaxPool2d(3, 2, 1) on the context's kernels.
+pub fn max_pool_3x3_s2_p1(x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    cpu_conv::max_pool_3x3_s2_p1(ctx.kernels, x)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    fn bn(channels: usize, reg: &mut BnRegistry) -> (BatchNorm, Var, Var) {
+        let dev = Device::Cpu;
+        let w =
+            Var::from_vec(vec![1.5f32, -0.5, 2.0][..channels].to_vec(), channels, &dev).unwrap();
+        let b =
+            Var::from_vec(vec![0.1f32, 0.2, -0.3][..channels].to_vec(), channels, &dev).unwrap();
+        let t: HashMap<String, Tensor> = [
+            ("bn.weight", w.as_tensor().clone()),
+            ("bn.bias", b.as_tensor().clone()),
+            (
+                "bn.running_mean",
+                Tensor::new(&[0.5f32, -1.0, 0.0][..channels], &dev).unwrap(),
+            ),
+            (
+                "bn.running_var",
+                Tensor::new(&[2.0f32, 1.0, 0.5][..channels], &dev).unwrap(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let vb = VarBuilder::from_tensors(t, DType::F32, &dev);
+        (
+            BatchNorm::new(vb.pp("bn"), channels, 1e-5, reg).unwrap(),
+            w,
+            b,
+        )
+    }
+
+    /// Train mode normalises with the batch's biased variance, moves the running statistics
+    /// with momentum and the unbiased variance (PyTorch's formulas, written out here), and is
+    /// differentiable in gamma and beta; calibrate mode normalises the same way and leaves the
+    /// running statistics alone.
+    #[test]
+    fn train_mode_is_pytorchs_and_differentiable() {
+        let mut reg = BnRegistry {
+            momentum: 0.25,
+            ..BnRegistry::default()
+        };
+        let (layer, w, b) = bn(3, &mut reg);
+        let x = Tensor::randn(0.3f32, 2.0, (4, 3, 5, 6), &Device::Cpu).unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let n = 4 * 5 * 6;
+        let mut ctx = Ctx::train();
+        let y = layer.forward(&x, &mut ctx).unwrap();
+        let ys: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let weights = [1.5f64, -0.5, 2.0];
+        let biases = [0.1f64, 0.2, -0.3];
+        let (old_mean, old_var) = ([0.5f64, -1.0, 0.0], [2.0f64, 1.0, 0.5]);
+        let r = layer.running();
+        for c in 0..3 {
+            let vals: Vec<f64> = (0..4)
+                .flat_map(|i| xs[(i * 3 + c) * 30..][..30].iter().map(|&v| v as f64))
+                .collect();
+            let mean = vals.iter().sum::<f64>() / n as f64;
+            let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+            for i in 0..4 {
+                for j in 0..30 {
+                    let k = (i * 3 + c) * 30 + j;
+                    let want = (xs[k] as f64 - mean) / (var + 1e-5).sqrt() * weights[c] + biases[c];
+                    assert!((ys[k] as f64 - want).abs() < 1e-4, "{} vs {want}", ys[k]);
+                }
+            }
+            let rm = 0.75 * old_mean[c] + 0.25 * mean;
+            let rv = 0.75 * old_var[c] + 0.25 * var * n as f64 / (n - 1) as f64;
+            assert!((r.mean[c] as f64 - rm).abs() < 1e-5, "running mean");
+            assert!((r.var[c] as f64 - rv).abs() < 1e-4, "running var");
+        }
+        assert_eq!(r.batches, 1);
+        drop(r);
+        // d(sum(y))/d(beta) = N*H*W per channel; d(sum(y * x))/d(gamma) = sum(xhat * x).
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let gb: Vec<f32> = grads.get(b.as_tensor()).unwrap().to_vec1().unwrap();
+        assert!(gb.iter().all(|g| (*g - n as f32).abs() < 1e-3), "{gb:?}");
+        assert!(grads.get(w.as_tensor()).is_some());
+
+        let mut ctx = Ctx::default();
+        let modes = [BnMode::Calibrate];
+        ctx.layer_modes = Some(&modes);
+        let yc = layer.forward(&x, &mut ctx).unwrap();
+        let diff = (yc - &y).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+        assert_eq!(
+            layer.running().batches,
+            1,
+            "calibrate leaves the running statistics"
+        );
+    }
+}

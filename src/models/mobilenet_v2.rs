@@ -12,7 +12,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Linear};
-use super::{Config as AnyConfig, Miss, Probe, Shapes};
+use super::{torchvision_naming, Architecture, Family, Miss, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
 /// Stride of each of the 17 inverted residual blocks in torchvision's configuration.
@@ -36,12 +36,28 @@ pub struct Config {
     pub num_classes: usize,
 }
 
+/// The registry's entry (see `models::FAMILIES`).
+pub const FAMILY: Family = Family {
+    name: "mobilenet_v2",
+    detect,
+    accepts,
+    namings: torchvision_naming,
+};
+
 pub fn accepts(arch: &str) -> bool {
     arch.starts_with("mobilenet_v2")
 }
 
-impl Config {
-    pub fn name(&self) -> String {
+impl Architecture for Config {
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn build(&self, vb: VarBuilder, reg: &mut BnRegistry) -> Result<Box<dyn Network>> {
+        Ok(Box::new(MobileNetV2::new(self, vb, reg)?))
+    }
+
+    fn name(&self) -> String {
         if self.stem == 32
             && self.last_channel == 1280
             && self.blocks.last().map(|b| b.cout) == Some(320)
@@ -56,7 +72,7 @@ impl Config {
     }
 }
 
-pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
+pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Miss> {
     let mut p = Probe::new(shapes);
     let stem = p.stem_channels("features.0.0.weight", 3)?;
     let mut cin = stem;
@@ -85,7 +101,7 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
     }
     let head = p.shape("features.18.0.weight", 4)?;
     let fc = p.shape("classifier.1.weight", 2)?;
-    Ok(AnyConfig::MobileNetV2(Config {
+    Ok(Box::new(Config {
         stem,
         blocks,
         last_channel: head[0],
@@ -150,8 +166,10 @@ impl MobileNetV2 {
             classifier,
         })
     }
+}
 
-    pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+impl Network for MobileNetV2 {
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let mut x = self.stem.forward_act(x, ctx, Act::Relu6)?;
         for b in &self.blocks {
             let (last, inner) = b.layers.split_last().expect("a block has layers");

@@ -1,34 +1,54 @@
 //! The model zoo: recognising a CNN from its checkpoint's tensor names and shapes, and running it
 //! in candle.
 //!
-//! The user gives us a checkpoint, not code. Each family (one file here) has a detector that
-//! reads the hyper-parameters off the shapes (classes from the classifier, widths, groups,
-//! blocks per stage, block type) and a builder that constructs the network through a
-//! `VarBuilder` whose paths are the torchvision module paths. Adding a family is one file plus
-//! one line in [`FAMILIES`].
+//! The user gives us a checkpoint, not code. A family (one file here) declares:
 //!
-//! Inference is f32 whatever the stored dtype. BatchNorm layers are listable in forward order by
-//! state-dict prefix and run in eval or calibrate mode (see [`layers`]); everything else always
-//! runs as in eval (no dropout, no stochastic depth).
+//! - a detector that reads the hyper-parameters off the shapes (classes from the classifier,
+//!   widths, groups, blocks per stage, block type) under the family's module paths, returning an
+//!   [`Architecture`];
+//! - that architecture's builder, which constructs the [`Network`] through a `VarBuilder` whose
+//!   paths are the module paths (torchvision's), registering every BN layer in forward order;
+//! - the namings its checkpoints come in (torchvision's is the identity; see [`naming`]).
+//!
+//! and is listed once in [`FAMILIES`]. Adding a family is that file plus one line there:
+//! detection, `--arch`, `inspect`, the error for an unknown checkpoint and the tests all read the
+//! registry. Adding a naming of an existing family (timm's, say) is a [`Naming`] in that family's
+//! list: detection tries each naming, and building, the BN layer list and the statistics written
+//! back all go through the naming that matched.
+//!
+//! A model runs in the context a forward pass gives it ([`Ctx`]): BN mode per layer (eval,
+//! calibrate, train), the kernels chosen for this model ([`Kernels`]: the fast CPU kernels, or
+//! candle's differentiable ops), and an observer of batch statistics. Parameters can be built as
+//! candle `Var`s ([`BuildOptions::trainable`]) so that a training engine differentiates through
+//! the parts it trains. Inference is f32 whatever the stored dtype; everything but BN always runs
+//! as in eval (no dropout, no stochastic depth).
 
 pub mod cpu_conv;
 pub mod efficientnet;
 pub mod fused;
 pub mod layers;
 pub mod mobilenet_v2;
+pub mod naming;
 pub mod resnet;
 
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::dtype as ckdtype;
 use crate::checkpoint::Checkpoint;
-pub use layers::{BatchStats, BnMode, BnObserver, Ctx};
+pub use cpu_conv::Kernels;
+pub use layers::{BatchNorm, BatchStats, BnMode, BnObserver, BnRegistry, Ctx};
+pub use naming::Naming;
+
+/// The families ckpt recognises, tried in this order. One line per family.
+pub static FAMILIES: &[Family] = &[resnet::FAMILY, mobilenet_v2::FAMILY, efficientnet::FAMILY];
 
 /// Tensor names and shapes: all detection looks at.
 pub type Shapes = BTreeMap<String, Vec<usize>>;
@@ -39,7 +59,6 @@ pub fn shapes_of(ck: &Checkpoint) -> Shapes {
         .map(|t| (t.name.clone(), t.shape.clone()))
         .collect()
 }
-
 /// Why a family does not fit: the first missing or misshapen key, and how far detection got
 /// (to point at the nearest family).
 #[derive(Debug, Clone)]
@@ -110,87 +129,90 @@ impl<'a> Probe<'a> {
     }
 }
 
-/// A detected architecture.
+/// A detected configuration of one family: what its builder needs.
+pub trait Architecture: fmt::Debug + Send + Sync + Any {
+    /// The torchvision name when the configuration is a standard one (`resnet50`), else a
+    /// description (`resnet (Bottleneck [1, 1, 1, 1], groups 1)`).
+    fn name(&self) -> String;
+    fn num_classes(&self) -> usize;
+    /// Builds the network under module paths from `vb`, registering its BN layers in `reg` in
+    /// forward order.
+    fn build(&self, vb: VarBuilder, reg: &mut BnRegistry) -> candle_core::Result<Box<dyn Network>>;
+}
+
+/// A built network: logits from a normalised batch.
+pub trait Network: Send + Sync {
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> candle_core::Result<Tensor>;
+}
+
+/// A family: its name, the `--arch` names it answers to, its detector and its namings.
+#[derive(Debug)]
+pub struct Family {
+    pub name: &'static str,
+    /// Reads a configuration off shapes under the family's module paths.
+    pub detect: fn(&Shapes) -> std::result::Result<Box<dyn Architecture>, Miss>,
+    /// Whether `--arch NAME` selects this family.
+    pub accepts: fn(&str) -> bool,
+    /// The namings checkpoints of this family come in, tried in order.
+    pub namings: fn() -> Vec<Naming>,
+}
+
+/// torchvision's naming, the identity: the namings of a family that has no other.
+pub fn torchvision_naming() -> Vec<Naming> {
+    vec![Naming::identity("torchvision")]
+}
+
+/// A detected architecture and the naming its checkpoint uses.
 #[derive(Clone, Debug)]
-pub enum Config {
-    ResNet(resnet::Config),
-    MobileNetV2(mobilenet_v2::Config),
-    EfficientNet(efficientnet::Config),
+pub struct Config {
+    arch: Arc<dyn Architecture>,
+    family: &'static Family,
+    pub naming: Naming,
 }
 
 impl Config {
-    /// The torchvision name when the configuration is a standard one (`resnet50`), else a
-    /// description (`resnet (Bottleneck [1, 1, 1, 1], groups 1)`).
     pub fn name(&self) -> String {
-        match self {
-            Config::ResNet(c) => c.name(),
-            Config::MobileNetV2(c) => c.name(),
-            Config::EfficientNet(c) => c.name(),
-        }
+        self.arch.name()
     }
     pub fn family(&self) -> &'static str {
-        match self {
-            Config::ResNet(_) => "resnet",
-            Config::MobileNetV2(_) => "mobilenet_v2",
-            Config::EfficientNet(_) => "efficientnet",
-        }
+        self.family.name
     }
     pub fn num_classes(&self) -> usize {
-        match self {
-            Config::ResNet(c) => c.num_classes,
-            Config::MobileNetV2(c) => c.num_classes,
-            Config::EfficientNet(c) => c.num_classes,
-        }
+        self.arch.num_classes()
+    }
+    /// The family's own configuration type (`resnet::Config`, ...).
+    pub fn downcast<T: Architecture>(&self) -> Option<&T> {
+        let any: &dyn Any = &*self.arch;
+        any.downcast_ref::<T>()
     }
 }
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({} classes)", self.name(), self.num_classes())
+        write!(f, "{} ({} classes)", self.name(), self.num_classes())?;
+        if !self.naming.is_identity() {
+            write!(f, ", {} naming", self.naming)?;
+        }
+        Ok(())
     }
 }
 
-/// A family: its name, the `--arch` names it answers to, and its detector.
-pub struct Family {
-    pub name: &'static str,
-    pub detect: fn(&Shapes) -> std::result::Result<Config, Miss>,
-    /// Whether `--arch NAME` selects this family.
-    pub accepts: fn(&str) -> bool,
+/// The family names, for messages.
+pub fn family_names() -> Vec<&'static str> {
+    FAMILIES.iter().map(|f| f.name).collect()
 }
-
-pub const FAMILIES: [Family; 3] = [
-    Family {
-        name: "resnet",
-        detect: resnet::detect,
-        accepts: resnet::accepts,
-    },
-    Family {
-        name: "mobilenet_v2",
-        detect: mobilenet_v2::detect,
-        accepts: mobilenet_v2::accepts,
-    },
-    Family {
-        name: "efficientnet",
-        detect: efficientnet::detect,
-        accepts: efficientnet::accepts,
-    },
-];
 
 /// Recognises the architecture, or explains which families were tried and where the nearest
 /// one stopped matching. `arch` (from `--arch`) restricts detection to one family and, when it
 /// names a standard configuration, requires that one.
 pub fn detect(shapes: &Shapes, arch: Option<&str>) -> Result<Config> {
-    let candidates: Vec<&Family> = match arch {
+    let candidates: Vec<&'static Family> = match arch {
         Some(a) => {
             let f: Vec<&Family> = FAMILIES.iter().filter(|f| (f.accepts)(a)).collect();
             if f.is_empty() {
                 bail!(
                     "--arch {a}: unknown architecture; known families: {}",
-                    FAMILIES
-                        .iter()
-                        .map(|f| f.name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    family_names().join(", ")
                 );
             }
             f
@@ -199,16 +221,44 @@ pub fn detect(shapes: &Shapes, arch: Option<&str>) -> Result<Config> {
     };
     let mut misses = Vec::new();
     for f in &candidates {
-        match (f.detect)(shapes) {
-            Ok(c) => {
-                if let Some(a) = arch {
-                    if a != f.name && c.name() != a {
-                        bail!("--arch {a}: the checkpoint is a {}, not a {a}", c.name());
+        let mut nearest: Option<Miss> = None;
+        for naming in (f.namings)() {
+            let canonical: Shapes = if naming.is_identity() {
+                shapes.clone()
+            } else {
+                shapes
+                    .iter()
+                    .filter_map(|(k, v)| naming.path(k).map(|p| (p, v.clone())))
+                    .collect()
+            };
+            match (f.detect)(&canonical) {
+                Ok(a) => {
+                    let c = Config {
+                        arch: Arc::from(a),
+                        family: f,
+                        naming,
+                    };
+                    if let Some(a) = arch {
+                        if a != f.name && c.name() != a {
+                            bail!("--arch {a}: the checkpoint is a {}, not a {a}", c.name());
+                        }
+                    }
+                    return Ok(c);
+                }
+                Err(m) => {
+                    let m = if naming.is_identity() {
+                        m
+                    } else {
+                        Miss::new(m.matched, format!("({} naming) {}", naming, m.reason))
+                    };
+                    if nearest.as_ref().is_none_or(|n| m.matched > n.matched) {
+                        nearest = Some(m);
                     }
                 }
-                return Ok(c);
             }
-            Err(m) => misses.push((f.name, m)),
+        }
+        if let Some(m) = nearest {
+            misses.push((f.name, m));
         }
     }
     let tried: Vec<&str> = misses.iter().map(|(n, _)| *n).collect();
@@ -216,93 +266,207 @@ pub fn detect(shapes: &Shapes, arch: Option<&str>) -> Result<Config> {
         .iter()
         .max_by_key(|(_, m)| m.matched)
         .map(|(n, m)| (*n, m.reason.clone()))
-        .unwrap();
+        .unwrap_or(("none", "no family was tried".into()));
     bail!(
         "not a supported architecture (tried {}); nearest is {nearest}: {why}",
         tried.join(", ")
     )
 }
 
+/// How a model is built beyond its configuration.
+#[derive(Default)]
+pub struct BuildOptions<'a> {
+    /// Parameters (by module path, e.g. `fc.weight`) built as candle `Var`s, for a training
+    /// engine to differentiate and update; the rest are plain tensors.
+    pub trainable: Option<&'a (dyn Fn(&str) -> bool + Sync)>,
+    /// Tensors (by checkpoint key) served instead of the checkpoint's: recalibrated BN
+    /// statistics, say.
+    pub overrides: Option<&'a HashMap<String, Vec<f32>>>,
+}
+
 /// A network built from a checkpoint.
 pub struct Model {
     pub config: Config,
-    net: Net,
-    /// BN layers' state-dict prefixes in forward order.
+    net: Box<dyn Network>,
+    /// BN layers' state-dict prefixes (checkpoint keys) in forward order.
     pub bn_layers: Vec<String>,
+    /// The BN layers themselves, in the same order (their running statistics, momentum).
+    pub bn: Vec<BatchNorm>,
     pub device: Device,
-}
-
-enum Net {
-    ResNet(resnet::ResNet),
-    MobileNetV2(mobilenet_v2::MobileNetV2),
-    EfficientNet(efficientnet::EfficientNet),
+    /// The kernels this model's forward passes run on.
+    pub kernels: Kernels,
+    /// Parameters built as `Var`s, by checkpoint key.
+    trainable: Vec<(String, Var)>,
 }
 
 impl Model {
     /// Detects (or takes `arch`) and builds the model from `ck`'s tensors on `device`.
     pub fn load(ck: &Checkpoint, arch: Option<&str>, device: &Device) -> Result<Model> {
-        Self::load_with(ck, arch, device, &HashMap::new())
+        Self::load_with(ck, arch, device, &BuildOptions::default())
     }
 
-    /// As [`Model::load`], with some tensors replaced (recalibrated BN statistics, say).
+    /// As [`Model::load`], with build options (trainable parameters, replaced tensors).
     pub fn load_with(
         ck: &Checkpoint,
         arch: Option<&str>,
         device: &Device,
-        overrides: &HashMap<String, Vec<f32>>,
+        opts: &BuildOptions,
     ) -> Result<Model> {
         let config = detect(&shapes_of(ck), arch).with_context(|| ck.path.display().to_string())?;
-        Self::build(
-            config,
-            Box::new(CheckpointBackend { ck, overrides }),
-            device,
-        )
-        .with_context(|| ck.path.display().to_string())
+        let empty = HashMap::new();
+        let backend = CheckpointBackend {
+            ck,
+            naming: config.naming.clone(),
+            overrides: opts.overrides.unwrap_or(&empty),
+        };
+        Self::build_with(config, Box::new(backend), device, opts)
+            .with_context(|| ck.path.display().to_string())
     }
 
-    /// Builds a detected configuration from any tensor source.
+    /// Builds a detected configuration from any tensor source that serves checkpoint keys.
     pub fn build(
         config: Config,
         backend: Box<dyn SimpleBackend + '_>,
         device: &Device,
     ) -> Result<Model> {
-        let vb = VarBuilder::from_backend(backend, DType::F32, device.clone());
-        let mut reg = layers::BnRegistry::default();
-        let net = match &config {
-            Config::ResNet(c) => Net::ResNet(resnet::ResNet::new(c, vb, &mut reg)?),
-            Config::MobileNetV2(c) => {
-                Net::MobileNetV2(mobilenet_v2::MobileNetV2::new(c, vb, &mut reg)?)
-            }
-            Config::EfficientNet(c) => {
-                Net::EfficientNet(efficientnet::EfficientNet::new(c, vb, &mut reg)?)
-            }
+        let naming = config.naming.clone();
+        let backend = NamedBackend {
+            inner: backend,
+            naming,
         };
+        Self::build_with(config, Box::new(backend), device, &BuildOptions::default())
+    }
+
+    /// Builds from a backend that serves module paths.
+    fn build_with(
+        config: Config,
+        backend: Box<dyn SimpleBackend + '_>,
+        device: &Device,
+        opts: &BuildOptions,
+    ) -> Result<Model> {
+        let vars = Arc::new(Mutex::new(Vec::new()));
+        let backend: Box<dyn SimpleBackend + '_> = match opts.trainable {
+            Some(pick) => Box::new(TrainableBackend {
+                inner: backend,
+                pick,
+                vars: vars.clone(),
+            }),
+            None => backend,
+        };
+        let vb = VarBuilder::from_backend(backend, DType::F32, device.clone());
+        let mut reg = BnRegistry::default();
+        let net = config.arch.build(vb, &mut reg)?;
+        let naming = &config.naming;
+        let trainable = std::mem::take(&mut *vars.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .map(|(p, v)| (naming.key(&p), v))
+            .collect();
         Ok(Model {
+            bn_layers: reg.prefixes.iter().map(|p| naming.key(p)).collect(),
+            bn: reg.layers,
             config,
             net,
-            bn_layers: reg.prefixes,
             device: device.clone(),
+            kernels: Kernels::default(),
+            trainable,
         })
     }
 
-    /// Logits [N, classes] for a normalised batch [N, 3, H, W].
+    /// The same model on other kernels.
+    pub fn with_kernels(mut self, kernels: Kernels) -> Model {
+        self.kernels = kernels;
+        self
+    }
+
+    /// Logits [N, classes] for a normalised batch [N, 3, H, W], on this model's kernels.
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let (_, c, _, _) = x.dims4().context("input must be [N, 3, H, W]")?;
         if c != 3 {
             bail!("input has {c} channels, expected 3");
         }
-        let y = match &self.net {
-            Net::ResNet(m) => m.forward(x, ctx)?,
-            Net::MobileNetV2(m) => m.forward(x, ctx)?,
-            Net::EfficientNet(m) => m.forward(x, ctx)?,
-        };
-        Ok(y)
+        ctx.kernels = self.kernels;
+        Ok(self.net.forward(x, ctx)?)
+    }
+
+    /// The parameters built as `Var`s, by checkpoint key, in construction order.
+    pub fn trainable(&self) -> &[(String, Var)] {
+        &self.trainable
     }
 }
 
-/// Serves a checkpoint's tensors to a `VarBuilder`, converted to f32 on the target device.
+/// Serves a source's tensors under module paths, through a naming.
+struct NamedBackend<'a> {
+    inner: Box<dyn SimpleBackend + 'a>,
+    naming: Naming,
+}
+
+impl SimpleBackend for NamedBackend<'_> {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.inner.get(s, &self.naming.key(name), h, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.inner.get_unchecked(&self.naming.key(name), dtype, dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(&self.naming.key(name))
+    }
+}
+
+/// Wraps a backend so that the parameters `pick` selects come out as `Var`s (recorded by path).
+struct TrainableBackend<'a> {
+    inner: Box<dyn SimpleBackend + 'a>,
+    pick: &'a (dyn Fn(&str) -> bool + Sync),
+    vars: Arc<Mutex<Vec<(String, Var)>>>,
+}
+
+impl TrainableBackend<'_> {
+    fn wrap(&self, name: &str, t: Tensor) -> candle_core::Result<Tensor> {
+        if !(self.pick)(name) {
+            return Ok(t);
+        }
+        let v = Var::from_tensor(&t)?;
+        let out = v.as_tensor().clone();
+        self.vars
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name.to_string(), v));
+        Ok(out)
+    }
+}
+
+impl SimpleBackend for TrainableBackend<'_> {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.inner.get(s, name, h, dtype, dev)?;
+        self.wrap(name, t)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.inner.get_unchecked(name, dtype, dev)?;
+        self.wrap(name, t)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+/// Serves a checkpoint's tensors to a `VarBuilder` under module paths (through the naming),
+/// converted to f32 on the target device.
 struct CheckpointBackend<'a> {
     ck: &'a Checkpoint,
+    naming: Naming,
     overrides: &'a HashMap<String, Vec<f32>>,
 }
 
@@ -318,7 +482,8 @@ impl SimpleBackend for CheckpointBackend<'_> {
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.shape() != &s {
             candle_core::bail!(
-                "tensor {name} has shape {:?}, expected {:?}",
+                "tensor {} has shape {:?}, expected {:?}",
+                self.naming.key(name),
                 t.dims(),
                 s.dims()
             );
@@ -326,7 +491,9 @@ impl SimpleBackend for CheckpointBackend<'_> {
         Ok(t)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(&self, path: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let key = self.naming.key(path);
+        let name = key.as_str();
         let t = self
             .ck
             .get(name)
@@ -345,8 +512,8 @@ impl SimpleBackend for CheckpointBackend<'_> {
         Tensor::from_vec(values, t.shape.clone(), dev)?.to_dtype(dtype)
     }
 
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.ck.get(name).is_some()
+    fn contains_tensor(&self, path: &str) -> bool {
+        self.ck.get(&self.naming.key(path)).is_some()
     }
 }
 

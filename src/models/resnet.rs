@@ -12,9 +12,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{
-    global_avg_pool, max_pool_3x3_s2_p1, Act, BnMode, BnRegistry, ConvBn, ConvSpec, Ctx, Linear,
+    global_avg_pool, max_pool_3x3_s2_p1, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Linear,
 };
-use super::{Config as AnyConfig, Miss, Probe, Shapes};
+use super::{torchvision_naming, Architecture, Family, Miss, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
 
@@ -31,6 +31,14 @@ pub struct Config {
     pub num_classes: usize,
 }
 
+/// The registry's entry (see `models::FAMILIES`).
+pub const FAMILY: Family = Family {
+    name: "resnet",
+    detect,
+    accepts,
+    namings: torchvision_naming,
+};
+
 pub fn accepts(arch: &str) -> bool {
     arch == "resnet"
         || arch.starts_with("resnet")
@@ -38,8 +46,16 @@ pub fn accepts(arch: &str) -> bool {
         || arch.starts_with("wide_resnet")
 }
 
-impl Config {
-    pub fn name(&self) -> String {
+impl Architecture for Config {
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn build(&self, vb: VarBuilder, reg: &mut BnRegistry) -> Result<Box<dyn Network>> {
+        Ok(Box::new(ResNet::new(self, vb, reg)?))
+    }
+
+    fn name(&self) -> String {
         let std_names: [(&str, bool, [usize; 4], usize, usize); 10] = [
             ("resnet18", false, [2, 2, 2, 2], 1, 64),
             ("resnet34", false, [3, 4, 6, 3], 1, 64),
@@ -82,7 +98,7 @@ impl Config {
     }
 }
 
-pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
+pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Miss> {
     let mut p = Probe::new(shapes);
     let stem = p.stem_channels("conv1.weight", 7)?;
     p.expect("bn1.running_mean", &[stem])?;
@@ -125,7 +141,7 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<AnyConfig, Miss> {
             outs[3]
         )));
     }
-    Ok(AnyConfig::ResNet(Config {
+    Ok(Box::new(Config {
         bottleneck,
         stem,
         blocks,
@@ -152,9 +168,9 @@ impl Block {
             Some(d) => d.forward(x, ctx),
             None => Ok(x.clone()),
         };
-        if ctx.mode == BnMode::Calibrate {
-            // BN layers report in torchvision's forward order: the last conv's before the
-            // projection's.
+        if !ctx.all_eval() {
+            // BN layers report (and train-mode layers update) in torchvision's forward order:
+            // the last conv's before the projection's.
             let y = last.forward(&y, ctx)?;
             return (y + identity(ctx)?)?.relu();
         }
@@ -232,10 +248,12 @@ impl ResNet {
         let fc = Linear::new(vb.pp("fc"), cin, c.num_classes)?;
         Ok(ResNet { stem, stages, fc })
     }
+}
 
-    pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+impl Network for ResNet {
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let x = self.stem.forward_relu(x, ctx)?;
-        let mut x = max_pool_3x3_s2_p1(&x)?;
+        let mut x = max_pool_3x3_s2_p1(&x, ctx)?;
         for stage in &self.stages {
             for b in stage {
                 x = b.forward(&x, ctx)?;

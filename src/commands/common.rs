@@ -1,19 +1,17 @@
-//! What `swa` and `ema` share: choosing and opening the snapshots, checking the outputs, and the
-//! closing summary.
+//! What `swa` and `ema` share: choosing and opening the snapshots, checking the outputs,
+//! recalibrating BN in memory before anything is written, and the closing summary. Not a
+//! command: the averaging commands call it.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::Args;
 
-use crate::average::{self, select, Config, OutputSpec, Plan};
-use crate::bn::Estimator;
-use crate::checkpoint::write::{check_outputs, destinations, OutputLayout};
+use crate::average::{self, select, Config, OutputSpec, Plan, Target};
+use crate::bn;
+use crate::checkpoint::write::{check_outputs, destinations, write_file, OutputLayout};
 use crate::checkpoint::{bn_layers, provenance, Checkpoint, Format};
-use crate::cli::{AverageArgs, DataOptions, GlobalArgs, OutputArgs, SnapshotArgs};
-use crate::commands::recal_bn;
-use crate::device;
+use crate::cli::{AverageArgs, GlobalArgs, JsonArg, OutputArgs, RecalArgs, SnapshotArgs};
 use crate::models::Model;
 use crate::report::{human_bytes, Reporter};
 
@@ -72,32 +70,9 @@ pub fn layout(path: &std::path::Path, out: &OutputArgs, inputs: &[Checkpoint]) -
     }
 }
 
-/// `--recal-bn DIR`: recompute the BN statistics of the averaged weights before writing them.
-#[derive(Args, Debug, Clone)]
-#[command(next_help_heading = "BN recalibration")]
-pub struct RecalArgs {
-    /// Recompute the BatchNorm statistics of the averaged weights over the images in DIR
-    /// (precise BN, as `ckpt recal-bn`) before writing; the data options below apply
-    #[arg(long = "recal-bn", value_name = "DIR")]
-    pub recal_bn: Option<PathBuf>,
-    /// Estimator for --recal-bn (see `ckpt recal-bn --help`)
-    #[arg(long, value_enum, default_value = "population")]
-    pub estimator: Estimator,
-    #[command(flatten)]
-    pub data: DataOptions,
-}
-
-/// Removes an intermediate file when dropped.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// Checks the outputs against the inputs, records provenance, runs the pass and reports; with
-/// `recal`, averages into hidden intermediate files and writes the recalibrated outputs.
+/// `recal`, averages into memory, recalibrates each average's BN statistics there and writes
+/// only the recalibrated outputs (no intermediate file, so an interrupted run leaves nothing).
 pub fn write_outputs(
     inputs: &[Checkpoint],
     plan: &Plan,
@@ -109,9 +84,16 @@ pub fn write_outputs(
 ) -> Result<()> {
     let files: Vec<PathBuf> = inputs.iter().flat_map(|c| c.files.clone()).collect();
     let planned = plan.planned_tensors();
-    let dests: Vec<PathBuf> = outputs
+    let layouts: Vec<OutputLayout> = outputs
         .iter()
-        .flat_map(|o| destinations(&o.layout, &planned))
+        .map(|o| match &o.target {
+            Target::File(l) => l.clone(),
+            Target::Memory(_) => unreachable!("the averaging commands ask for files"),
+        })
+        .collect();
+    let dests: Vec<PathBuf> = layouts
+        .iter()
+        .flat_map(|l| destinations(l, &planned))
         .collect();
     check_outputs(&dests, &files, cfg.force)?;
     if !plan.partial.is_empty() {
@@ -129,48 +111,37 @@ pub fn write_outputs(
         m.insert("ckpt.weights".into(), w.join(","));
         o.metadata = m;
     }
-    let finals: Vec<OutputLayout> = outputs.iter().map(|o| o.layout.clone()).collect();
-    let mut scratch = Vec::new();
     let mut recal_setup = None;
     if let Some(dir) = &recal.recal_bn {
-        let data = recal.data.config(dir, global.threads)?;
+        let mut data = recal.data.config(dir, global.threads)?;
+        let shard = data.dataset.shard.take();
         data.scan()?; // a bad folder fails before the averaging, not after
-        let dev = device::resolve(global.device, |m| rep.note(m))?;
-        recal_setup = Some((data, dev));
-        for (i, o) in outputs.iter_mut().enumerate() {
-            let dest = destinations(&o.layout, &planned).pop().unwrap();
-            let dir = dest
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(std::path::Path::new("."));
-            let tmp = dir.join(format!(
-                ".ckpt-average-{}-{i}.safetensors",
-                std::process::id()
-            ));
-            o.layout = OutputLayout::Single(tmp.clone());
-            scratch.push(Scratch(tmp));
+        let dev = super::device(global, rep)?;
+        recal_setup = Some((data, shard, dev));
+        for (o, l) in outputs.iter_mut().zip(&layouts) {
+            let dest = destinations(l, &planned).pop().unwrap_or_default();
+            o.target = Target::Memory(format!("the average for {}", dest.display()).into());
         }
     }
-    let stats = average::run(inputs, plan, &outputs, cfg, rep)?;
+    let (stats, averages) = average::run(inputs, plan, &outputs, cfg, rep)?;
     let secs = stats.elapsed.as_secs_f64();
-    if let Some((data, dev)) = &recal_setup {
-        for (o, (fin, tmp)) in outputs.iter_mut().zip(finals.iter().zip(&scratch)) {
-            let ck = Checkpoint::open(&tmp.0, &Default::default())?;
-            let model = Model::load(&ck, None, dev)?;
-            let (bn_stats, meta) = recal_bn::pass(&model, data, rep)?;
+    if let Some((data, shard, dev)) = &recal_setup {
+        for ((o, layout), avg) in outputs.iter().zip(&layouts).zip(&averages) {
+            let avg = avg.as_ref().expect("averaged into memory");
+            let model = Model::load(avg, recal.arch.get(), dev)?.with_kernels(global.kernels);
+            let (bn_stats, meta) = bn::pass(&model, data, *shard, rep)?;
             let mut m = o.metadata.clone();
             m.extend(meta);
             m.insert("ckpt.recal.estimator".into(), recal.estimator.to_string());
             m.insert("ckpt.recal.images".into(), bn_stats.images.to_string());
             m.insert("ckpt.recal.batches".into(), bn_stats.batches.to_string());
-            recal_bn::recalibrated(&ck, &bn_stats, recal.estimator, fin, &m, cfg.force)?;
-            o.layout = fin.clone();
+            bn::recalibrated(avg, &bn_stats, recal.estimator, layout, &m, cfg.force)?;
         }
     }
     let mut stdout = std::io::stdout().lock();
-    for o in &outputs {
+    for (o, layout) in outputs.iter().zip(&layouts) {
         let w: Vec<String> = o.weights.iter().map(|w| format!("{w:.4}")).collect();
-        let dest = destinations(&o.layout, &planned);
+        let dest = destinations(layout, &planned);
         writeln!(
             stdout,
             "wrote {} (weights {})",
@@ -202,9 +173,32 @@ pub fn write_outputs(
         ));
     } else if !bn.is_empty() {
         rep.note(format!(
-            "note: the running statistics of {} BatchNorm layers were averaged like the weights and do not match the averaged weights; recompute them over training data before evaluating (precise BN, e.g. torch.optim.swa_utils.update_bn)",
+            "note: the running statistics of {} BatchNorm layers were averaged like the weights and do not match the averaged weights; recompute them over training images before evaluating: --recal-bn DIR here, or `ckpt recal-bn OUT --data DIR` (precise BN)",
             bn.len()
         ));
+    }
+    Ok(())
+}
+
+/// Refuses a `--json=FILE` that would replace an input, or an existing file without `force`,
+/// before any work.
+pub fn check_json(json: &JsonArg, inputs: &[PathBuf], force: bool) -> Result<()> {
+    match json.file() {
+        Some(f) => check_outputs(&[f.to_path_buf()], inputs, force),
+        None => Ok(()),
+    }
+}
+
+/// Writes `value` as JSON where `--json` says: standard output, a file, or nowhere.
+pub fn emit_json(json: &JsonArg, value: &impl serde::Serialize, force: bool) -> Result<()> {
+    if json.to_stdout() {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, value)?;
+        writeln!(out)?;
+    } else if let Some(f) = json.file() {
+        let mut bytes = serde_json::to_vec_pretty(value)?;
+        bytes.push(b'\n');
+        write_file(f, &bytes, force)?;
     }
     Ok(())
 }

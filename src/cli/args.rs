@@ -1,58 +1,14 @@
-//! The command line: the one definition that `--help`, the man pages in `man/` and the parser
-//! are all generated from. Each subcommand's arguments live beside its `run` in
-//! `src/commands/`; this file assembles them and holds the options several commands share.
+//! Argument groups that several commands share, each declared once and flattened where it is
+//! used: how to open a checkpoint ([`OpenArgs`], [`ModelArgs`]), which snapshots to average
+//! ([`SnapshotArgs`], [`AverageArgs`]), where outputs go ([`OutputArgs`], [`OutFile`],
+//! [`JsonArg`]), the images of a data pass ([`DataArgs`], [`DataOptions`]) and BN recalibration
+//! ([`RecalArgs`]); plus their conversion into the engines' configurations.
 
 use std::path::PathBuf;
 
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::Args;
 
 use crate::checkpoint::OpenOptions;
-use crate::commands;
-use crate::device::DeviceSpec;
-
-const ABOUT: &str = "Make a trained image classifier better from its saved checkpoints";
-
-const LONG_ABOUT: &str = "\
-Make a trained image classifier better from its saved checkpoints: average snapshots (SWA), \
-take an exponential moving average over saved steps (EMA), recompute BatchNorm statistics over \
-images (precise BN), measure accuracy at several test resolutions, and inspect what a \
-checkpoint holds. Checkpoints may be .safetensors files, sharded safetensors (an index or its \
-folder) or torch.save files (.pth, .pt, .bin, .pth.tar); the format is recognised from the \
-content, and the model (torchvision ResNets, MobileNetV2, EfficientNet) from its tensors.";
-
-#[derive(Parser, Debug)]
-#[command(name = "ckpt", version, about = ABOUT, long_about = LONG_ABOUT, propagate_version = true)]
-pub struct Cli {
-    #[command(flatten)]
-    pub global: GlobalArgs,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct GlobalArgs {
-    /// Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU
-    /// is present, else the CPU)
-    #[arg(long, global = true, default_value = "auto", value_name = "DEVICE")]
-    pub device: DeviceSpec,
-    /// Worker threads (default: one per core)
-    #[arg(long, global = true, value_name = "N")]
-    pub threads: Option<usize>,
-    /// Print results and errors only: no notes, no progress bars
-    #[arg(short, long, global = true)]
-    pub quiet: bool,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    Inspect(commands::inspect::InspectArgs),
-    Swa(commands::swa::SwaArgs),
-    Ema(commands::ema::EmaArgs),
-    Logits(commands::logits::LogitsArgs),
-    Eval(commands::eval::EvalArgs),
-    RecalBn(commands::recal_bn::RecalBnArgs),
-    SweepRes(commands::sweep_res::SweepResArgs),
-}
 
 /// How to read checkpoints: shared by every command that opens one.
 #[derive(Args, Debug, Clone, Default)]
@@ -177,33 +133,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult) as u64)
 }
 
-pub fn parse() -> Cli {
-    Cli::parse()
-}
-
-/// The man pages: `ckpt.1` and `ckpt-<subcommand>.1`, as (file name, content).
-pub fn man_pages() -> Vec<(String, Vec<u8>)> {
-    let cmd = Cli::command();
-    let mut pages = Vec::new();
-    let mut render = |name: String, c: clap::Command| {
-        let mut buf = Vec::new();
-        clap_mangen::Man::new(c)
-            .render(&mut buf)
-            .expect("rendering a man page into memory cannot fail");
-        pages.push((format!("{name}.1"), buf));
-    };
-    render("ckpt".into(), cmd.clone());
-    for sub in cmd.get_subcommands() {
-        let name = format!("ckpt-{}", sub.get_name());
-        let sub = sub
-            .clone()
-            .name(name.clone())
-            .version(env!("CARGO_PKG_VERSION"));
-        render(name, sub);
-    }
-    pages
-}
-
 /// The images a data pass reads and how they become tensors: shared by every command that runs
 /// a model over a folder (flattened into its arguments).
 #[derive(Args, Debug, Clone)]
@@ -261,7 +190,7 @@ pub struct DataOptions {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub seed: u64,
     /// Read only every n-th image starting at the i-th (0-based), after --max-images: n
-    /// machines with shards 0/n .. n-1/n split one pass
+    /// machines with shards 0/n .. n-1/n split one pass over the images
     #[arg(long, value_name = "i/n")]
     pub shard: Option<crate::data::Shard>,
     /// Images per batch
@@ -401,4 +330,88 @@ impl DataOptions {
             },
         })
     }
+}
+
+/// The model a command runs: its checkpoint, how to open it, and its architecture.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model checkpoint
+    #[arg(value_name = "MODEL")]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub arch: ArchArg,
+    #[command(flatten)]
+    pub open: OpenArgs,
+}
+
+/// `--arch`: for every command that builds a model.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ArchArg {
+    /// Architecture, instead of recognising it from the tensors: a family (resnet,
+    /// mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)
+    #[arg(long = "arch", value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+impl ArchArg {
+    pub fn get(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+}
+
+/// A single output file: `-o` and `--force`.
+#[derive(Args, Debug, Clone)]
+pub struct OutFile {
+    /// Output file (safetensors)
+    #[arg(short, long, value_name = "OUT")]
+    pub output: PathBuf,
+    /// Replace an existing output (atomically)
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `--json[=FILE]`, one convention for every command: the result as JSON on standard output
+/// instead of text, or written to FILE (the text still printed).
+#[derive(Args, Debug, Clone, Default)]
+pub struct JsonArg {
+    /// Print the result as JSON instead of text; --json=FILE writes it to FILE instead
+    #[arg(
+        long = "json",
+        value_name = "FILE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "-"
+    )]
+    pub json: Option<PathBuf>,
+}
+
+impl JsonArg {
+    /// JSON on standard output, in place of the text.
+    pub fn to_stdout(&self) -> bool {
+        self.json.as_deref() == Some(std::path::Path::new("-"))
+    }
+    /// The file JSON goes to, if any.
+    pub fn file(&self) -> Option<&std::path::Path> {
+        self.json
+            .as_deref()
+            .filter(|p| *p != std::path::Path::new("-"))
+    }
+}
+
+/// `--recal-bn DIR`: recompute the BN statistics of a result before writing it.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "BN recalibration")]
+#[command(mut_arg("shard", |a| a.help("Recalibrate over only every n-th batch of DIR, starting at the i-th (0-based): the batches one of n machines would see")))]
+pub struct RecalArgs {
+    /// Recompute the BatchNorm statistics of the averaged weights over the images in DIR
+    /// (precise BN, as `ckpt recal-bn`) before writing; the data options below apply
+    #[arg(long = "recal-bn", value_name = "DIR")]
+    pub recal_bn: Option<PathBuf>,
+    /// Estimator for --recal-bn (see `ckpt recal-bn --help`)
+    #[arg(long, value_enum, default_value = "population")]
+    pub estimator: crate::bn::Estimator,
+    #[command(flatten)]
+    pub arch: ArchArg,
+    #[command(flatten)]
+    pub data: DataOptions,
 }

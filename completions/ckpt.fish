@@ -1,0 +1,289 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_ckpt_global_optspecs
+    string join \n device= threads= q/quiet kernels= h/help V/version
+end
+
+function __fish_ckpt_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_ckpt_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_ckpt_using_subcommand
+    set -l cmd (__fish_ckpt_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c ckpt -n "__fish_ckpt_needs_command" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
+complete -c ckpt -n "__fish_ckpt_needs_command" -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ckpt -n "__fish_ckpt_needs_command" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
+complete -c ckpt -n "__fish_ckpt_needs_command" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ckpt -n "__fish_ckpt_needs_command" -s V -l version -d 'Print version'
+complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "inspect" -d 'Show a checkpoint\'s format, tensors, parameter count, BatchNorm layers and provenance'
+complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "swa" -d 'Average snapshots (stochastic weight averaging), streaming, in f64'
+complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "ema" -d 'Exponential moving average over saved snapshots, several decays in one pass'
+complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "logits" -d 'Compute a model\'s logits for a batch of images'
+complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "eval" -d 'Evaluate a checkpoint on an ImageFolder: top-1, top-5, loss'
+complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "recal-bn" -d 'Recompute BatchNorm running statistics over images (precise BN)'
+complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "sweep-res" -d 'Accuracy at several test sizes (and crop fractions) in one pass over the images'
+complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "completions" -d 'Print a shell completion script (bash, zsh or fish) to standard output'
+complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l tensors -d 'List every tensor with its dtype and shape'
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l force -d 'Replace an existing --json=FILE'
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -s h -l help -d 'Print help'
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -s V -l version -d 'Print version'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l last -d 'Keep only the N newest snapshots (applied after --every)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l every -d 'Keep every K-th snapshot, counted back from the newest (which is always kept)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l weights -d 'Weights, one per chosen snapshot (oldest first), normalised to sum 1: 1,1,2 gives 0.25,0.25,0.5' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l int -d 'Integer tensors (num_batches_tracked) are never averaged: take the newest snapshot\'s value (last), the oldest\'s (first), the element-wise max or sum, or refuse them (error)' -r -f -a "first\t'Take the oldest snapshot\'s value'
+last\t'Take the newest snapshot\'s value'
+max\t'Element-wise maximum'
+sum\t'Element-wise sum (an error if it overflows the dtype)'
+error\t'Refuse integer tensors'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l dtype -d 'Output dtype of floating tensors: f32, f16, bf16 or f64 (default: as stored). The average is accumulated in f64 and rounded once' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l shard-size -d 'Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when the input was sharded, at 5GB)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l recal-bn -d 'Recompute the BatchNorm statistics of the averaged weights over the images in DIR (precise BN, as `ckpt recal-bn`) before writing; the data options below apply' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
+torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l size -d 'Side of the square images fed to the model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
+train\t'Random resized crop and flip (seeded)'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l shard -d 'Recalibrate over only every n-th batch of DIR, starting at the i-th (0-based): the batches one of n machines would see' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l batch-size -d 'Images per batch' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l no-sort -d 'Keep the order given instead of sorting by file name'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l allow-missing -d 'Average a tensor over the snapshots that have it (weights renormalised) instead of refusing snapshots with different tensors'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l allow-nonfinite -d 'Average NaN and infinite values instead of refusing them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l force -d 'Replace an existing output (atomically)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s V -l version -d 'Print version'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l last -d 'Keep only the N newest snapshots (applied after --every)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l every -d 'Keep every K-th snapshot, counted back from the newest (which is always kept)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l decay -d 'Decay(s) B in [0, 1); several give several outputs (name them with {decay} in -o)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l int -d 'Integer tensors (num_batches_tracked) are never averaged: take the newest snapshot\'s value (last), the oldest\'s (first), the element-wise max or sum, or refuse them (error)' -r -f -a "first\t'Take the oldest snapshot\'s value'
+last\t'Take the newest snapshot\'s value'
+max\t'Element-wise maximum'
+sum\t'Element-wise sum (an error if it overflows the dtype)'
+error\t'Refuse integer tensors'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l dtype -d 'Output dtype of floating tensors: f32, f16, bf16 or f64 (default: as stored). The average is accumulated in f64 and rounded once' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l shard-size -d 'Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when the input was sharded, at 5GB)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l recal-bn -d 'Recompute the BatchNorm statistics of the averaged weights over the images in DIR (precise BN, as `ckpt recal-bn`) before writing; the data options below apply' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
+torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l size -d 'Side of the square images fed to the model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
+train\t'Random resized crop and flip (seeded)'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l shard -d 'Recalibrate over only every n-th batch of DIR, starting at the i-th (0-based): the batches one of n machines would see' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l batch-size -d 'Images per batch' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l no-sort -d 'Keep the order given instead of sorting by file name'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l per-step -d 'Use the step numbers in the file names: a gap of g steps decays by B^g, as if the snapshot\'s weights had been seen at each of those g steps'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l warmup -d 'timm ModelEmaV3\'s warmup: the decay at step s is min(B, 1 - (1 + (s - 1) / gamma)^-power) with gamma 1 and power 2/3 (s: the file\'s step number with --per-step, else its position)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l allow-missing -d 'Average a tensor over the snapshots that have it (weights renormalised) instead of refusing snapshots with different tensors'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l allow-nonfinite -d 'Average NaN and infinite values instead of refusing them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l force -d 'Replace an existing output (atomically)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s V -l version -d 'Print version'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l input -d 'File holding the input batch as tensor `input` (see --input-key)' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l data -d 'Folder of images instead (eval transform, see the data options); also writes `labels` for an ImageFolder and records the image paths in the metadata' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l size -d 'Side of the square images fed to the model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
+train\t'Random resized crop and flip (seeded)'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l shard -d 'Read only every n-th image starting at the i-th (0-based), after --max-images: n machines with shards 0/n .. n-1/n split one pass over the images' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l batch-size -d 'Images per batch' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l input-key -d 'Name of the input tensor' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s o -l output -d 'Output file (safetensors)' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l top-k -d 'Store only the K largest logits per image and their class indices' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l force -d 'Replace an existing output (atomically)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s V -l version -d 'Print version'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l data -d 'Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class indices as torchvision\'s) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l size -d 'Side of the square images fed to the model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
+train\t'Random resized crop and flip (seeded)'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l shard -d 'Read only every n-th image starting at the i-th (0-based), after --max-images: n machines with shards 0/n .. n-1/n split one pass over the images' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l batch-size -d 'Images per batch' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l force -d 'Replace an existing --json=FILE'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -s V -l version -d 'Print version'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l data -d 'Folder of (training) images; see the data options' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l size -d 'Side of the square images fed to the model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
+train\t'Random resized crop and flip (seeded)'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l estimator -d 'How running statistics are estimated from the batches' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
+torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l stats-out -d 'Write the mergeable per-layer sums (f64) to this file instead of a checkpoint' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l merge -d 'Combine --stats-out files of shards instead of reading images' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s o -l output -d 'Output checkpoint (or, with --stats-out, the statistics file)' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l batch-size -d 'Images per batch' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l shard -d 'Read only every n-th batch of the pass, starting at the i-th (0-based): n machines with shards 0/n .. n-1/n and --stats-out split one pass, and --merge equals it' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l force -d 'Replace an existing output'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s V -l version -d 'Print version'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l data -d 'Folder of labelled images (ImageFolder)' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
+train\t'Random resized crop and flip (seeded)'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l sizes -d 'Test sizes (default: multiples of 32 from 0.75x to 1.5x of --train-size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l recal-bn -d 'Re-estimate BN statistics at each size over the images in DIR before evaluating it' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
+torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l save-best -d 'Write the checkpoint recalibrated at the best size (needs --recal-bn and one MODEL)' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l csv -d 'Write the results as CSV in the column layout of timm\'s results-imagenet.csv' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l plot -d 'Plot top-1 against test size, one line per model and crop_pct (.png or .svg)' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l train-size -d 'Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it, and deltas are against it' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l batch-size -d 'Images per batch' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l shard -d 'Evaluate only every n-th image of --data starting at the i-th (0-based), after --max-images; the --recal-bn passes read all of DIR' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l force -d 'Replace existing output files'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s V -l version -d 'Print version'
+complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -s V -l version -d 'Print version'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res completions help" -f -a "inspect" -d 'Show a checkpoint\'s format, tensors, parameter count, BatchNorm layers and provenance'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res completions help" -f -a "swa" -d 'Average snapshots (stochastic weight averaging), streaming, in f64'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res completions help" -f -a "ema" -d 'Exponential moving average over saved snapshots, several decays in one pass'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res completions help" -f -a "logits" -d 'Compute a model\'s logits for a batch of images'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res completions help" -f -a "eval" -d 'Evaluate a checkpoint on an ImageFolder: top-1, top-5, loss'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res completions help" -f -a "recal-bn" -d 'Recompute BatchNorm running statistics over images (precise BN)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res completions help" -f -a "sweep-res" -d 'Accuracy at several test sizes (and crop fractions) in one pass over the images'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res completions help" -f -a "completions" -d 'Print a shell completion script (bash, zsh or fish) to standard output'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -1,0 +1,244 @@
+//! Each subcommand's arguments, with the text of its `--help` and man page. The command that
+//! runs them is the file of the same name in `src/commands/`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::args::*;
+use super::values::Shell;
+
+/// Show a checkpoint's format, tensors, parameter count, BatchNorm layers and provenance
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Checkpoint: .safetensors, sharded index or its folder, or a torch.save file
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+    #[command(flatten)]
+    pub open: OpenArgs,
+    /// List every tensor with its dtype and shape
+    #[arg(long)]
+    pub tensors: bool,
+    #[command(flatten)]
+    pub json: JsonArg,
+    /// Replace an existing --json=FILE
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Average snapshots (stochastic weight averaging), streaming, in f64
+///
+/// The uniform average of the chosen snapshots, or a weighted one with --weights. Floating
+/// tensors are accumulated in f64 and rounded once into their stored dtype (or --dtype);
+/// integer tensors follow --int. BatchNorm running statistics are averaged like the weights and
+/// do not fit the averaged weights: --recal-bn DIR recomputes them before writing.
+#[derive(Args, Debug)]
+#[command(mut_arg("max_images", |a| a.default_value("8192")), mut_arg("batch_size", |a| a.default_value("64")))]
+pub struct SwaArgs {
+    #[command(flatten)]
+    pub snapshots: SnapshotArgs,
+    /// Weights, one per chosen snapshot (oldest first), normalised to sum 1: 1,1,2 gives
+    /// 0.25,0.25,0.5
+    #[arg(long, value_delimiter = ',', value_name = "W1,W2,...")]
+    pub weights: Option<Vec<f64>>,
+    #[command(flatten)]
+    pub average: AverageArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
+    pub recal: RecalArgs,
+}
+
+/// Exponential moving average over saved snapshots, several decays in one pass
+///
+/// v_1 = x_1, v_t = B * v_{t-1} + (1 - B) * x_t over the snapshots, oldest first. This is a
+/// weighted average with weights w_t = (1 - d_t) * prod_{s>t} d_s, so every decay asked for is
+/// written from one pass over the inputs.
+#[derive(Args, Debug)]
+#[command(mut_arg("max_images", |a| a.default_value("8192")), mut_arg("batch_size", |a| a.default_value("64")))]
+pub struct EmaArgs {
+    #[command(flatten)]
+    pub snapshots: SnapshotArgs,
+    /// Decay(s) B in [0, 1); several give several outputs (name them with {decay} in -o)
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required = true,
+        value_name = "B[,B2,...]"
+    )]
+    pub decay: Vec<String>,
+    /// Use the step numbers in the file names: a gap of g steps decays by B^g, as if the
+    /// snapshot's weights had been seen at each of those g steps
+    #[arg(long)]
+    pub per_step: bool,
+    /// timm ModelEmaV3's warmup: the decay at step s is min(B, 1 - (1 + (s - 1) / gamma)^-power)
+    /// with gamma 1 and power 2/3 (s: the file's step number with --per-step, else its position)
+    #[arg(long)]
+    pub warmup: bool,
+    #[command(flatten)]
+    pub average: AverageArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
+    pub recal: RecalArgs,
+}
+
+/// Compute a model's logits for a batch of images
+///
+/// With --input, a safetensors (or torch.save) file whose tensor `input` is an N x 3 x H x W
+/// batch, already normalised; with --data, a folder of images. Writes `logits` (N x classes,
+/// f32), or with --top-k the `topk_values` and `topk_indices` (offline distillation targets).
+/// The model is recognised from the checkpoint's tensor names and shapes.
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// File holding the input batch as tensor `input` (see --input-key)
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "data",
+        conflicts_with = "data"
+    )]
+    pub input: Option<PathBuf>,
+    /// Folder of images instead (eval transform, see the data options); also writes `labels`
+    /// for an ImageFolder and records the image paths in the metadata
+    #[arg(long = "data", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub data_opts: DataOptions,
+    /// Name of the input tensor
+    #[arg(long, default_value = "input", value_name = "NAME")]
+    pub input_key: String,
+    #[command(flatten)]
+    pub out: OutFile,
+    /// Store only the K largest logits per image and their class indices
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+}
+
+/// Evaluate a checkpoint on an ImageFolder: top-1, top-5, loss
+///
+/// Images go through the eval transform as torchvision's Resize + CenterCrop + ToTensor +
+/// Normalize would make them; the model is recognised from the checkpoint.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub json: JsonArg,
+    /// Replace an existing --json=FILE
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Recompute BatchNorm running statistics over images (precise BN)
+///
+/// Freezes the weights, runs the images forward with every BN layer normalising with its batch
+/// statistics (as in train mode; everything else as in eval), and replaces each layer's
+/// running_mean and running_var. Estimators: population (default; fvcore's precise BN: the
+/// mean and population variance of every element seen, weighted by count) or torch
+/// (torch.optim.swa_utils.update_bn: the mean of batch means and of unbiased batch variances,
+/// every batch weighing the same, the short last batch included). num_batches_tracked becomes
+/// the number of batches, as update_bn leaves it; every other tensor is copied byte for byte.
+///
+/// Several machines: run each with --shard i/n --stats-out PART.safetensors, then
+/// `ckpt recal-bn MODEL --merge PART... -o OUT`; the result equals one pass over all images.
+#[derive(Args, Debug)]
+#[command(
+    mut_arg("max_images", |a| a.default_value("8192")),
+    mut_arg("batch_size", |a| a.default_value("64")),
+    mut_arg("shard", |a| a.help("Read only every n-th batch of the pass, starting at the i-th (0-based): n machines with shards 0/n .. n-1/n and --stats-out split one pass, and --merge equals it"))
+)]
+pub struct RecalBnArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Folder of (training) images; see the data options
+    #[arg(long = "data", value_name = "DIR", required_unless_present = "merge")]
+    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub data_opts: DataOptions,
+    /// How running statistics are estimated from the batches
+    #[arg(long, value_enum, default_value = "population")]
+    pub estimator: crate::bn::Estimator,
+    /// Write the mergeable per-layer sums (f64) to this file instead of a checkpoint
+    #[arg(long, value_name = "PART", conflicts_with = "merge")]
+    pub stats_out: Option<PathBuf>,
+    /// Combine --stats-out files of shards instead of reading images
+    #[arg(long, value_name = "PART", num_args = 1.., conflicts_with = "data")]
+    pub merge: Vec<PathBuf>,
+    /// Output checkpoint (or, with --stats-out, the statistics file)
+    #[arg(short, long, value_name = "OUT", required_unless_present = "stats_out")]
+    pub output: Option<PathBuf>,
+    /// Replace an existing output
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+/// Accuracy at several test sizes (and crop fractions) in one pass over the images
+///
+/// Each image is decoded once and resized to every size (resize = floor(size / crop_pct), centre
+/// crop). Several checkpoints are compared in the same pass. With --recal-bn DIR, the BN
+/// statistics are re-estimated at each size over DIR first (FixRes-lite), so that each size is
+/// measured with statistics that fit it; --save-best writes that checkpoint for the best size.
+/// The recalibration passes use the same data options as the evaluation (batch size 64 by
+/// default, as recal-bn's), over DIR.
+#[derive(Args, Debug)]
+#[command(
+    mut_arg("size", |a| a.long("train-size").help("Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it, and deltas are against it")),
+    mut_arg("batch_size", |a| a.default_value("64")),
+    mut_arg("shard", |a| a.help("Evaluate only every n-th image of --data starting at the i-th (0-based), after --max-images; the --recal-bn passes read all of DIR"))
+)]
+pub struct SweepResArgs {
+    /// Checkpoints to compare (last epoch, SWA, EMA, ...)
+    #[arg(value_name = "MODEL", required = true)]
+    pub models: Vec<PathBuf>,
+    /// Folder of labelled images (ImageFolder)
+    #[arg(long = "data", value_name = "DIR")]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub data_opts: DataOptions,
+    /// Test sizes (default: multiples of 32 from 0.75x to 1.5x of --train-size)
+    #[arg(long, value_delimiter = ',', value_name = "S1,S2,...")]
+    pub sizes: Option<Vec<u32>>,
+    /// Re-estimate BN statistics at each size over the images in DIR before evaluating it
+    #[arg(long = "recal-bn", value_name = "DIR")]
+    pub recal_bn: Option<PathBuf>,
+    /// Estimator for --recal-bn (see `ckpt recal-bn --help`)
+    #[arg(long, value_enum, default_value = "population")]
+    pub estimator: crate::bn::Estimator,
+    /// Write the checkpoint recalibrated at the best size (needs --recal-bn and one MODEL)
+    #[arg(long, value_name = "OUT", requires = "recal_bn")]
+    pub save_best: Option<PathBuf>,
+    /// Write the results as CSV in the column layout of timm's results-imagenet.csv
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    #[command(flatten)]
+    pub json: JsonArg,
+    /// Plot top-1 against test size, one line per model and crop_pct (.png or .svg)
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// Replace existing output files
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub arch: ArchArg,
+    #[command(flatten)]
+    pub open: OpenArgs,
+}
+
+/// Print a shell completion script (bash, zsh or fish) to standard output
+///
+/// Generated from the same definitions as --help and the man pages. bash: `ckpt completions
+/// bash > ~/.local/share/bash-completion/completions/ckpt`; zsh: into a folder on $fpath as
+/// `_ckpt`; fish: `~/.config/fish/completions/ckpt.fish`. The scripts are also in
+/// `completions/` of the source tree.
+#[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    #[arg(value_enum, value_name = "SHELL")]
+    pub shell: Shell,
+}
