@@ -14,7 +14,7 @@ use crate::checkpoint::{bn_layers, provenance, Checkpoint, Format};
 use crate::cli::{AverageArgs, DataOptions, GlobalArgs, OutputArgs, SnapshotArgs};
 use crate::commands::recal_bn;
 use crate::device;
-use crate::models::Model;
+use crate::models::{self, Model};
 use crate::report::{human_bytes, Reporter};
 
 /// Chooses, orders and opens the snapshots, printing the list before any work.
@@ -155,7 +155,8 @@ pub fn write_outputs(
     let secs = stats.elapsed.as_secs_f64();
     if let Some((data, dev)) = &recal_setup {
         for (o, (fin, tmp)) in outputs.iter_mut().zip(finals.iter().zip(&scratch)) {
-            let ck = Checkpoint::open(&tmp.0, &Default::default())?;
+            let mut ck = Checkpoint::open(&tmp.0, &Default::default())?;
+            models::use_model_names(&mut ck, None, false)?;
             let model = Model::load(&ck, None, dev)?;
             let (bn_stats, meta) = recal_bn::pass(&model, data, rep)?;
             let mut m = o.metadata.clone();

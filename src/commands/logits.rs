@@ -60,7 +60,7 @@ pub struct LogitsArgs {
 }
 
 pub fn run(args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
-    let ck = Checkpoint::open(&args.model, &args.open.options())?;
+    let ck = super::open_for_model(&args.model, &args.open, args.arch.as_deref())?;
     if let Some(n) = ck.origin_note() {
         rep.note(n);
     }

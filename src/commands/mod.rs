@@ -12,11 +12,11 @@ pub mod sweep_res;
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::checkpoint::Checkpoint;
 use crate::cli::{GlobalArgs, OpenArgs};
-use crate::models::Model;
+use crate::models::{self, Model};
 
 use crate::cli::{Cli, Command};
 use crate::report::Reporter;
@@ -40,6 +40,15 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Opens a checkpoint to run as a model, its names made the model's (a wrapper's prefix
+/// removed when only that makes them fit; see `models::use_model_names`).
+pub fn open_for_model(path: &Path, open: &OpenArgs, arch: Option<&str>) -> Result<Checkpoint> {
+    let mut ck = Checkpoint::open(path, &open.options())?;
+    models::use_model_names(&mut ck, arch, open.keep_prefix)
+        .with_context(|| path.display().to_string())?;
+    Ok(ck)
+}
+
 /// Opens a model checkpoint, says how its state dict was found, and builds the network on the
 /// device `--device` asks for.
 pub fn open_model(
@@ -49,7 +58,7 @@ pub fn open_model(
     global: &GlobalArgs,
     rep: &Reporter,
 ) -> Result<(Checkpoint, Model)> {
-    let ck = Checkpoint::open(path, &open.options())?;
+    let ck = open_for_model(path, open, arch)?;
     if let Some(n) = ck.origin_note() {
         rep.note(n);
     }
