@@ -39,13 +39,13 @@ complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "recal-bn" -d 'Recompute B
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "sweep-res" -d 'Accuracy at several test sizes (and crop fractions) in one pass over the images'
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "completions" -d 'Print a shell completion script (bash, zsh or fish) to standard output'
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
-complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l tensors -d 'List every tensor with its dtype and shape'
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l force -d 'Replace an existing --json=FILE'
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
@@ -53,7 +53,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -s h -l help -d 'Prin
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l last -d 'Keep only the N newest snapshots (applied after --every)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l every -d 'Keep every K-th snapshot, counted back from the newest (which is always kept)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l weights -d 'Weights, one per chosen snapshot (oldest first), normalised to sum 1: 1,1,2 gives 0.25,0.25,0.5' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l int -d 'Integer tensors (num_batches_tracked) are never averaged: take the newest snapshot\'s value (last), the oldest\'s (first), the element-wise max or sum, or refuse them (error)' -r -f -a "first\t'Take the oldest snapshot\'s value'
@@ -86,7 +86,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l device -d 'Device for 
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l no-sort -d 'Keep the order given instead of sorting by file name'
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l allow-missing -d 'Average a tensor over the snapshots that have it (weights renormalised) instead of refusing snapshots with different tensors'
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l allow-nonfinite -d 'Average NaN and infinite values instead of refusing them'
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l force -d 'Replace an existing output (atomically)'
@@ -97,7 +97,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s h -l help -d 'Print he
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l last -d 'Keep only the N newest snapshots (applied after --every)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l every -d 'Keep every K-th snapshot, counted back from the newest (which is always kept)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l decay -d 'Decay(s) B in [0, 1); several give several outputs (name them with {decay} in -o)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l int -d 'Integer tensors (num_batches_tracked) are never averaged: take the newest snapshot\'s value (last), the oldest\'s (first), the element-wise max or sum, or refuse them (error)' -r -f -a "first\t'Take the oldest snapshot\'s value'
@@ -130,7 +130,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l device -d 'Device for 
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l no-sort -d 'Keep the order given instead of sorting by file name'
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l per-step -d 'Use the step numbers in the file names: a gap of g steps decays by B^g, as if the snapshot\'s weights had been seen at each of those g steps'
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l warmup -d 'timm ModelEmaV3\'s warmup: the decay at step s is min(B, 1 - (1 + (s - 1) / gamma)^-power) with gamma 1 and power 2/3 (s: the file\'s step number with --per-step, else its position)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l allow-missing -d 'Average a tensor over the snapshots that have it (weights renormalised) instead of refusing snapshots with different tensors'
@@ -142,7 +142,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s q -l quiet -d 'Print r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l input -d 'File holding the input batch as tensor `input` (see --input-key)' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l data -d 'Folder of images instead (eval transform, see the data options); also writes `labels` for an ImageFolder and records the image paths in the metadata' -r -F
@@ -166,7 +166,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l top-k -d 'Store onl
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l force -d 'Replace an existing output (atomically)'
@@ -174,7 +174,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s q -l quiet -d 'Prin
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l data -d 'Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class indices as torchvision\'s) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l size -d 'Side of the square images fed to the model' -r
@@ -195,7 +195,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l json -d 'Print the re
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l force -d 'Replace an existing --json=FILE'
@@ -203,7 +203,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -s q -l quiet -d 'Print 
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l data -d 'Folder of (training) images; see the data options' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l size -d 'Side of the square images fed to the model' -r
@@ -229,7 +229,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l shard -d 'Read on
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l force -d 'Replace an existing output'
@@ -257,7 +257,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l csv -d 'Write th
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l plot -d 'Plot top-1 against test size, one line per model and crop_pct (.png or .svg)' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l train-size -d 'Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it, and deltas are against it' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l batch-size -d 'Images per batch' -r
@@ -268,7 +268,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l kernels -d 'Kern
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l force -d 'Replace existing output files'
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l keep-prefix -d 'Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are otherwise removed when every key carries them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s V -l version -d 'Print version'

@@ -561,3 +561,23 @@ fn oversized_pickle_is_refused_before_inflating() {
     z.finish().unwrap();
     inspect_fails(&d, &path, &["data.pkl", "limit"]);
 }
+
+/// `torch.save(model)` of a whole module: its class is a placeholder (never imported), and the
+/// error says what to save instead (issue 22).
+#[test]
+fn whole_module_saved_with_torch_save_issue_22() {
+    let d = TestDir::new();
+    // ResNet.__new__(ResNet) with the state {"training": 1} (NEWOBJ, BUILD), as pickle writes it.
+    let pkl =
+        b"\x80\x02ctorchvision.models.resnet\nResNet\n)\x81}X\x08\x00\x00\x00trainingK\x01sb.";
+    let f = torch_zip(&d, "whole.pth", pkl, &[]);
+    inspect_fails(
+        &d,
+        &f,
+        &[
+            "whole.pth",
+            "torchvision.models.resnet.ResNet object",
+            "save model.state_dict()",
+        ],
+    );
+}

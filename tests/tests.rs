@@ -15,4 +15,5 @@ mod models;
 mod recal_bn;
 mod swa;
 mod sweep_res;
+mod trainers;
 mod writing;

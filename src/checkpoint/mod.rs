@@ -9,6 +9,16 @@
 //!
 //! Names are normalised here, once, so that every command sees the same keys: wrapper prefixes
 //! (`module.` from DDP, `_orig_mod.` from torch.compile) are removed when every key carries them.
+//! Two trainers' layouts are recognised as wrappers too: `torch.optim.swa_utils.AveragedModel`'s
+//! state dict (a `module.` copy of the model beside an `n_averaged` count, which is set aside as
+//! metadata rather than treated as a weight) and a PyTorch Lightning checkpoint's `state_dict`
+//! (the LightningModule's attribute, `model.` say, shared by every key). `--keep-prefix` keeps
+//! all of these as they are (with `n_averaged` as a tensor), so that an output loads back into
+//! the same wrapper.
+//!
+//! Any other prefix is left alone here: whether `backbone.` is a wrapper or part of the model's
+//! own naming can only be told by an architecture, which is the model layer's business
+//! ([`Checkpoint::remove_prefix`] and [`shared_component`] are its tools).
 
 pub mod dtype;
 pub mod pickle;
@@ -29,8 +39,13 @@ use anyhow::{bail, Context, Result};
 
 pub use dtype::DType;
 
-/// Prefixes that training wrappers add to every key and that are removed without being asked.
-pub const WRAPPER_PREFIXES: [&str; 2] = ["module.", "_orig_mod."];
+/// Prefixes that training wrappers add to every key and that are removed without being asked,
+/// with the wrapper's name.
+pub const WRAPPER_PREFIXES: [(&str, &str); 2] =
+    [("module.", "DDP"), ("_orig_mod.", "torch.compile")];
+
+/// The tensor `torch.optim.swa_utils.AveragedModel` keeps beside its `module.` copy of the model.
+pub const N_AVERAGED: &str = "n_averaged";
 
 /// How a checkpoint was stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +142,14 @@ pub struct Checkpoint {
     pub other_keys: Vec<String>,
     /// The prefix removed from every key, if any.
     pub stripped_prefix: Option<String>,
+    /// What each removed part of that prefix was (`DDP`, `AveragedModel`, ...).
+    pub prefix_reasons: Vec<String>,
+    /// AveragedModel's `n_averaged`, when the state dict is one (set aside unless `--keep-prefix`).
+    pub n_averaged: Option<i64>,
+    /// The training code that wrote a `torch.save` file, when its layout says so.
+    pub trainer: Option<pth::Trainer>,
+    /// Classes a `torch.save` file names outside the state dict, left unread as placeholders.
+    pub placeholders: Vec<String>,
     /// The safetensors `__metadata__` (for sharded checkpoints, the index's `metadata`, flattened).
     pub metadata: BTreeMap<String, String>,
     /// The files read (several for a sharded checkpoint).
@@ -220,6 +243,10 @@ impl Checkpoint {
             key_picked: false,
             other_keys: Vec::new(),
             stripped_prefix: None,
+            prefix_reasons: Vec::new(),
+            n_averaged: None,
+            trainer: None,
+            placeholders: Vec::new(),
             metadata: BTreeMap::new(),
             files: Vec::new(),
             blobs: Vec::new(),
@@ -237,6 +264,8 @@ impl Checkpoint {
             ck.key = contents.key;
             ck.key_picked = contents.key_picked;
             ck.other_keys = contents.other_keys;
+            ck.trainer = contents.trainer;
+            ck.placeholders = contents.placeholders;
             for t in contents.tensors {
                 let (source, offset) = match t.record {
                     pth::Record::Mapped { start, .. } => {
@@ -332,7 +361,12 @@ impl Checkpoint {
     }
 
     fn normalise_names(&mut self, opts: &OpenOptions) -> Result<()> {
-        let mut removed = String::new();
+        if let Some(n) = self.averaged_model_count() {
+            self.n_averaged = Some(n);
+            if !opts.keep_prefix {
+                self.remove_tensor(N_AVERAGED);
+            }
+        }
         for p in &opts.strip_prefix {
             if let Some(t) = self
                 .tensors
@@ -344,28 +378,67 @@ impl Checkpoint {
                     t.name
                 );
             }
-            self.strip(p);
-            removed.push_str(p);
+            self.remove_prefix(p, "--strip-prefix");
         }
-        if !opts.keep_prefix {
-            // DDP around torch.compile gives `module._orig_mod.`; strip as long as one applies.
-            while let Some(p) = WRAPPER_PREFIXES.iter().find(|p| {
-                !self.tensors.is_empty() && self.tensors.iter().all(|t| t.name.starts_with(*p))
-            }) {
-                self.strip(p);
-                removed.push_str(p);
+        if opts.keep_prefix {
+            return Ok(());
+        }
+        let lightning = matches!(self.trainer, Some(pth::Trainer::Lightning(_)))
+            && self.key.as_deref() == Some("state_dict");
+        if lightning && opts.strip_prefix.is_empty() {
+            if let Some(p) = shared_component(self.tensors.iter().map(|t| t.name.as_str())) {
+                self.remove_prefix(&p, "the LightningModule's attribute");
             }
         }
-        if !removed.is_empty() {
-            self.stripped_prefix = Some(removed);
+        // DDP around torch.compile gives `module._orig_mod.`; strip as long as one applies. An
+        // AveragedModel's `module.` comes first; a further one is a DDP's inside it.
+        let mut averaged = self.n_averaged.is_some() && opts.strip_prefix.is_empty();
+        while let Some((p, who)) = WRAPPER_PREFIXES.iter().find(|(p, _)| {
+            !self.tensors.is_empty() && self.tensors.iter().all(|t| t.name.starts_with(*p))
+        }) {
+            let averaged_model = *p == "module." && std::mem::take(&mut averaged);
+            self.remove_prefix(p, if averaged_model { "AveragedModel" } else { who });
         }
         Ok(())
     }
 
-    fn strip(&mut self, prefix: &str) {
+    /// `n_averaged` when the tensors are an AveragedModel's state dict: that integer scalar and,
+    /// beside it, only `module.` names.
+    fn averaged_model_count(&self) -> Option<i64> {
+        let t = self.get(N_AVERAGED)?;
+        let others = self.tensors.iter().filter(|t| t.name != N_AVERAGED);
+        if !t.dtype.is_integer() || t.numel() != 1 || others.clone().next().is_none() {
+            return None;
+        }
+        if !others.into_iter().all(|t| t.name.starts_with("module.")) {
+            return None;
+        }
+        i64::try_from(dtype::read_int(&self.bytes(t), t.dtype, 0)).ok()
+    }
+
+    fn remove_tensor(&mut self, name: &str) {
+        self.tensors.retain(|t| t.name != name);
+        self.reindex();
+    }
+
+    /// Removes `prefix` from every tensor name (every name must carry it) and records it, with
+    /// what it was, for [`Checkpoint::origin_note`].
+    pub fn remove_prefix(&mut self, prefix: &str, why: &str) {
+        assert!(
+            self.tensors.iter().all(|t| t.name.starts_with(prefix)),
+            "remove_prefix: not every name starts with {prefix}"
+        );
         for t in &mut self.tensors {
             t.name.drain(..prefix.len());
         }
+        self.reindex();
+        self.stripped_prefix
+            .get_or_insert_with(String::new)
+            .push_str(prefix);
+        self.prefix_reasons.push(why.to_string());
+    }
+
+    fn reindex(&mut self) {
         self.by_name = self
             .tensors
             .iter()
@@ -426,6 +499,9 @@ impl Checkpoint {
     /// A one-line account of how the state dict was found, for commands to print.
     pub fn origin_note(&self) -> Option<String> {
         let mut parts = Vec::new();
+        if let Some(t) = &self.trainer {
+            parts.push(format!("a {t} checkpoint"));
+        }
         if let Some(k) = &self.key {
             if self.key_picked {
                 let also = if self.other_keys.is_empty() {
@@ -442,10 +518,32 @@ impl Checkpoint {
             }
         }
         if let Some(p) = &self.stripped_prefix {
-            parts.push(format!("removed the prefix '{p}' from every key"));
+            parts.push(format!(
+                "removed the prefix '{p}' from every key ({})",
+                self.prefix_reasons.join(", ")
+            ));
+        }
+        if let Some(n) = self.n_averaged {
+            let how = if self.get(N_AVERAGED).is_none() {
+                "set aside as metadata"
+            } else {
+                "kept as a tensor"
+            };
+            parts.push(format!("AveragedModel's n_averaged = {n} {how}"));
         }
         (!parts.is_empty()).then(|| format!("{}: {}", self.path.display(), parts.join("; ")))
     }
+}
+
+/// The leading name component (`model.`) that every name shares, if there is one and no name
+/// is that component alone.
+pub fn shared_component<'a>(mut names: impl Iterator<Item = &'a str>) -> Option<String> {
+    let first = names.next()?;
+    let dot = first.find('.')?;
+    let prefix = &first[..=dot];
+    names
+        .all(|n| n.len() > prefix.len() && n.starts_with(prefix))
+        .then(|| prefix.to_string())
 }
 
 fn file_name(p: &Path) -> String {
@@ -503,5 +601,20 @@ mod tests {
         assert!(is_contiguous(&[1, 3], &[99, 1]));
         assert!(!is_contiguous(&[2, 3], &[1, 2]));
         assert!(is_contiguous(&[], &[]));
+    }
+
+    #[test]
+    fn shared_leading_component() {
+        assert_eq!(
+            shared_component(["model.conv1.weight", "model.fc.bias"].into_iter()),
+            Some("model.".into())
+        );
+        assert_eq!(shared_component(["model.a", "net.b"].into_iter()), None);
+        assert_eq!(
+            shared_component(["model.a", "n_averaged"].into_iter()),
+            None
+        );
+        assert_eq!(shared_component(["conv1"].into_iter()), None);
+        assert_eq!(shared_component([].into_iter()), None);
     }
 }

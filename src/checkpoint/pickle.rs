@@ -3,11 +3,24 @@
 //!
 //! Why our own rather than candle's `pickle` module: candle's accepts a one-level key only,
 //! returns an empty list (no error) for a wrapper dict, prints warnings for integer storages, and
-//! has no notion of which globals are safe. Here every `GLOBAL` is checked against a short list of
-//! names whose meaning we implement ourselves (tensor rebuilds, storage types, `OrderedDict`), plus
-//! a few data-only classes that training scripts put beside the weights (`argparse.Namespace`,
-//! numpy scalars), which become inert placeholders. Any other global, such as `os.system`, is an
-//! error before anything else happens.
+//! has no notion of which globals are safe. Here every `GLOBAL` is one of three kinds:
+//!
+//! - names whose meaning we implement ourselves (tensor rebuilds, storage types, `OrderedDict`,
+//!   `set`), and a few data-only classes that training scripts put beside the weights
+//!   (`argparse.Namespace`, numpy scalars, `torch.Size`), which become inert placeholders;
+//! - names whose only use in a pickle is to run a command or code when it is loaded (`os.system`,
+//!   `subprocess`, `eval`, `getattr`, ...: the payloads of pickle exploits). A file that refers
+//!   to one is refused whole, wherever the reference sits: it is an attack, not a checkpoint;
+//! - any other class or function (an OmegaConf `DictConfig`, a `pathlib.PosixPath`, a training
+//!   script's own class): an inert placeholder that keeps only its name (listed by
+//!   [`Pickle::placeholders`]). It is never imported, constructed or called; a "call" of it
+//!   yields another placeholder, and the state it would be given is dropped. So a config object
+//!   beside the weights does not block reading them, where `torch.load(weights_only=True)`
+//!   refuses the whole file and `weights_only=False` runs whatever the file names. Whether a
+//!   placeholder is acceptable is the caller's decision: inside a state dict it is not (see
+//!   `pth`).
+//!
+//! The second list is a signal, not the safety: nothing is run whichever list a name is on.
 //!
 //! Containers live in an arena and values refer to them by index. Nothing is recursive: a
 //! maliciously deep nesting neither overflows the stack while reading nor when dropped, and every
@@ -18,7 +31,7 @@
 //! end. Every value copied into or out of a container counts against a budget proportional to
 //! the pickle's length ([`COPIES_PER_BYTE`]), which keeps time and memory linear in the input.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
@@ -57,6 +70,8 @@ pub enum Global {
     CodecsEncode,
     /// A data-only class whose instances we keep as opaque placeholders.
     Inert(String),
+    /// Any other class or function, by name: never imported or called (see the module doc).
+    Placeholder(String),
 }
 
 #[derive(Clone, Debug)]
@@ -85,7 +100,10 @@ pub enum Obj {
     Global(Global),
     Storage(StorageRef),
     Tensor(TensorRef),
+    /// An instance of a known data-only class ([`Global::Inert`]).
     Opaque(String),
+    /// What a "call" of a [`Global::Placeholder`] stands for: the class or function name only.
+    Placeholder(String),
 }
 
 /// The object graph of one pickle.
@@ -93,6 +111,8 @@ pub struct Pickle {
     pub objs: Vec<Obj>,
     depth: Vec<u32>,
     pub root: Value,
+    /// The names left as placeholders, each once, in order of first appearance.
+    pub placeholders: Vec<String>,
 }
 
 impl Pickle {
@@ -131,10 +151,16 @@ impl Pickle {
                 Obj::Tuple(_) => "a tuple".into(),
                 Obj::Dict(_) => "a dict".into(),
                 Obj::Set(_) => "a set".into(),
+                Obj::Global(Global::Placeholder(c)) => format!(
+                    "a reference to {c} (a class or function ckpt does not read; never imported)"
+                ),
                 Obj::Global(g) => format!("a reference to {g:?}"),
                 Obj::Storage(_) => "a bare storage".into(),
                 Obj::Tensor(_) => "a tensor".into(),
                 Obj::Opaque(c) => format!("a {c} object"),
+                Obj::Placeholder(c) => {
+                    format!("a {c} object (a class ckpt does not read; never constructed)")
+                }
             },
         }
     }
@@ -168,10 +194,74 @@ fn resolve_global(module: &str, name: &str) -> Result<Global> {
         | ("numpy", "ndarray")
         | ("torch", "device")
         | ("torch", "Size") => Ok(Global::Inert(format!("{module}.{name}"))),
-        _ => bail!(
-            "pickle refers to {module}.{name}, which is not a tensor, storage or plain container; ckpt never runs code from a pickle (save the state dict alone to load it here)"
+        _ if runs_code(module, name) => bail!(
+            "pickle refers to {module}.{name}, which runs a command or code when the file is loaded; ckpt never runs code from a pickle and refuses files that would"
         ),
+        _ => Ok(Global::Placeholder(format!("{module}.{name}"))),
     }
+}
+
+/// Modules whose every name runs code, touches files or processes, or loads more pickles.
+const CODE_MODULES: [&str; 23] = [
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "sys",
+    "runpy",
+    "importlib",
+    "shutil",
+    "socket",
+    "pty",
+    "code",
+    "codeop",
+    "ctypes",
+    "pickle",
+    "_pickle",
+    "marshal",
+    "multiprocessing",
+    "webbrowser",
+    "pdb",
+    "timeit",
+    "operator",
+    "io",
+    "_io",
+];
+
+/// Builtins that run code or reach objects' attributes (the rest, such as `dict` or `int`, are
+/// types a pickle may name as data).
+const CODE_BUILTINS: [&str; 18] = [
+    "eval",
+    "exec",
+    "execfile",
+    "compile",
+    "open",
+    "file",
+    "__import__",
+    "getattr",
+    "setattr",
+    "delattr",
+    "globals",
+    "locals",
+    "vars",
+    "input",
+    "raw_input",
+    "breakpoint",
+    "apply",
+    "reload",
+];
+
+/// Whether `module.name` is there to run something when the pickle is loaded (`types` makes
+/// functions and code objects; its `SimpleNamespace` is a plain record).
+fn runs_code(module: &str, name: &str) -> bool {
+    let top = module.split('.').next().unwrap_or(module);
+    CODE_MODULES.contains(&top)
+        || (matches!(module, "builtins" | "__builtin__") && CODE_BUILTINS.contains(&name))
+        || (module == "types" && name != "SimpleNamespace")
+        || (module == "torch" && name == "load")
+        || ["torch.hub", "torch.jit", "torch.serialization"]
+            .iter()
+            .any(|m| module == *m || module.strip_prefix(m).is_some_and(|r| r.starts_with('.')))
 }
 
 struct Machine<'a> {
@@ -188,6 +278,9 @@ struct Machine<'a> {
     /// Values copied so far, and the most the pickle's length allows.
     copies: usize,
     max_copies: usize,
+    /// Names left as placeholders, in order, and the same as a set.
+    placeholders: Vec<String>,
+    placeholder_set: HashSet<String>,
 }
 
 impl<'a> Machine<'a> {
@@ -300,7 +393,7 @@ impl<'a> Machine<'a> {
         self.deepen(i, &items)?;
         match &mut self.objs[i] {
             Obj::List(v) | Obj::Set(v) => v.extend(items),
-            Obj::Opaque(_) => {}
+            Obj::Opaque(_) | Obj::Placeholder(_) => {}
             _ => bail!("pickle appends to something that is not a list"),
         }
         Ok(())
@@ -328,19 +421,26 @@ impl<'a> Machine<'a> {
                     d.push((k, v));
                 }
             }
-            Obj::Opaque(_) => {}
+            Obj::Opaque(_) | Obj::Placeholder(_) => {}
             _ => bail!("pickle sets items on something that is not a dict"),
         }
         Ok(())
     }
     fn global(&mut self, module: &str, name: &str) -> Result<Value> {
         let g = resolve_global(module, name)?;
+        if let Global::Placeholder(n) = &g {
+            if self.placeholder_set.insert(n.clone()) {
+                self.placeholders.push(n.clone());
+            }
+        }
         self.new_obj(Obj::Global(g), &[])
     }
     fn as_global(&self, v: &Value) -> Result<Global> {
         match v {
             Value::Obj(i) => match &self.objs[*i] {
                 Obj::Global(g) => Ok(g.clone()),
+                // Calling what a placeholder stood for gives another placeholder.
+                Obj::Placeholder(n) => Ok(Global::Placeholder(n.clone())),
                 _ => bail!("pickle calls something that is not a known function"),
             },
             _ => bail!("pickle calls something that is not a known function"),
@@ -443,6 +543,7 @@ impl<'a> Machine<'a> {
             },
             Global::Storage(_) => bail!("pickle calls a storage type directly"),
             Global::Inert(name) => self.new_obj(Obj::Opaque(name), &[]),
+            Global::Placeholder(name) => self.new_obj(Obj::Placeholder(name), &[]),
         }
     }
 
@@ -796,12 +897,15 @@ fn parse_with_budget(data: &[u8], max_copies: usize) -> Result<Pickle> {
         dict_keys: HashMap::new(),
         copies: 0,
         max_copies,
+        placeholders: Vec::new(),
+        placeholder_set: HashSet::new(),
     };
     let root = m.run()?;
     Ok(Pickle {
         objs: m.objs,
         depth: m.depth,
         root,
+        placeholders: m.placeholders,
     })
 }
 
@@ -825,6 +929,57 @@ mod tests {
         let p = b"\x80\x02cposix\nsystem\nq\x00X\x07\x00\x00\x00echo hiq\x01\x85q\x02Rq\x03.";
         let err = parse(p).err().unwrap().to_string();
         assert!(err.contains("posix.system"), "{err}");
+    }
+
+    /// `module.name()` as a protocol 2 pickle: GLOBAL, an empty argument tuple, REDUCE.
+    fn call_of(module: &str, name: &str) -> Vec<u8> {
+        let mut p = b"\x80\x02c".to_vec();
+        p.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        p.extend_from_slice(b")R.");
+        p
+    }
+
+    #[test]
+    fn names_that_run_code_are_refused_wherever_they_are() {
+        for (m, n) in [
+            ("builtins", "eval"),
+            ("__builtin__", "getattr"),
+            ("subprocess", "Popen"),
+            ("os.path", "join"),
+            ("nt", "system"),
+            ("torch", "load"),
+            ("torch.hub", "load"),
+            ("torch.jit._serialization", "load"),
+        ] {
+            let err = parse(&call_of(m, n)).err().unwrap().to_string();
+            assert!(err.contains(&format!("{m}.{n}")), "{err}");
+            assert!(err.contains("never runs code"), "{err}");
+        }
+    }
+
+    #[test]
+    fn other_classes_are_placeholders_that_are_never_called() {
+        for (m, n) in [
+            ("pathlib", "PosixPath"),
+            ("omegaconf.dictconfig", "DictConfig"),
+            ("builtins", "dict"),
+            ("torchvision", "load"),
+        ] {
+            let pk = parse(&call_of(m, n)).unwrap();
+            assert!(
+                matches!(pk.obj(&pk.root), Some(Obj::Placeholder(c)) if *c == format!("{m}.{n}"))
+            );
+            assert_eq!(pk.placeholders, [format!("{m}.{n}")]);
+            assert!(pk.describe(&pk.root).contains("never constructed"));
+        }
+        // {"cfg": mod.Cls.__new__(mod.Cls) with state {"a": 1}, "again": mod.Cls()}: NEWOBJ, then
+        // BUILD, whose state is dropped; the name is listed once.
+        let p = b"\x80\x02}(X\x03\x00\x00\x00cfgcmod\nCls\nq\x00)\x81}X\x01\x00\x00\x00aK\x01sbX\x05\x00\x00\x00againh\x00)Ru.";
+        let pk = parse(p).unwrap();
+        let d = pk.dict(&pk.root).unwrap();
+        assert_eq!(d.len(), 2);
+        assert!(matches!(pk.obj(&d[0].1), Some(Obj::Placeholder(c)) if c == "mod.Cls"));
+        assert_eq!(pk.placeholders, ["mod.Cls"]);
     }
 
     #[test]

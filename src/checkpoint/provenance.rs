@@ -1,6 +1,7 @@
-//! What an output records about how it was made: ckpt's version, the command line, and each
-//! input file's name and sha256, in the safetensors `__metadata__` (string values only, as the
-//! format requires; lists are JSON text).
+//! What an output records about how it was made: ckpt's version, the command line, each input
+//! file's name and sha256, and the `n_averaged` of inputs that were AveragedModel state dicts, in
+//! the safetensors `__metadata__` (string values only, as the format requires; lists are JSON
+//! text).
 //!
 //! Hashing is the most expensive part of averaging hot files (SHA-256 runs at about 2 GB/s per
 //! core, slower than the averaging itself), and users rerun commands over the same snapshots
@@ -23,6 +24,8 @@ use super::Checkpoint;
 pub const KEY_VERSION: &str = "ckpt.version";
 pub const KEY_COMMAND: &str = "ckpt.command";
 pub const KEY_INPUTS: &str = "ckpt.inputs";
+/// AveragedModel's `n_averaged` of each input that had one: `[{"file": ..., "n_averaged": N}]`.
+pub const KEY_N_AVERAGED: &str = "ckpt.n_averaged";
 
 const CACHE_FILE: &str = "sha256-v1.tsv";
 /// Entries kept when the cache is compacted.
@@ -156,6 +159,22 @@ pub fn metadata(command: &str, inputs: &[Checkpoint]) -> Result<BTreeMap<String,
     );
     m.insert(KEY_COMMAND.to_string(), command.to_string());
     m.insert(KEY_INPUTS.to_string(), serde_json::to_string(&list)?);
+    let averaged: Vec<serde_json::Value> = inputs
+        .iter()
+        .filter_map(|c| {
+            let p = c.files.first()?;
+            Some(serde_json::json!({
+                "file": p.file_name().unwrap_or(p.as_os_str()).to_string_lossy(),
+                "n_averaged": c.n_averaged?,
+            }))
+        })
+        .collect();
+    if !averaged.is_empty() {
+        m.insert(
+            KEY_N_AVERAGED.to_string(),
+            serde_json::to_string(&averaged)?,
+        );
+    }
     Ok(m)
 }
 

@@ -3,7 +3,14 @@
 //! The archive holds `<name>/data.pkl` (the object graph) and one record `<name>/data/<key>` per
 //! storage. `torch.save` stores records uncompressed, so a tensor is a byte range of the memory
 //! map; a record someone re-compressed is inflated into memory instead. Which dict inside the
-//! pickle is the state dict is decided here (`--key`, or timm's order of preference).
+//! pickle is the state dict is decided here (`--key`, or timm's order of preference, then
+//! DeepSpeed's `module`), and so is which training code wrote the file, where its layout says
+//! so (PyTorch Lightning, DeepSpeed).
+//!
+//! Objects of classes the pickle reader does not know are placeholders (see `pickle`): anywhere
+//! else in the file they are left unread, so a Lightning checkpoint's OmegaConf config or a path
+//! does not block reading the weights. Inside the chosen state dict every value must be a tensor,
+//! so a placeholder there is an error naming the entry and the class.
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -11,15 +18,40 @@ use std::io::Cursor;
 use anyhow::{bail, Context, Result};
 
 use super::dtype::DType;
-use super::pickle::{self, Pickle, TensorRef, Value};
+use super::pickle::{self, Obj, Pickle, TensorRef, Value};
 use super::safetensors::checked_numel;
 
 /// Largest data.pkl we read. The pickle holds only the object graph (tensor data lives in other
 /// records): a ResNet-152 training checkpoint's is well under 1 MB.
 pub const MAX_PICKLE_BYTES: u64 = 256 << 20;
 
-/// Keys that hold a state dict inside a training checkpoint, in the order timm prefers them.
-pub const STATE_DICT_KEYS: [&str; 4] = ["state_dict_ema", "model_ema", "state_dict", "model"];
+/// Keys that hold a state dict inside a training checkpoint, in the order timm prefers them,
+/// then DeepSpeed's (`mp_rank_00_model_states.pt` keeps the model's state dict under `module`).
+pub const STATE_DICT_KEYS: [&str; 5] = [
+    "state_dict_ema",
+    "model_ema",
+    "state_dict",
+    "model",
+    "module",
+];
+
+/// Training code recognised from a checkpoint's top-level keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trainer {
+    /// PyTorch Lightning (`pytorch-lightning_version`), with its version.
+    Lightning(String),
+    /// DeepSpeed's model-states file (`ds_version`), with its version.
+    DeepSpeed(String),
+}
+
+impl std::fmt::Display for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trainer::Lightning(v) => write!(f, "PyTorch Lightning {v}"),
+            Trainer::DeepSpeed(v) => write!(f, "DeepSpeed {v}"),
+        }
+    }
+}
 
 /// Where a tensor's bytes are: a record of the archive.
 #[derive(Clone, Debug)]
@@ -50,6 +82,10 @@ pub struct PthContents {
     pub key_picked: bool,
     /// Other state-dict keys that were present but not chosen.
     pub other_keys: Vec<String>,
+    /// The training code that wrote the file, when its top-level keys say so.
+    pub trainer: Option<Trainer>,
+    /// Classes and functions left as placeholders (all outside the state dict).
+    pub placeholders: Vec<String>,
 }
 
 /// Whether `bytes` look like a zip archive (the modern torch.save format).
@@ -109,6 +145,7 @@ pub fn read(bytes: &[u8], key: Option<&str>) -> Result<PthContents> {
     };
     let pk = pickle::parse(&pickle_bytes).context("data.pkl")?;
     let (dict, key, key_picked, other_keys) = select_state_dict(&pk, key)?;
+    let trainer = trainer(&pk);
 
     let mut records: HashMap<String, Record> = HashMap::new();
     let mut tensors = Vec::with_capacity(dict.len());
@@ -144,7 +181,23 @@ pub fn read(bytes: &[u8], key: Option<&str>) -> Result<PthContents> {
         key,
         key_picked,
         other_keys,
+        trainer,
+        placeholders: pk.placeholders.clone(),
     })
+}
+
+/// Which training code wrote the file, from the version string it leaves at the top level.
+fn trainer(pk: &Pickle) -> Option<Trainer> {
+    let root = pk.dict(&pk.root)?;
+    let version = |k: &str| {
+        root.iter().find_map(|(kk, v)| match (kk, v) {
+            (Value::Str(a), Value::Str(b)) if &**a == k => Some(b.to_string()),
+            _ => None,
+        })
+    };
+    version("pytorch-lightning_version")
+        .map(Trainer::Lightning)
+        .or_else(|| version("ds_version").map(Trainer::DeepSpeed))
 }
 
 fn open_record(
@@ -220,9 +273,15 @@ type Selected<'a> = (&'a [(Value, Value)], Option<String>, bool, Vec<String>);
 
 fn select_state_dict<'a>(pk: &'a Pickle, key: Option<&str>) -> Result<Selected<'a>> {
     let root = pk.dict(&pk.root).with_context(|| {
+        let whole_module = matches!(pk.obj(&pk.root), Some(Obj::Placeholder(_)));
         format!(
-            "the pickle holds {}, not a dict of tensors",
-            pk.describe(&pk.root)
+            "the pickle holds {}, not a dict of tensors{}",
+            pk.describe(&pk.root),
+            if whole_module {
+                " (a whole model saved with torch.save(model)? save model.state_dict() to read it here)"
+            } else {
+                ""
+            }
         )
     })?;
     let lookup = |d: &'a [(Value, Value)], k: &str| -> Option<&'a Value> {

@@ -20,7 +20,15 @@ pub struct Summary {
     pub files: Vec<String>,
     pub key: Option<String>,
     pub key_picked: bool,
+    /// The training code that wrote the file, when its layout says so.
+    pub trainer: Option<String>,
     pub stripped_prefix: Option<String>,
+    /// What each removed part of the prefix was (`DDP`, `AveragedModel`, ...).
+    pub prefix_reasons: Vec<String>,
+    /// AveragedModel's `n_averaged`, when the state dict is one.
+    pub n_averaged: Option<i64>,
+    /// Classes named outside the state dict and left unread (never constructed).
+    pub placeholders: Vec<String>,
     pub num_tensors: usize,
     pub num_params: usize,
     pub total_bytes: usize,
@@ -30,6 +38,8 @@ pub struct Summary {
     /// The architecture recognised from the tensors, if any (filled by the caller: this layer
     /// knows no architecture).
     pub arch: Option<String>,
+    /// A further prefix the forward commands remove for the names to fit that architecture.
+    pub arch_prefix: Option<String>,
     pub metadata: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensors: Option<Vec<TensorRow>>,
@@ -46,13 +56,18 @@ pub fn summarize(ck: &Checkpoint, with_tensors: bool) -> Summary {
         files: ck.files.iter().map(|p| p.display().to_string()).collect(),
         key: ck.key.clone(),
         key_picked: ck.key_picked,
+        trainer: ck.trainer.as_ref().map(|t| t.to_string()),
         stripped_prefix: ck.stripped_prefix.clone(),
+        prefix_reasons: ck.prefix_reasons.clone(),
+        n_averaged: ck.n_averaged,
+        placeholders: ck.placeholders.clone(),
         num_tensors: ck.tensors().len(),
         num_params: num_params(ck),
         total_bytes: ck.total_bytes(),
         dtypes,
         bn_layers: bn_layers(ck),
         arch: None,
+        arch_prefix: None,
         metadata: ck.metadata.clone(),
         tensors: with_tensors.then(|| {
             ck.tensors()

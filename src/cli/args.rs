@@ -14,14 +14,16 @@ use crate::checkpoint::OpenOptions;
 #[derive(Args, Debug, Clone, Default)]
 pub struct OpenArgs {
     /// Key of the state dict inside a torch.save training checkpoint (nested keys as a.b).
-    /// Default: the first of state_dict_ema, model_ema, state_dict, model that is present
+    /// Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present
     #[arg(long, value_name = "NAME")]
     pub key: Option<String>,
     /// Also remove this prefix from every key (every key must carry it), e.g. model.
     #[arg(long, value_name = "PREFIX")]
     pub strip_prefix: Vec<String>,
-    /// Keep the wrapper prefixes module. (DDP) and _orig_mod. (torch.compile), which are
-    /// otherwise removed when every key carries them
+    /// Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose
+    /// n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module's
+    /// attribute) are otherwise removed when every key carries them, and commands that run the
+    /// model also remove a prefix that makes the names fit an architecture
     #[arg(long)]
     pub keep_prefix: bool,
 }

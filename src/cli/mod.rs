@@ -28,7 +28,7 @@ Make a trained image classifier better from its saved checkpoints: average snaps
 take an exponential moving average over saved steps (EMA), recompute BatchNorm statistics over \
 images (precise BN), measure accuracy at several test resolutions, and inspect what a \
 checkpoint holds. Checkpoints may be .safetensors files, sharded safetensors (an index or its \
-folder) or torch.save files (.pth, .pt, .bin, .pth.tar); the format is recognised from the \
+folder) or torch.save files (.pth, .pt, .bin, .pth.tar, .ckpt); the format is recognised from the \
 content, and the model (torchvision ResNets, MobileNetV2, EfficientNet) from its tensors.";
 
 #[derive(Parser, Debug)]

@@ -12,7 +12,7 @@ use crate::bn;
 use crate::checkpoint::write::{check_outputs, destinations, write_file, OutputLayout};
 use crate::checkpoint::{bn_layers, provenance, Checkpoint, Format};
 use crate::cli::{AverageArgs, GlobalArgs, JsonArg, OutputArgs, RecalArgs, SnapshotArgs};
-use crate::models::Model;
+use crate::models::{self, Model};
 use crate::report::{human_bytes, Reporter};
 
 /// Chooses, orders and opens the snapshots, printing the list before any work.
@@ -126,8 +126,10 @@ pub fn write_outputs(
     let (stats, averages) = average::run(inputs, plan, &outputs, cfg, rep)?;
     let secs = stats.elapsed.as_secs_f64();
     if let Some((data, shard, dev)) = &recal_setup {
-        for ((o, layout), avg) in outputs.iter().zip(&layouts).zip(&averages) {
-            let avg = avg.as_ref().expect("averaged into memory");
+        let mut averages = averages;
+        for ((o, layout), avg) in outputs.iter().zip(&layouts).zip(&mut averages) {
+            let avg = avg.as_mut().expect("averaged into memory");
+            models::use_model_names(avg, recal.arch.get(), false)?;
             let model = Model::load(avg, recal.arch.get(), dev)?.with_kernels(global.kernels);
             let (bn_stats, meta) = bn::pass(&model, data, *shard, rep)?;
             let mut m = o.metadata.clone();

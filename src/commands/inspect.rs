@@ -8,13 +8,15 @@ use crate::checkpoint::summary::{summarize, Summary};
 use crate::checkpoint::Checkpoint;
 use crate::cli::{GlobalArgs, InspectArgs};
 use crate::commands::common;
-use crate::models::{detect, shapes_of};
+use crate::models::{detect_unwrapped, weight_shapes};
 use crate::report::{human_bytes, Reporter};
 
 pub fn run(args: InspectArgs, _global: &GlobalArgs, _rep: Reporter) -> Result<()> {
     let ck = Checkpoint::open(&args.path, &args.open.options())?;
     let mut s = summarize(&ck, args.tensors);
-    s.arch = detect(&shapes_of(&ck), None).ok().map(|c| c.to_string());
+    let found = detect_unwrapped(&weight_shapes(&ck), None).ok();
+    s.arch_prefix = found.as_ref().and_then(|(_, p)| p.clone());
+    s.arch = found.map(|(c, _)| c.to_string());
     common::check_json(&args.json, &ck.files, args.force)?;
     if !args.json.to_stdout() {
         print_text(&mut std::io::stdout().lock(), &s)?;
@@ -25,6 +27,9 @@ pub fn run(args: InspectArgs, _global: &GlobalArgs, _rep: Reporter) -> Result<()
 fn print_text(out: &mut impl Write, s: &Summary) -> Result<()> {
     writeln!(out, "path        {}", s.path)?;
     writeln!(out, "format      {}", s.format)?;
+    if let Some(t) = &s.trainer {
+        writeln!(out, "written by  {t}")?;
+    }
     if s.files.len() > 1 {
         writeln!(out, "files       {}", s.files.len())?;
     }
@@ -37,10 +42,20 @@ fn print_text(out: &mut impl Write, s: &Summary) -> Result<()> {
         writeln!(out, "key         {k}{how}")?;
     }
     if let Some(p) = &s.stripped_prefix {
-        writeln!(out, "prefix      {p} (removed from every key)")?;
+        writeln!(
+            out,
+            "prefix      {p} (removed from every key: {})",
+            s.prefix_reasons.join(", ")
+        )?;
+    }
+    if let Some(n) = s.n_averaged {
+        writeln!(out, "n_averaged  {n} (AveragedModel's count; not a weight)")?;
     }
     if let Some(a) = &s.arch {
-        writeln!(out, "arch        {a}")?;
+        match &s.arch_prefix {
+            Some(p) => writeln!(out, "arch        {a}, without the prefix {p}")?,
+            None => writeln!(out, "arch        {a}")?,
+        }
     }
     writeln!(out, "tensors     {}", s.num_tensors)?;
     writeln!(out, "parameters  {}", group_digits(s.num_params))?;
@@ -55,6 +70,13 @@ fn print_text(out: &mut impl Write, s: &Summary) -> Result<()> {
     writeln!(out, "bn layers   {}", s.bn_layers.len())?;
     for l in &s.bn_layers {
         writeln!(out, "  {l}")?;
+    }
+    if !s.placeholders.is_empty() {
+        writeln!(
+            out,
+            "not read    {} (classes outside the state dict, left as placeholders; never constructed)",
+            s.placeholders.join(", ")
+        )?;
     }
     if !s.metadata.is_empty() {
         writeln!(out, "metadata")?;

@@ -11,7 +11,7 @@ use crate::eval;
 use crate::report::Reporter;
 
 pub fn run(args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
-    let ck = Checkpoint::open(&args.model.model, &args.model.open.options())?;
+    let ck = super::open_for_model(&args.model.model, &args.model.open, args.model.arch.get())?;
     if let Some(n) = ck.origin_note() {
         rep.note(n);
     }

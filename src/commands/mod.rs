@@ -13,11 +13,13 @@ pub mod recal_bn;
 pub mod swa;
 pub mod sweep_res;
 
-use anyhow::Result;
+use std::path::Path;
+
+use anyhow::{Context, Result};
 
 use crate::checkpoint::Checkpoint;
-use crate::cli::{Cli, Command, GlobalArgs, ModelArgs};
-use crate::models::Model;
+use crate::cli::{Cli, Command, GlobalArgs, ModelArgs, OpenArgs};
+use crate::models::{self, Model};
 use crate::report::Reporter;
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -45,6 +47,15 @@ pub fn device(global: &GlobalArgs, rep: &Reporter) -> Result<candle_core::Device
     crate::device::resolve(global.device, |m| rep.note(m))
 }
 
+/// Opens a checkpoint to run as a model, its names made the model's (a wrapper's prefix
+/// removed when only that makes them fit; see `models::use_model_names`).
+pub fn open_for_model(path: &Path, open: &OpenArgs, arch: Option<&str>) -> Result<Checkpoint> {
+    let mut ck = Checkpoint::open(path, &open.options())?;
+    models::use_model_names(&mut ck, arch, open.keep_prefix)
+        .with_context(|| path.display().to_string())?;
+    Ok(ck)
+}
+
 /// Opens a model checkpoint, says how its state dict was found, and builds the network on the
 /// device `--device` asks for, with the kernels `--kernels` chooses.
 pub fn open_model(
@@ -52,7 +63,7 @@ pub fn open_model(
     global: &GlobalArgs,
     rep: &Reporter,
 ) -> Result<(Checkpoint, Model)> {
-    let ck = Checkpoint::open(&args.model, &args.open.options())?;
+    let ck = open_for_model(&args.model, &args.open, args.arch.get())?;
     if let Some(n) = ck.origin_note() {
         rep.note(n);
     }

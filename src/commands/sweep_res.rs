@@ -37,7 +37,7 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
     let cks = args
         .models
         .iter()
-        .map(|p| Checkpoint::open(p, &args.open.options()))
+        .map(|p| super::open_for_model(p, &args.open, args.arch.get()))
         .collect::<Result<Vec<_>>>()?;
     if args.save_best.is_some() && cks.len() != 1 {
         bail!("--save-best needs exactly one MODEL");

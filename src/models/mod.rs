@@ -42,7 +42,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::dtype as ckdtype;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{shared_component, Checkpoint, N_AVERAGED};
 pub use cpu_conv::Kernels;
 pub use layers::{BatchNorm, BatchStats, BnMode, BnObserver, BnRegistry, Ctx};
 pub use naming::Naming;
@@ -59,6 +59,17 @@ pub fn shapes_of(ck: &Checkpoint) -> Shapes {
         .map(|t| (t.name.clone(), t.shape.clone()))
         .collect()
 }
+
+/// [`shapes_of`] without AveragedModel's `n_averaged` where `--keep-prefix` kept it as a tensor:
+/// the names a wrapper prefix is looked for in.
+pub fn weight_shapes(ck: &Checkpoint) -> Shapes {
+    let mut s = shapes_of(ck);
+    if ck.n_averaged.is_some() {
+        s.remove(N_AVERAGED);
+    }
+    s
+}
+
 /// Why a family does not fit: the first missing or misshapen key, and how far detection got
 /// (to point at the nearest family).
 #[derive(Debug, Clone)]
@@ -206,6 +217,14 @@ pub fn family_names() -> Vec<&'static str> {
 /// one stopped matching. `arch` (from `--arch`) restricts detection to one family and, when it
 /// names a standard configuration, requires that one.
 pub fn detect(shapes: &Shapes, arch: Option<&str>) -> Result<Config> {
+    match try_detect(shapes, arch)? {
+        Ok(c) => Ok(c),
+        Err(nearest) => bail!("{nearest}"),
+    }
+}
+
+/// The outer error is a wrong `--arch`; the inner one says that no family fits the names.
+fn try_detect(shapes: &Shapes, arch: Option<&str>) -> Result<std::result::Result<Config, String>> {
     let candidates: Vec<&'static Family> = match arch {
         Some(a) => {
             let f: Vec<&Family> = FAMILIES.iter().filter(|f| (f.accepts)(a)).collect();
@@ -243,7 +262,7 @@ pub fn detect(shapes: &Shapes, arch: Option<&str>) -> Result<Config> {
                             bail!("--arch {a}: the checkpoint is a {}, not a {a}", c.name());
                         }
                     }
-                    return Ok(c);
+                    return Ok(Ok(c));
                 }
                 Err(m) => {
                     let m = if naming.is_identity() {
@@ -267,9 +286,117 @@ pub fn detect(shapes: &Shapes, arch: Option<&str>) -> Result<Config> {
         .max_by_key(|(_, m)| m.matched)
         .map(|(n, m)| (*n, m.reason.clone()))
         .unwrap_or(("none", "no family was tried".into()));
-    bail!(
+    Ok(Err(format!(
         "not a supported architecture (tried {}); nearest is {nearest}: {why}",
         tried.join(", ")
+    )))
+}
+
+/// How many leading components shared by every name detection removes at most (`model.` of a
+/// LightningModule, then `module.` of a DDP inside it, ...).
+const MAX_SHARED_COMPONENTS: usize = 3;
+
+/// `shapes` with `prefix` removed from the names that carry it (the others left out).
+fn under_prefix(shapes: &Shapes, prefix: &str) -> Shapes {
+    shapes
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
+        .collect()
+}
+
+/// As [`detect`], and when the names fit no family as they are, tries them without a leading
+/// component shared by every name (a wrapper's attribute: `model.`, `net.`, `backbone.`), then
+/// without the next one, up to [`MAX_SHARED_COMPONENTS`]. Returns the prefix that had to be
+/// removed. When nothing fits, the error names a prefix under which some of the tensors would
+/// (one that not every tensor carries).
+pub fn detect_unwrapped(shapes: &Shapes, arch: Option<&str>) -> Result<(Config, Option<String>)> {
+    let as_is = match try_detect(shapes, arch)? {
+        Ok(c) => return Ok((c, None)),
+        Err(e) => e,
+    };
+    let mut prefix = String::new();
+    for _ in 0..MAX_SHARED_COMPONENTS {
+        let Some(c) = shared_component(shapes.keys().map(|k| &k[prefix.len()..])) else {
+            break;
+        };
+        prefix.push_str(&c);
+        if let Ok(cfg) = try_detect(&under_prefix(shapes, &prefix), arch)? {
+            return Ok((cfg, Some(prefix)));
+        }
+    }
+    bail!("{as_is}{}", prefix_hint(shapes, arch))
+}
+
+/// Makes `ck`'s names the model's, for a command that runs it: when they fit no family as they
+/// are, removes the shared leading components that make them fit (see [`detect_unwrapped`]), so
+/// that the command's outputs use the plain names. With `keep_prefix` (`--keep-prefix`) the names
+/// stay as they are, and when they do not fit, the error names the prefix that would.
+pub fn use_model_names(
+    ck: &mut Checkpoint,
+    arch: Option<&str>,
+    keep_prefix: bool,
+) -> Result<Config> {
+    let shapes = weight_shapes(ck);
+    if keep_prefix {
+        return match try_detect(&shapes, arch)? {
+            Ok(c) => Ok(c),
+            Err(e) => bail!("{e}{}", prefix_hint(&shapes, arch)),
+        };
+    }
+    let (config, prefix) = detect_unwrapped(&shapes, arch)?;
+    if let Some(p) = prefix {
+        ck.remove_prefix(&p, &format!("the names fit {} without it", config.family()));
+    }
+    Ok(config)
+}
+
+/// "; ..." naming the prefix with the most tensors under which the names fit a family, or "".
+/// Candidates are the first one or two components of every name.
+fn prefix_hint(shapes: &Shapes, arch: Option<&str>) -> String {
+    let mut candidates = std::collections::BTreeSet::new();
+    for k in shapes.keys() {
+        let mut end = 0;
+        for _ in 0..2 {
+            match k[end..].find('.') {
+                Some(i) if end + i + 1 < k.len() => {
+                    end += i + 1;
+                    candidates.insert(&k[..end]);
+                }
+                _ => break,
+            }
+        }
+    }
+    // Bounds the work on a huge or hostile list of names (real models have a few dozen).
+    let best = candidates
+        .into_iter()
+        .take(256)
+        .filter_map(|p| {
+            let sub = under_prefix(shapes, p);
+            match try_detect(&sub, arch) {
+                Ok(Ok(c)) => Some((sub.len(), p, c)),
+                _ => None,
+            }
+        })
+        .max_by_key(|(n, _, _)| *n);
+    let Some((n, p, config)) = best else {
+        return String::new();
+    };
+    if n == shapes.len() {
+        return format!(
+            "; without the prefix '{p}' the names fit {config}: leave out --keep-prefix"
+        );
+    }
+    let outside: Vec<&str> = shapes
+        .keys()
+        .filter(|k| !k.starts_with(p))
+        .take(3)
+        .map(String::as_str)
+        .collect();
+    format!(
+        "; the {n} tensors under '{p}' fit {config}, but {} are not under it ({}{}): save that module's state dict alone",
+        shapes.len() - n,
+        outside.join(", "),
+        if shapes.len() - n > outside.len() { ", ..." } else { "" }
     )
 }
 
