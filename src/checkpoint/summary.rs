@@ -29,12 +29,18 @@ pub struct Summary {
     pub bn_layers: Vec<String>,
     /// The architecture recognised from the tensors, if any.
     pub arch: Option<String>,
+    /// The recognised model's output count.
+    pub num_classes: Option<usize>,
+    /// The labels a class folder gets for this model without `--class-map`: the first of these
+    /// that applies (`imagenet-1k-synsets` only to folders named by ImageNet-1k synsets).
+    pub labelling: Option<Vec<&'static str>>,
     pub metadata: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensors: Option<Vec<TensorRow>>,
 }
 
 pub fn summarize(ck: &Checkpoint, with_tensors: bool) -> Summary {
+    let config = crate::models::detect(&crate::models::shapes_of(ck), None).ok();
     let mut dtypes = BTreeMap::new();
     for t in ck.tensors() {
         *dtypes.entry(t.dtype.name().to_string()).or_insert(0) += 1;
@@ -51,9 +57,11 @@ pub fn summarize(ck: &Checkpoint, with_tensors: bool) -> Summary {
         total_bytes: ck.total_bytes(),
         dtypes,
         bn_layers: bn_layers(ck),
-        arch: crate::models::detect(&crate::models::shapes_of(ck), None)
-            .ok()
-            .map(|c| c.to_string()),
+        arch: config.as_ref().map(|c| c.to_string()),
+        num_classes: config.as_ref().map(|c| c.num_classes()),
+        labelling: config
+            .as_ref()
+            .map(|c| crate::data::labels::default_labellings(c.num_classes())),
         metadata: ck.metadata.clone(),
         tensors: with_tensors.then(|| {
             ck.tensors()

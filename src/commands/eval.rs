@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use crate::cli::{DataArgs, GlobalArgs, OpenArgs};
+use crate::data::Loader;
 use crate::eval;
 use crate::report::Reporter;
 
@@ -35,21 +36,15 @@ pub fn run(args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let (_, model) =
         super::open_model(&args.model, &args.open, args.arch.as_deref(), global, &rep)?;
     let cfg = args.data.config(global.threads)?;
-    let (ds, mut loader) = cfg.open(&rep)?;
+    let mut ds = cfg.scan()?;
     if !ds.is_labelled() {
         bail!(
             "{}: a flat folder has no labels to evaluate against (use class sub-folders)",
             ds.root.display()
         );
     }
-    if ds.classes.len() != model.config.num_classes() {
-        rep.note(format!(
-            "note: {} has {} classes, the model {} outputs",
-            ds.root.display(),
-            ds.classes.len(),
-            model.config.num_classes()
-        ));
-    }
+    let labels = super::label_images(&mut ds, model.config.num_classes(), &args.data.labels, &rep)?;
+    let mut loader = Loader::new(&ds, cfg.transform, &cfg.loader, &rep)?;
     rep.note(format!(
         "{}: {}; {} images",
         args.model.display(),
@@ -70,6 +65,7 @@ pub fn run(args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         "images_per_second": pass.summary.images_per_second(),
         "size": args.data.opts.size,
         "crop_pct": args.data.opts.crop_pct[0],
+        "labelling": labels.record(),
     });
     let mut out = std::io::stdout().lock();
     if args.json {

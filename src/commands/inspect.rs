@@ -60,6 +60,17 @@ fn print_text(out: &mut impl Write, s: &Summary) -> Result<()> {
     if let Some(a) = &s.arch {
         writeln!(out, "arch        {a}")?;
     }
+    if let (Some(n), Some(l)) = (s.num_classes, &s.labelling) {
+        let how = if l.len() > 1 {
+            "ImageNet-1k synset order for synset-named class folders, else sorted folder order"
+        } else {
+            "class folders in sorted order"
+        };
+        writeln!(
+            out,
+            "classes     {n} (labels: {how}; --class-map FILE overrides)"
+        )?;
+    }
     writeln!(out, "tensors     {}", s.num_tensors)?;
     writeln!(out, "parameters  {}", group_digits(s.num_params))?;
     writeln!(

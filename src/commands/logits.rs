@@ -35,11 +35,14 @@ pub struct LogitsArgs {
     )]
     pub input: Option<PathBuf>,
     /// Folder of images instead (eval transform, see the data options); also writes `labels`
-    /// for an ImageFolder and records the image paths in the metadata
+    /// for an ImageFolder (the model's classes: see --class-map) and records the image paths in
+    /// the metadata
     #[arg(long = "data", value_name = "DIR")]
     pub data: Option<PathBuf>,
     #[command(flatten)]
     pub data_opts: crate::cli::DataOptions,
+    #[command(flatten)]
+    pub labels: crate::cli::LabelArgs,
     /// Name of the input tensor
     #[arg(long, default_value = "input", value_name = "NAME")]
     pub input_key: String,
@@ -92,7 +95,16 @@ pub fn run(args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         }
         (None, Some(dir)) => {
             let cfg = args.data_opts.config(dir, global.threads)?;
-            let (ds, mut loader) = cfg.open(&rep)?;
+            let mut ds = cfg.scan()?;
+            if ds.is_labelled() {
+                let l =
+                    super::label_images(&mut ds, model.config.num_classes(), &args.labels, &rep)?;
+                extra_meta.push((
+                    "ckpt.labelling".to_string(),
+                    serde_json::to_string(&l.record())?,
+                ));
+            }
+            let mut loader = crate::data::Loader::new(&ds, cfg.transform, &cfg.loader, &rep)?;
             let pass = eval::eval_pass(&model, &mut loader, true)?;
             let rel: Vec<String> = pass
                 .paths

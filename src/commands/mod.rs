@@ -15,7 +15,8 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::checkpoint::Checkpoint;
-use crate::cli::{GlobalArgs, OpenArgs};
+use crate::cli::{GlobalArgs, LabelArgs, OpenArgs};
+use crate::data::{labels, Dataset, Labels};
 use crate::models::Model;
 
 use crate::cli::{Cli, Command};
@@ -56,4 +57,23 @@ pub fn open_model(
     let dev = crate::device::resolve(global.device, |m| rep.note(m))?;
     let model = Model::load(&ck, arch, &dev)?;
     Ok((ck, model))
+}
+
+/// Labels a scanned ImageFolder's images with the classes of a model with `model_classes`
+/// outputs (`--class-map`, ImageNet-1k synsets or the folder order): warns before any work when
+/// they cannot be the model's (refuses with `--strict-labels`), and says once which labelling
+/// it used.
+pub fn label_images(
+    ds: &mut Dataset,
+    model_classes: usize,
+    args: &LabelArgs,
+    rep: &Reporter,
+) -> Result<Labels> {
+    let labels = labels::resolve(ds, model_classes, &args.options())?;
+    if let Some(w) = &labels.warning {
+        rep.warn(w);
+    }
+    rep.note(labels.describe());
+    labels.apply(ds);
+    Ok(labels)
 }

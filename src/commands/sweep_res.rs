@@ -5,13 +5,13 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::bn::Estimator;
 use crate::checkpoint::write::{check_outputs, write_file, OutputLayout};
 use crate::checkpoint::{num_params, provenance, Checkpoint};
-use crate::cli::{DataOptions, GlobalArgs, OpenArgs};
+use crate::cli::{DataOptions, GlobalArgs, LabelArgs, OpenArgs};
 use crate::commands::recal_bn;
 use crate::data::{sweep_loader, EvalTransform, Transform};
 use crate::device;
@@ -42,6 +42,8 @@ pub struct SweepResArgs {
     pub data: PathBuf,
     #[command(flatten)]
     pub data_opts: DataOptions,
+    #[command(flatten)]
+    pub labels: LabelArgs,
     /// Test sizes (default: multiples of 32 from 0.75x to 1.5x of --train-size)
     #[arg(long, value_delimiter = ',', value_name = "S1,S2,...")]
     pub sizes: Option<Vec<u32>>,
@@ -91,6 +93,8 @@ pub struct Row {
     pub param_count: f64,
     pub best: bool,
     pub recal_bn: bool,
+    /// Where the labels came from (`folder-order`, `class-map`, `imagenet-1k-synsets`).
+    pub labelling: &'static str,
 }
 
 /// Sizes from 0.75x to 1.5x of `train`, multiples of 32 (always including `train`).
@@ -141,13 +145,27 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
     let eval_cfg = args
         .data_opts
         .config_at(&args.data, global.threads, points[0].crop_pct)?;
-    let ds = eval_cfg.scan()?;
+    let mut ds = eval_cfg.scan()?;
     if !ds.is_labelled() {
         bail!(
             "{}: a flat folder has no labels to evaluate against",
             ds.root.display()
         );
     }
+    let mut classes = Vec::new();
+    for ck in &cks {
+        let c = crate::models::detect(&crate::models::shapes_of(ck), args.arch.as_deref())
+            .with_context(|| ck.path.display().to_string())?;
+        classes.push((ck.path.display().to_string(), c.num_classes()));
+    }
+    if let Some((other, n)) = classes.iter().find(|(_, n)| *n != classes[0].1) {
+        bail!(
+            "{other} outputs {n} classes, {} {}: sweep models with the same classes together",
+            classes[0].0,
+            classes[0].1
+        );
+    }
+    let labels = super::label_images(&mut ds, classes[0].1, &args.labels, &rep)?;
 
     // Models per checkpoint and point; recalibrated per point with --recal-bn.
     let mut models: Vec<Vec<Model>> = Vec::new();
@@ -224,7 +242,14 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
         points.len() * cks.len(),
         t0.elapsed().as_secs_f64()
     ));
-    let rows = rows(&args, &cks, &points, &results, train);
+    let rows = rows(
+        &args,
+        &cks,
+        &points,
+        &results,
+        train,
+        labels.labelling.kind(),
+    );
 
     print_table(&rows)?;
     let write = |path: &Option<PathBuf>, bytes: Vec<u8>| -> Result<()> {
@@ -296,6 +321,7 @@ fn rows(
     points: &[EvalTransform],
     results: &[Vec<PointResult>],
     train: u32,
+    labelling: &'static str,
 ) -> Vec<Row> {
     let mut rows = Vec::new();
     for (m, ck) in cks.iter().enumerate() {
@@ -318,6 +344,7 @@ fn rows(
                 param_count: params,
                 best: false,
                 recal_bn: args.recal_bn.is_some(),
+                labelling,
             });
         }
         let block = &mut rows[start..];
