@@ -157,7 +157,7 @@ pub fn write_outputs(
         for (o, (fin, tmp)) in outputs.iter_mut().zip(finals.iter().zip(&scratch)) {
             let ck = Checkpoint::open(&tmp.0, &Default::default())?;
             let model = Model::load(&ck, None, dev)?;
-            let (bn_stats, meta) = recal_bn::pass(&model, data, rep)?;
+            let (bn_stats, meta, _) = recal_bn::pass(&model, data, rep)?;
             let mut m = o.metadata.clone();
             m.extend(meta);
             m.insert("ckpt.recal.estimator".into(), recal.estimator.to_string());

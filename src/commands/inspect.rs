@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use crate::bn::part::PartRecord;
 use crate::checkpoint::summary::{summarize, Summary};
 use crate::checkpoint::Checkpoint;
 use crate::cli::{GlobalArgs, OpenArgs};
@@ -30,17 +31,29 @@ pub struct InspectArgs {
 pub fn run(args: InspectArgs, _global: &GlobalArgs, _rep: Reporter) -> Result<()> {
     let ck = Checkpoint::open(&args.path, &args.open.options())?;
     let s = summarize(&ck, args.tensors);
+    // A recal-bn stats part: the record of the pass it is a shard of (a malformed record is
+    // left to the metadata listing; `--merge` says what is wrong with it).
+    let part = PartRecord::from_metadata(&ck.metadata).ok().flatten();
     let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &s)?;
+        let mut v = serde_json::to_value(&s)?;
+        if let Some(r) = &part {
+            let fields: serde_json::Map<String, serde_json::Value> = r
+                .fields()
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(v)))
+                .collect();
+            v["part"] = serde_json::Value::Object(fields);
+        }
+        serde_json::to_writer_pretty(&mut out, &v)?;
         writeln!(out)?;
     } else {
-        print_text(&mut out, &s)?;
+        print_text(&mut out, &s, part.as_ref())?;
     }
     Ok(())
 }
 
-fn print_text(out: &mut impl Write, s: &Summary) -> Result<()> {
+fn print_text(out: &mut impl Write, s: &Summary, part: Option<&PartRecord>) -> Result<()> {
     writeln!(out, "path        {}", s.path)?;
     writeln!(out, "format      {}", s.format)?;
     if s.files.len() > 1 {
@@ -85,9 +98,26 @@ fn print_text(out: &mut impl Write, s: &Summary) -> Result<()> {
     for l in &s.bn_layers {
         writeln!(out, "  {l}")?;
     }
-    if !s.metadata.is_empty() {
+    if let Some(r) = part {
+        writeln!(
+            out,
+            "stats part  shard {} of a recal-bn pass (--merge checks every field)",
+            r.shard
+        )?;
+        let fields = r.fields();
+        let w = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        for (k, v) in fields {
+            writeln!(out, "  {k:w$}  {v}")?;
+        }
+    }
+    let shown: Vec<(&String, &String)> = s
+        .metadata
+        .iter()
+        .filter(|(k, _)| part.is_none() || !k.starts_with("ckpt.part."))
+        .collect();
+    if !shown.is_empty() {
         writeln!(out, "metadata")?;
-        for (k, v) in &s.metadata {
+        for (k, v) in shown {
             writeln!(out, "  {k} = {v}")?;
         }
     }

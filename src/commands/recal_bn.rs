@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use crate::bn::part::{self, PartRecord, PassImages};
 use crate::bn::{self, apply, Estimator, Stats};
-use crate::checkpoint::write::{check_outputs, write_owned, OutputLayout, OwnedTensor};
-use crate::checkpoint::{provenance, Checkpoint, DType};
+use crate::checkpoint::write::{check_outputs, OutputLayout};
+use crate::checkpoint::{provenance, Checkpoint};
 use crate::cli::{DataOptions, GlobalArgs, OpenArgs};
-use crate::data::DataConfig;
+use crate::data::{DataConfig, Shard};
 use crate::models::Model;
 use crate::report::Reporter;
 
@@ -27,6 +28,9 @@ use crate::report::Reporter;
 ///
 /// Several machines: run each with --shard i/n --stats-out PART.safetensors, then
 /// `ckpt recal-bn MODEL --merge PART... -o OUT`; the result equals one pass over all images.
+/// Each part records the pass it is a slice of (the weights' digest, the data folder and
+/// options, the estimator, its shard); the merge refuses parts that are not every shard of one
+/// pass over MODEL's weights, naming the part and the field.
 #[derive(Args, Debug)]
 #[command(mut_arg("max_images", |a| a.default_value("8192")), mut_arg("batch_size", |a| a.default_value("64")))]
 pub struct RecalBnArgs {
@@ -38,9 +42,10 @@ pub struct RecalBnArgs {
     pub data: Option<PathBuf>,
     #[command(flatten)]
     pub data_opts: DataOptions,
-    /// How running statistics are estimated from the batches
-    #[arg(long, value_enum, default_value = "population")]
-    pub estimator: Estimator,
+    /// How running statistics are estimated from the batches (default: population). A stats
+    /// part records it; with --merge the parts' is used, and a different one is refused
+    #[arg(long, value_enum, value_name = "ESTIMATOR")]
+    pub estimator: Option<Estimator>,
     /// Write the mergeable per-layer sums (f64) to this file instead of a checkpoint
     #[arg(long, value_name = "PART", conflicts_with = "merge")]
     pub stats_out: Option<PathBuf>,
@@ -82,23 +87,34 @@ pub fn run(args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
     inputs.extend(parts.iter().flat_map(|p| p.files.clone()));
     check_outputs(std::slice::from_ref(&dest), &inputs, args.force)?;
 
-    let (stats, data_meta) = if args.merge.is_empty() {
+    let digest = || part::model_digest(&ck, &model.bn_layers);
+    let (stats, estimator, data_meta, record) = if args.merge.is_empty() {
         let dir = args.data.clone().unwrap();
         let cfg = args.data_opts.config(&dir, global.threads)?;
-        let (stats, meta) = pass(&model, &cfg, &rep)?;
-        (stats, meta)
+        let estimator = args.estimator.unwrap_or_default();
+        let (stats, meta, images) = pass(&model, &cfg, &rep)?;
+        let record = args.stats_out.is_some().then(|| {
+            let shard = cfg.dataset.shard.unwrap_or(Shard { index: 0, count: 1 });
+            PartRecord::new(digest(), &cfg, &images, estimator, shard)
+        });
+        (stats, estimator, meta, record)
     } else {
-        let mut total: Option<Stats> = None;
-        for p in &parts {
-            let s = read_stats(p).with_context(|| p.path.display().to_string())?;
-            match &mut total {
-                None => total = Some(s),
-                Some(t) => t.merge(&s).with_context(|| p.path.display().to_string())?,
-            }
+        let parts = parts.iter().map(part::read).collect::<Result<Vec<_>>>()?;
+        let estimator = part::check_set(&parts, &args.model, &digest(), args.estimator)?;
+        let mut total = parts[0].stats.clone();
+        for p in &parts[1..] {
+            total
+                .merge(&p.stats)
+                .with_context(|| p.path.display().to_string())?;
         }
-        let mut meta = BTreeMap::new();
+        let mut meta: BTreeMap<String, String> = parts[0]
+            .record
+            .data
+            .iter()
+            .map(|(k, v)| (format!("ckpt.recal.{k}"), v.clone()))
+            .collect();
         meta.insert("ckpt.recal.merged".into(), parts.len().to_string());
-        (total.unwrap(), meta)
+        (total, estimator, meta, None)
     };
     if stats.layers != model.bn_layers {
         bail!(
@@ -112,33 +128,35 @@ pub fn run(args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
     let mut meta = provenance::metadata(&provenance::command_line(), &sources)?;
     meta.extend(data_meta);
     let ck = &sources[0];
-    if let Some(part) = &args.stats_out {
-        write_stats(part, &stats, &meta, args.force)?;
+    if let (Some(path), Some(record)) = (&args.stats_out, &record) {
+        part::write(path, &stats, record, &meta, args.force)?;
         writeln!(
             std::io::stdout(),
-            "wrote {} ({} images, {} batches, {} BN layers)",
-            part.display(),
+            "wrote {} (shard {}: {} images, {} batches, {} BN layers)",
+            path.display(),
+            record.shard,
             stats.images,
             stats.batches,
             stats.layers.len()
         )?;
         return Ok(());
     }
-    meta.insert("ckpt.recal.estimator".into(), args.estimator.to_string());
+    meta.insert("ckpt.recal.estimator".into(), estimator.to_string());
     meta.insert("ckpt.recal.images".into(), stats.images.to_string());
     meta.insert("ckpt.recal.batches".into(), stats.batches.to_string());
     let changes = recalibrated(
         ck,
         &stats,
-        args.estimator,
+        estimator,
         &OutputLayout::new(&dest, None),
         &meta,
         args.force,
     )?;
-    report(&dest, &stats, args.estimator, &changes, args.json, &rep)
+    report(&dest, &stats, estimator, &changes, args.json, &rep)
 }
 
-/// One calibrate pass over a folder; returns the statistics and the metadata describing it.
+/// One calibrate pass over a folder; returns the statistics, the metadata describing it and
+/// the images of the whole pass (before `--shard`), which a stats part records.
 ///
 /// `--shard i/n` splits the pass by batches here (batches i, i + n, ... of the whole pass),
 /// not by images: each shard then sees exactly the batches the single pass would, so merged
@@ -147,10 +165,11 @@ pub fn pass(
     model: &Model,
     cfg: &DataConfig,
     rep: &Reporter,
-) -> Result<(Stats, BTreeMap<String, String>)> {
+) -> Result<(Stats, BTreeMap<String, String>, PassImages)> {
     let mut whole = cfg.clone();
     whole.dataset.shard = None;
     let mut ds = whole.scan()?;
+    let images = PassImages::of(&ds);
     if let Some(sh) = cfg.dataset.shard {
         let bs = cfg.loader.batch_size;
         ds.items = ds
@@ -195,7 +214,7 @@ pub fn pass(
         format!("{:?}", cfg.transform),
     );
     meta.insert("ckpt.recal.dataset".into(), format!("{:?}", cfg.dataset));
-    Ok((stats, meta))
+    Ok((stats, meta, images))
 }
 
 /// Writes `ck` with the statistics' estimates; returns each layer's change.
@@ -256,49 +275,4 @@ pub fn report(
         ));
     }
     Ok(())
-}
-
-fn write_stats(path: &Path, s: &Stats, meta: &BTreeMap<String, String>, force: bool) -> Result<()> {
-    let tensors: Vec<OwnedTensor> = bn::to_tensors(s)
-        .into_iter()
-        .map(|(name, v)| OwnedTensor {
-            name,
-            dtype: DType::F64,
-            shape: vec![v.len()],
-            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        })
-        .collect();
-    let mut m = meta.clone();
-    m.insert(bn::META_LAYERS.into(), serde_json::to_string(&s.layers)?);
-    m.insert(bn::META_BATCHES.into(), s.batches.to_string());
-    m.insert(bn::META_IMAGES.into(), s.images.to_string());
-    write_owned(path, &tensors, &m, force)
-}
-
-fn read_stats(ck: &Checkpoint) -> Result<Stats> {
-    let layers: Vec<String> = ck
-        .metadata
-        .get(bn::META_LAYERS)
-        .context("not a --stats-out file (no BN layer list in its metadata)")
-        .and_then(|s| serde_json::from_str(s).context("bad BN layer list"))?;
-    let num = |k: &str| -> Result<u64> {
-        ck.metadata
-            .get(k)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {k} in the metadata"))
-    };
-    bn::from_tensors(
-        layers,
-        num(bn::META_BATCHES)?,
-        num(bn::META_IMAGES)?,
-        |name| {
-            let t = ck.get(name).filter(|t| t.dtype == DType::F64)?;
-            let b = ck.bytes(t);
-            Some(
-                b.chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-            )
-        },
-    )
 }

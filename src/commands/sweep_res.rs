@@ -189,7 +189,7 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
                         t.size,
                         t.crop_pct
                     ));
-                    let (stats, _) = recal_bn::pass(&base, &cfg, &rep)?;
+                    let (stats, _, _) = recal_bn::pass(&base, &cfg, &rep)?;
                     let mut overrides = HashMap::new();
                     for (prefix, (m, v)) in
                         stats.layers.iter().zip(stats.estimates(args.estimator)?)
