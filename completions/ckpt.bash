@@ -251,7 +251,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__eval)
-            opts="-q -h -V --arch --key --strip-prefix --keep-prefix --data --size --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --shard --batch-size --skip-bad --exif-transpose --json --force --device --threads --quiet --kernels --help --version"
+            opts="-q -h -V --arch --key --strip-prefix --keep-prefix --data --size --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --shard --batch-size --skip-bad --exif-transpose --class-map --strict-labels --json --force --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -314,6 +314,10 @@ _ckpt() {
                     return 0
                     ;;
                 --batch-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --class-map)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -519,7 +523,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__logits)
-            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --input --data --size --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --shard --batch-size --skip-bad --exif-transpose --input-key --output --force --top-k --device --threads --quiet --kernels --help --version"
+            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --input --data --size --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --shard --batch-size --skip-bad --exif-transpose --class-map --strict-labels --input-key --output --force --top-k --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -586,6 +590,10 @@ _ckpt() {
                     return 0
                     ;;
                 --batch-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --class-map)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -857,7 +865,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__sweep__subcmd__res)
-            opts="-q -h -V --data --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --skip-bad --exif-transpose --sizes --recal-bn --estimator --save-best --csv --json --plot --force --arch --key --strip-prefix --keep-prefix --train-size --batch-size --shard --device --threads --quiet --kernels --help --version"
+            opts="-q -h -V --data --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --skip-bad --exif-transpose --class-map --strict-labels --sizes --recal-bn --estimator --save-best --csv --json --plot --force --arch --key --strip-prefix --keep-prefix --train-size --batch-size --shard --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -896,6 +904,10 @@ _ckpt() {
                     return 0
                     ;;
                 --seed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --class-map)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -27,7 +27,7 @@ end
 complete -c ckpt -n "__fish_ckpt_needs_command" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
 complete -c ckpt -n "__fish_ckpt_needs_command" -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ckpt -n "__fish_ckpt_needs_command" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
-complete -c ckpt -n "__fish_ckpt_needs_command" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_needs_command" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_needs_command" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "inspect" -d 'Show a checkpoint\'s format, tensors, parameter count, BatchNorm layers and provenance'
@@ -48,7 +48,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l kernels -d 'Kernel
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l tensors -d 'List every tensor with its dtype and shape'
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l force -d 'Replace an existing --json=FILE'
-complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -s h -l help -d 'Print help'
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l last -d 'Keep only the N newest snapshots (applied after --every)' -r
@@ -92,7 +92,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l allow-nonfinite -d 'Av
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l force -d 'Replace an existing output (atomically)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l last -d 'Keep only the N newest snapshots (applied after --every)' -r
@@ -138,14 +138,14 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l allow-nonfinite -d 'Av
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l force -d 'Replace an existing output (atomically)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l input -d 'File holding the input batch as tensor `input` (see --input-key)' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l data -d 'Folder of images instead (eval transform, see the data options); also writes `labels` for an ImageFolder and records the image paths in the metadata' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l data -d 'Folder of images instead (eval transform, see the data options); also writes `labels` for an ImageFolder (the model\'s classes: see --class-map) and records the image paths in the metadata' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l size -d 'Side of the square images fed to the model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
@@ -160,6 +160,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l max-images -d 'Read
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l shard -d 'Read only every n-th image starting at the i-th (0-based), after --max-images: n machines with shards 0/n .. n-1/n split one pass over the images' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l batch-size -d 'Images per batch' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l class-map -d 'Class map in timm\'s format: one class folder name per line, the line number (from 0) being the model\'s class index; images of folders it does not name are left out (with a warning). Without it: the ImageNet-1k synset order when the model has 1000 classes and every class folder is a WordNet id (n01440764, ...), else the folders\' sorted order' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l input-key -d 'Name of the input tensor' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s o -l output -d 'Output file (safetensors)' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l top-k -d 'Store only the K largest logits per image and their class indices' -r
@@ -169,14 +170,15 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l kernels -d 'Kernels
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l strict-labels -d 'Refuse, instead of warning, when the class folders cannot be the model\'s classes (a different count without a map, or folders the map does not name)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l force -d 'Replace an existing output (atomically)'
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l data -d 'Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class indices as torchvision\'s) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l data -d 'Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class indices as torchvision\'s, unless --class-map) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l size -d 'Side of the square images fed to the model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
@@ -191,6 +193,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l max-images -d 'Read a
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l shard -d 'Read only every n-th image starting at the i-th (0-based), after --max-images: n machines with shards 0/n .. n-1/n split one pass over the images' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l batch-size -d 'Images per batch' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l class-map -d 'Class map in timm\'s format: one class folder name per line, the line number (from 0) being the model\'s class index; images of folders it does not name are left out (with a warning). Without it: the ImageNet-1k synset order when the model has 1000 classes and every class folder is a WordNet id (n01440764, ...), else the folders\' sorted order' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l threads -d 'Worker threads (default: one per core)' -r
@@ -198,8 +201,9 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l kernels -d 'Kernels o
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l strict-labels -d 'Refuse, instead of warning, when the class folders cannot be the model\'s classes (a different count without a map, or folders the map does not name)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l force -d 'Replace an existing --json=FILE'
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
@@ -217,7 +221,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l std -d 'Per-chann
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l estimator -d 'How running statistics are estimated from the batches' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l estimator -d 'How running statistics are estimated from the batches (default: population). A stats part records it; with --merge the parts\' is used, and a different one is refused' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l stats-out -d 'Write the mergeable per-layer sums (f64) to this file instead of a checkpoint' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l merge -d 'Combine --stats-out files of shards instead of reading images' -r -F
@@ -233,7 +237,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l keep-prefix -d 'K
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l force -d 'Replace an existing output'
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l data -d 'Folder of labelled images (ImageFolder)' -r -F
@@ -248,6 +252,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l transform -d 'ev
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l class-map -d 'Class map in timm\'s format: one class folder name per line, the line number (from 0) being the model\'s class index; images of folders it does not name are left out (with a warning). Without it: the ImageNet-1k synset order when the model has 1000 classes and every class folder is a WordNet id (n01440764, ...), else the folders\' sorted order' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l sizes -d 'Test sizes (default: multiples of 32 from 0.75x to 1.5x of --train-size)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l recal-bn -d 'Re-estimate BN statistics at each size over the images in DIR before evaluating it' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
@@ -267,15 +272,16 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l threads -d 'Work
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l strict-labels -d 'Refuse, instead of warning, when the class folders cannot be the model\'s classes (a different count without a map, or folders the map does not name)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l force -d 'Replace existing output files'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -s q -l quiet -d 'Print results and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res completions help" -f -a "inspect" -d 'Show a checkpoint\'s format, tensors, parameter count, BatchNorm layers and provenance'

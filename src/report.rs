@@ -24,6 +24,12 @@ impl Reporter {
         }
     }
 
+    /// A warning on stderr, shown even with `-q`: something found that makes the results
+    /// likely wrong, said before the work that produces them.
+    pub fn warn(&self, msg: impl AsRef<str>) {
+        eprintln!("warning: {}", msg.as_ref());
+    }
+
     /// A progress bar over `total` bytes; hidden with `-q` or when stderr is not a terminal.
     pub fn bytes_bar(&self, total: u64, what: &str) -> ProgressBar {
         self.bar(

@@ -355,8 +355,11 @@ fn nan_weights_are_refused_by_forward_passes() {
     assert!(!d.path("o.safetensors").exists());
 }
 
+/// Classes 0 and 1 of the digits (3 images each) in `val/`, and `classes.txt`, the class map
+/// that says they are the model's 0 and 1 (two of ten classes would otherwise be warned about).
 fn digits_copy(d: &TestDir) -> std::path::PathBuf {
     let root = d.path("val");
+    std::fs::write(d.path("classes.txt"), "0\n1\n2\n3\n4\n5\n6\n7\n8\n9\n").unwrap();
     for class in ["0", "1"] {
         std::fs::create_dir_all(root.join(class)).unwrap();
         for e in std::fs::read_dir(fixture(&format!("digits/val/{class}")))
@@ -386,6 +389,8 @@ fn image_folder_with_a_corrupt_jpeg_or_an_empty_png() {
             "32",
             "--crop-pct",
             "1",
+            "--class-map",
+            "classes.txt",
         ];
         a.extend_from_slice(extra);
         d.run(&a)
@@ -409,6 +414,8 @@ fn image_folder_with_a_corrupt_jpeg_or_an_empty_png() {
             "1",
             "--skip-bad",
             "--json",
+            "--class-map",
+            "classes.txt",
         ])
         .ok();
     assert_eq!(r.json()["images"], 6);

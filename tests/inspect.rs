@@ -143,3 +143,42 @@ fn text_output_lists_tensors() {
         r.stdout
     );
 }
+
+/// What labels a class folder gets for the model: inspect has no folder, so it records the
+/// model's class count and the labellings that count gets without --class-map.
+#[test]
+fn class_count_and_default_labelling_issue_23() {
+    let d = TestDir::new();
+    let j = d
+        .run(&[
+            "inspect",
+            "--json",
+            &p(&fixture("tiny/epoch_10.safetensors")),
+        ])
+        .ok()
+        .json();
+    assert_eq!(j["num_classes"], 10);
+    assert_eq!(j["labelling"], serde_json::json!(["folder-order"]));
+    let r = d
+        .run(&["inspect", &p(&fixture("synsets/resnet_in1k.safetensors"))])
+        .ok();
+    assert!(
+        r.stdout
+            .contains("classes     1000 (labels: ImageNet-1k synset order"),
+        "{}",
+        r.stdout
+    );
+    let j = d
+        .run(&[
+            "inspect",
+            "--json",
+            &p(&fixture("synsets/resnet_in1k.safetensors")),
+        ])
+        .ok()
+        .json();
+    assert_eq!(j["num_classes"], 1000);
+    assert_eq!(
+        j["labelling"],
+        serde_json::json!(["imagenet-1k-synsets", "folder-order"])
+    );
+}

@@ -150,6 +150,8 @@ fn shards_merge_to_the_single_pass() {
                 [
                     "--batch-size",
                     "32",
+                    "--estimator",
+                    est,
                     "--shard",
                     &format!("{i}/2"),
                     "--stats-out",
@@ -251,4 +253,276 @@ fn bad_recal_inputs() {
     ])
     .fails_with(&["epoch_1.safetensors", "not a --stats-out file"]);
     assert!(!d.path("o.safetensors").exists());
+}
+
+/// Writes stats part `name`: shard `shard` of a recal-bn pass of `model` over digits/train at
+/// the digits' options with batches of 32 (7 batches), `extra` options last.
+fn stats_part(d: &TestDir, model: &str, shard: &str, name: &str, extra: &[&str]) {
+    let mut args = vec![
+        "-q".to_string(),
+        "recal-bn".into(),
+        p(&fixture(model)),
+        "--data".into(),
+        p(&fixture("digits/train")),
+        "--mean".into(),
+        "0.5".into(),
+        "--std".into(),
+        "0.5".into(),
+        "--crop-pct".into(),
+        "1".into(),
+        "--batch-size".into(),
+        "32".into(),
+        "--shard".into(),
+        shard.into(),
+        "--stats-out".into(),
+        name.into(),
+    ];
+    if !extra.contains(&"--size") {
+        args.extend(["--size".to_string(), "32".into()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    d.run(&args).ok();
+}
+
+const SWA: &str = "expected/swa_all.safetensors";
+
+/// `recal-bn MODEL --merge PARTS -o out.safetensors`, which must fail and write nothing.
+fn merge_refused(d: &TestDir, model: &str, parts: &[&str], extra: &[&str], needles: &[&str]) {
+    let m = p(&fixture(model));
+    let mut args = vec!["-q", "recal-bn", &m, "--merge"];
+    args.extend(parts);
+    args.extend(["-o", "out.safetensors"]);
+    args.extend(extra);
+    let before: Vec<String> = parts.iter().map(|f| sha256(&d.path(f))).collect();
+    d.run(&args).fails_with(needles);
+    assert!(!d.path("out.safetensors").exists(), "nothing written");
+    let after: Vec<String> = parts.iter().map(|f| sha256(&d.path(f))).collect();
+    assert_eq!(before, after, "parts unchanged");
+}
+
+#[test]
+fn merge_refuses_parts_at_another_size_issue_24() {
+    let d = TestDir::new();
+    stats_part(&d, SWA, "0/2", "part_0.safetensors", &[]);
+    stats_part(&d, SWA, "1/2", "part_1.safetensors", &["--size", "40"]);
+    merge_refused(
+        &d,
+        SWA,
+        &["part_0.safetensors", "part_1.safetensors"],
+        &[],
+        &["part_1.safetensors: size is 40, but part_0.safetensors has 32"],
+    );
+    // Other data options alike: the seed of --max-images' subset.
+    stats_part(
+        &d,
+        SWA,
+        "1/2",
+        "seed_1.safetensors",
+        &["--seed", "1", "--max-images", "150"],
+    );
+    stats_part(
+        &d,
+        SWA,
+        "0/2",
+        "seed_0.safetensors",
+        &["--max-images", "150"],
+    );
+    merge_refused(
+        &d,
+        SWA,
+        &["seed_0.safetensors", "seed_1.safetensors"],
+        &[],
+        &["seed_1.safetensors: seed is 1, but seed_0.safetensors has 0"],
+    );
+}
+
+#[test]
+fn merge_refuses_a_repeated_part_issue_24() {
+    // A glob over a folder where shard 1's job failed and shard 0's was retried.
+    let d = TestDir::new();
+    stats_part(&d, SWA, "0/2", "part_0.safetensors", &[]);
+    std::fs::copy(
+        d.path("part_0.safetensors"),
+        d.path("part_0_retry.safetensors"),
+    )
+    .unwrap();
+    merge_refused(
+        &d,
+        SWA,
+        &["part_0.safetensors", "part_0_retry.safetensors"],
+        &[],
+        &[
+            "part_0_retry.safetensors: shard 0/2 again (also part_0.safetensors)",
+            "shard 1/2 is missing",
+        ],
+    );
+    merge_refused(
+        &d,
+        SWA,
+        &["part_0.safetensors", "part_0.safetensors"],
+        &[],
+        &["part_0.safetensors: shard 0/2 again"],
+    );
+}
+
+#[test]
+fn merge_refuses_a_missing_part_issue_24() {
+    let d = TestDir::new();
+    stats_part(&d, SWA, "0/3", "part_0.safetensors", &[]);
+    stats_part(&d, SWA, "2/3", "part_2.safetensors", &[]);
+    merge_refused(
+        &d,
+        SWA,
+        &["part_0.safetensors", "part_2.safetensors"],
+        &[],
+        &["shard 1/3 is missing", "2 of 3 parts given"],
+    );
+    // A part of a 2-way split among those of a 3-way one.
+    stats_part(&d, SWA, "1/2", "half_1.safetensors", &[]);
+    merge_refused(
+        &d,
+        SWA,
+        &[
+            "part_0.safetensors",
+            "half_1.safetensors",
+            "part_2.safetensors",
+        ],
+        &[],
+        &["half_1.safetensors: shard count is 2, but part_0.safetensors has 3"],
+    );
+}
+
+#[test]
+fn merge_refuses_another_model_issue_24() {
+    let d = TestDir::new();
+    stats_part(&d, SWA, "0/2", "part_0.safetensors", &[]);
+    stats_part(&d, SWA, "1/2", "part_1.safetensors", &[]);
+    // Statistics of the SWA weights written into epoch 1: same layers, other weights.
+    merge_refused(
+        &d,
+        "tiny/epoch_1.safetensors",
+        &["part_0.safetensors", "part_1.safetensors"],
+        &[],
+        &[
+            "part_0.safetensors: model: measured on weights",
+            "epoch_1.safetensors has weights",
+        ],
+    );
+    // One part measured on other weights than the others.
+    stats_part(
+        &d,
+        "tiny/epoch_10.safetensors",
+        "1/2",
+        "other_1.safetensors",
+        &[],
+    );
+    merge_refused(
+        &d,
+        SWA,
+        &["part_0.safetensors", "other_1.safetensors"],
+        &[],
+        &["other_1.safetensors: model: measured on weights"],
+    );
+    // The same weights in another file form (a DDP training checkpoint of epoch 10, keys
+    // prefixed with module.) are the same model: parts of the safetensors file merge onto it.
+    stats_part(
+        &d,
+        "tiny/epoch_10.safetensors",
+        "0/2",
+        "other_0.safetensors",
+        &[],
+    );
+    d.run(&[
+        "-q",
+        "recal-bn",
+        &p(&fixture("tiny/train_epoch_10.pth.tar")),
+        "--merge",
+        "other_0.safetensors",
+        "other_1.safetensors",
+        "-o",
+        "ok.safetensors",
+    ])
+    .ok();
+}
+
+#[test]
+fn merge_refuses_another_estimator_issue_24() {
+    let d = TestDir::new();
+    stats_part(&d, SWA, "0/2", "part_0.safetensors", &[]);
+    stats_part(
+        &d,
+        SWA,
+        "1/2",
+        "part_1.safetensors",
+        &["--estimator", "torch"],
+    );
+    merge_refused(
+        &d,
+        SWA,
+        &["part_0.safetensors", "part_1.safetensors"],
+        &[],
+        &["part_1.safetensors: estimator is torch, but part_0.safetensors has population"],
+    );
+    stats_part(&d, SWA, "1/2", "pop_1.safetensors", &[]);
+    merge_refused(
+        &d,
+        SWA,
+        &["part_0.safetensors", "pop_1.safetensors"],
+        &["--estimator", "torch"],
+        &["--estimator torch, but the parts were run for estimator population"],
+    );
+    // Without --estimator the merge takes the parts'.
+    let r = d
+        .run(&[
+            "recal-bn",
+            &p(&fixture(SWA)),
+            "--merge",
+            "part_0.safetensors",
+            "pop_1.safetensors",
+            "-o",
+            "ok.safetensors",
+        ])
+        .ok();
+    assert!(
+        r.stdout
+            .contains("(population estimator) over 200 images in 7 batches"),
+        "{}",
+        r.stdout
+    );
+    let meta = read_metadata(&d.path("ok.safetensors"));
+    assert_eq!(meta["ckpt.recal.merged"], "2");
+    assert_eq!(meta["ckpt.recal.size"], "32");
+}
+
+#[test]
+fn inspect_shows_a_parts_record_issue_24() {
+    let d = TestDir::new();
+    stats_part(
+        &d,
+        SWA,
+        "1/2",
+        "part_1.safetensors",
+        &["--estimator", "torch"],
+    );
+    let r = d.run(&["inspect", "part_1.safetensors"]).ok();
+    for line in [
+        "stats part  shard 1/2 of a recal-bn pass",
+        "  size            32",
+        "  batch_size      32",
+        "  estimator       torch",
+        "  shard           1/2",
+    ] {
+        assert!(r.stdout.contains(line), "{line:?} in\n{}", r.stdout);
+    }
+    let j = d
+        .run(&["inspect", "--json", "part_1.safetensors"])
+        .ok()
+        .json();
+    assert_eq!(j["part"]["shard"], "1/2");
+    assert_eq!(j["part"]["crop_pct"], "1");
+    assert!(j["part"]["data"]
+        .as_str()
+        .unwrap()
+        .ends_with("digits/train"));
+    assert_eq!(j["part"]["model"].as_str().unwrap().len(), 64);
 }

@@ -174,3 +174,62 @@ fn recal_at_a_size_equals_recal_bn_at_that_size() {
         );
     }
 }
+
+#[test]
+fn class_map_labels_a_subset_as_eval_does_issue_23() {
+    let d = TestDir::new();
+    let to = d.path("sub/digit_7");
+    std::fs::create_dir_all(&to).unwrap();
+    for f in std::fs::read_dir(fixture("digits/val/7")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(d.path("map.txt"), "\n\n\n\n\n\n\ndigit_7\n").unwrap();
+    let m = p(&fixture("tiny/epoch_10.safetensors"));
+    let common = ["--data", "sub", "--class-map", "map.txt", "--crop-pct", "1"];
+    let mut args = vec![
+        "sweep-res",
+        &m,
+        "--train-size",
+        "32",
+        "--sizes",
+        "32",
+        "--json=r.json",
+    ];
+    args.extend(common);
+    args.extend(NORM);
+    let r = d.run(&args).ok();
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+    let rows: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path("r.json")).unwrap()).unwrap();
+    let mut args = vec!["-q", "eval", &m, "--size", "32", "--json"];
+    args.extend(common);
+    args.extend(NORM);
+    let e = d.run(&args).ok().json();
+    assert_eq!(rows[0]["top1"], e["top1"]);
+    assert_eq!(rows[0]["images"], 20);
+    assert_eq!(rows[0]["labelling"], "class-map");
+    assert!(e["top1"].as_f64().unwrap() > 90.0);
+}
+
+/// Issue 14: `--json` is a flag (JSON on stdout) or `--json=FILE` for every command; the old
+/// `sweep-res --json FILE` spelling gets a pointer to the new one instead of a bare "cannot open".
+#[test]
+fn json_file_needs_an_equals_sign_issue_14() {
+    let d = TestDir::new();
+    sweep(
+        &d,
+        &["tiny/epoch_10.safetensors"],
+        &["--sizes", "32", "--json", "r.json"],
+    )
+    .fails_with(&["r.json: no such checkpoint", "--json=r.json"]);
+    let r = sweep(
+        &d,
+        &["tiny/epoch_10.safetensors"],
+        &["--sizes", "32", "--json"],
+    )
+    .ok();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(!d.path("r.json").exists());
+}

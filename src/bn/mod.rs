@@ -13,9 +13,11 @@
 //!   sum(v_b n_b / (n_b - 1)) / B, the mean of unbiased batch variances.
 //!
 //! The sums are kept, not the running estimates, so that partial passes on several machines
-//! merge exactly: [`Stats`] is what `--stats-out` writes and `--merge` adds up.
+//! merge exactly: [`Stats`] is what `--stats-out` writes and `--merge` adds up; [`part`] owns
+//! that file and the record that lets a merge refuse parts that are not one pass.
 
 pub mod apply;
+pub mod part;
 pub mod pass;
 
 pub use pass::{pass, recalibrated};

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 
+use super::part::PassImages;
 use super::{apply, calibrate, Estimator, Stats};
 use crate::checkpoint::write::OutputLayout;
 use crate::checkpoint::Checkpoint;
@@ -13,7 +14,8 @@ use crate::data::{DataConfig, Shard};
 use crate::models::Model;
 use crate::report::Reporter;
 
-/// One calibrate pass over a folder; returns the statistics and the metadata describing it.
+/// One calibrate pass over a folder; returns the statistics, the metadata describing it and the
+/// images of the whole pass (before `shard`), which a stats part records.
 ///
 /// `shard` splits the pass by batches (batches i, i + n, ... of the whole pass), not by images:
 /// each shard then sees exactly the batches the single pass would, so merged shards give the
@@ -24,8 +26,9 @@ pub fn pass(
     cfg: &DataConfig,
     shard: Option<Shard>,
     rep: &Reporter,
-) -> Result<(Stats, BTreeMap<String, String>)> {
+) -> Result<(Stats, BTreeMap<String, String>, PassImages)> {
     let mut ds = cfg.scan()?;
+    let images = PassImages::of(&ds);
     if let Some(sh) = shard {
         let bs = cfg.loader.batch_size;
         ds.items = ds
@@ -74,7 +77,7 @@ pub fn pass(
     let mut chosen = cfg.dataset;
     chosen.shard = shard.or(chosen.shard);
     meta.insert("ckpt.recal.dataset".into(), format!("{chosen:?}"));
-    Ok((stats, meta))
+    Ok((stats, meta, images))
 }
 
 /// Writes `ck` with the statistics' estimates (see [`apply`]); returns each layer's change.

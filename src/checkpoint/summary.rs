@@ -40,6 +40,11 @@ pub struct Summary {
     pub arch: Option<String>,
     /// A further prefix the forward commands remove for the names to fit that architecture.
     pub arch_prefix: Option<String>,
+    /// The recognised model's output count.
+    pub num_classes: Option<usize>,
+    /// The labels a class folder gets for this model without `--class-map`: the first of these
+    /// that applies (`imagenet-1k-synsets` only to folders named by ImageNet-1k synsets).
+    pub labelling: Option<Vec<&'static str>>,
     pub metadata: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensors: Option<Vec<TensorRow>>,
@@ -68,6 +73,8 @@ pub fn summarize(ck: &Checkpoint, with_tensors: bool) -> Summary {
         bn_layers: bn_layers(ck),
         arch: None,
         arch_prefix: None,
+        num_classes: None,
+        labelling: None,
         metadata: ck.metadata.clone(),
         tensors: with_tensors.then(|| {
             ck.tensors()

@@ -135,17 +135,46 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult) as u64)
 }
 
-/// The images a data pass reads and how they become tensors: shared by every command that runs
-/// a model over a folder (flattened into its arguments).
+/// The labelled images a data pass reads, how they become tensors and which of the model's
+/// classes they are: shared by every command that measures a model against a folder's labels
+/// (flattened into its arguments).
 #[derive(Args, Debug, Clone)]
 pub struct DataArgs {
     /// Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class
-    /// indices as torchvision's) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp
-    /// or .bmp are read; hidden and other files are skipped
+    /// indices as torchvision's, unless --class-map) or flat (unlabelled). Files ending in .jpg,
+    /// .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped
     #[arg(long = "data", value_name = "DIR")]
     pub dir: PathBuf,
     #[command(flatten)]
     pub opts: DataOptions,
+    #[command(flatten)]
+    pub labels: LabelArgs,
+}
+
+/// Which of the model's classes each class folder is: part of [`DataArgs`], and flattened on its
+/// own into the labelled commands that name their folder otherwise (`sweep-res`, `logits`).
+#[derive(Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Labels")]
+pub struct LabelArgs {
+    /// Class map in timm's format: one class folder name per line, the line number (from 0)
+    /// being the model's class index; images of folders it does not name are left out (with a
+    /// warning). Without it: the ImageNet-1k synset order when the model has 1000 classes and
+    /// every class folder is a WordNet id (n01440764, ...), else the folders' sorted order
+    #[arg(long, value_name = "FILE")]
+    pub class_map: Option<PathBuf>,
+    /// Refuse, instead of warning, when the class folders cannot be the model's classes (a
+    /// different count without a map, or folders the map does not name)
+    #[arg(long)]
+    pub strict_labels: bool,
+}
+
+impl LabelArgs {
+    pub fn options(&self) -> crate::data::LabelOptions {
+        crate::data::LabelOptions {
+            class_map: self.class_map.clone(),
+            strict: self.strict_labels,
+        }
+    }
 }
 
 impl DataArgs {

@@ -102,11 +102,14 @@ pub struct LogitsArgs {
     )]
     pub input: Option<PathBuf>,
     /// Folder of images instead (eval transform, see the data options); also writes `labels`
-    /// for an ImageFolder and records the image paths in the metadata
+    /// for an ImageFolder (the model's classes: see --class-map) and records the image paths in
+    /// the metadata
     #[arg(long = "data", value_name = "DIR")]
     pub data: Option<PathBuf>,
     #[command(flatten)]
     pub data_opts: DataOptions,
+    #[command(flatten)]
+    pub labels: LabelArgs,
     /// Name of the input tensor
     #[arg(long, default_value = "input", value_name = "NAME")]
     pub input_key: String,
@@ -146,6 +149,9 @@ pub struct EvalArgs {
 ///
 /// Several machines: run each with --shard i/n --stats-out PART.safetensors, then
 /// `ckpt recal-bn MODEL --merge PART... -o OUT`; the result equals one pass over all images.
+/// Each part records the pass it is a slice of (the weights' digest, the data folder and
+/// options, the estimator, its shard); the merge refuses parts that are not every shard of one
+/// pass over MODEL's weights, naming the part and the field.
 #[derive(Args, Debug)]
 #[command(
     mut_arg("max_images", |a| a.default_value("8192")),
@@ -160,9 +166,10 @@ pub struct RecalBnArgs {
     pub data: Option<PathBuf>,
     #[command(flatten)]
     pub data_opts: DataOptions,
-    /// How running statistics are estimated from the batches
-    #[arg(long, value_enum, default_value = "population")]
-    pub estimator: crate::bn::Estimator,
+    /// How running statistics are estimated from the batches (default: population). A stats
+    /// part records it; with --merge the parts' is used, and a different one is refused
+    #[arg(long, value_enum, value_name = "ESTIMATOR")]
+    pub estimator: Option<crate::bn::Estimator>,
     /// Write the mergeable per-layer sums (f64) to this file instead of a checkpoint
     #[arg(long, value_name = "PART", conflicts_with = "merge")]
     pub stats_out: Option<PathBuf>,
@@ -202,6 +209,8 @@ pub struct SweepResArgs {
     pub data: PathBuf,
     #[command(flatten)]
     pub data_opts: DataOptions,
+    #[command(flatten)]
+    pub labels: LabelArgs,
     /// Test sizes (default: multiples of 32 from 0.75x to 1.5x of --train-size)
     #[arg(long, value_delimiter = ',', value_name = "S1,S2,...")]
     pub sizes: Option<Vec<u32>>,

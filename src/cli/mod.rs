@@ -49,7 +49,7 @@ pub struct GlobalArgs {
     /// Worker threads (default: one per core)
     #[arg(long, global = true, value_name = "N")]
     pub threads: Option<usize>,
-    /// Print results and errors only: no notes, no progress bars
+    /// Print results, warnings and errors only: no notes, no progress bars
     #[arg(short, long, global = true)]
     pub quiet: bool,
     /// Kernels of the forward passes on the CPU: fast (ckpt's own) or candle (candle's ops, the

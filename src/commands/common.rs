@@ -131,7 +131,7 @@ pub fn write_outputs(
             let avg = avg.as_mut().expect("averaged into memory");
             models::use_model_names(avg, recal.arch.get(), false)?;
             let model = Model::load(avg, recal.arch.get(), dev)?.with_kernels(global.kernels);
-            let (bn_stats, meta) = bn::pass(&model, data, *shard, rep)?;
+            let (bn_stats, meta, _) = bn::pass(&model, data, *shard, rep)?;
             let mut m = o.metadata.clone();
             m.extend(meta);
             m.insert("ckpt.recal.estimator".into(), recal.estimator.to_string());

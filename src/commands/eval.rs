@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 
 use crate::cli::{EvalArgs, GlobalArgs};
 use crate::commands::common;
+use crate::data::Loader;
 use crate::eval;
 use crate::report::Reporter;
 
@@ -13,21 +14,15 @@ pub fn run(args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let (ck, model) = super::open_model(&args.model, global, &rep)?;
     common::check_json(&args.json, &ck.files, args.force)?;
     let cfg = args.data.config(global.threads)?;
-    let (ds, mut loader) = cfg.open(&rep)?;
+    let mut ds = cfg.scan()?;
     if !ds.is_labelled() {
         bail!(
             "{}: a flat folder has no labels to evaluate against (use class sub-folders)",
             ds.root.display()
         );
     }
-    if ds.classes.len() != model.config.num_classes() {
-        rep.note(format!(
-            "note: {} has {} classes, the model {} outputs",
-            ds.root.display(),
-            ds.classes.len(),
-            model.config.num_classes()
-        ));
-    }
+    let labels = super::label_images(&mut ds, model.config.num_classes(), &args.data.labels, &rep)?;
+    let mut loader = Loader::new(&ds, cfg.transform, &cfg.loader, &rep)?;
     rep.note(format!(
         "{}: {}; {} images",
         args.model.model.display(),
@@ -48,6 +43,7 @@ pub fn run(args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         "images_per_second": pass.summary.images_per_second(),
         "size": args.data.opts.size,
         "crop_pct": args.data.opts.crop_pct[0],
+        "labelling": labels.record(),
     });
     if !args.json.to_stdout() {
         writeln!(

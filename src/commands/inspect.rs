@@ -4,10 +4,12 @@ use std::io::Write;
 
 use anyhow::Result;
 
+use crate::bn::part::PartRecord;
 use crate::checkpoint::summary::{summarize, Summary};
 use crate::checkpoint::Checkpoint;
 use crate::cli::{GlobalArgs, InspectArgs};
 use crate::commands::common;
+use crate::data::labels;
 use crate::models::{detect_unwrapped, weight_shapes};
 use crate::report::{human_bytes, Reporter};
 
@@ -16,15 +18,31 @@ pub fn run(args: InspectArgs, _global: &GlobalArgs, _rep: Reporter) -> Result<()
     let mut s = summarize(&ck, args.tensors);
     let found = detect_unwrapped(&weight_shapes(&ck), None).ok();
     s.arch_prefix = found.as_ref().and_then(|(_, p)| p.clone());
+    if let Some((c, _)) = &found {
+        s.num_classes = Some(c.num_classes());
+        s.labelling = Some(labels::default_labellings(c.num_classes()));
+    }
     s.arch = found.map(|(c, _)| c.to_string());
+    // A recal-bn stats part: the record of the pass it is a shard of (a malformed record is
+    // left to the metadata listing; `--merge` says what is wrong with it).
+    let part = PartRecord::from_metadata(&ck.metadata).ok().flatten();
     common::check_json(&args.json, &ck.files, args.force)?;
     if !args.json.to_stdout() {
-        print_text(&mut std::io::stdout().lock(), &s)?;
+        print_text(&mut std::io::stdout().lock(), &s, part.as_ref())?;
     }
-    common::emit_json(&args.json, &s, args.force)
+    let mut v = serde_json::to_value(&s)?;
+    if let Some(r) = &part {
+        let fields: serde_json::Map<String, serde_json::Value> = r
+            .fields()
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        v["part"] = serde_json::Value::Object(fields);
+    }
+    common::emit_json(&args.json, &v, args.force)
 }
 
-fn print_text(out: &mut impl Write, s: &Summary) -> Result<()> {
+fn print_text(out: &mut impl Write, s: &Summary, part: Option<&PartRecord>) -> Result<()> {
     writeln!(out, "path        {}", s.path)?;
     writeln!(out, "format      {}", s.format)?;
     if let Some(t) = &s.trainer {
@@ -57,6 +75,17 @@ fn print_text(out: &mut impl Write, s: &Summary) -> Result<()> {
             None => writeln!(out, "arch        {a}")?,
         }
     }
+    if let (Some(n), Some(l)) = (s.num_classes, &s.labelling) {
+        let how = if l.len() > 1 {
+            "ImageNet-1k synset order for synset-named class folders, else sorted folder order"
+        } else {
+            "class folders in sorted order"
+        };
+        writeln!(
+            out,
+            "classes     {n} (labels: {how}; --class-map FILE overrides)"
+        )?;
+    }
     writeln!(out, "tensors     {}", s.num_tensors)?;
     writeln!(out, "parameters  {}", group_digits(s.num_params))?;
     writeln!(
@@ -78,9 +107,26 @@ fn print_text(out: &mut impl Write, s: &Summary) -> Result<()> {
             s.placeholders.join(", ")
         )?;
     }
-    if !s.metadata.is_empty() {
+    if let Some(r) = part {
+        writeln!(
+            out,
+            "stats part  shard {} of a recal-bn pass (--merge checks every field)",
+            r.shard
+        )?;
+        let fields = r.fields();
+        let w = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        for (k, v) in fields {
+            writeln!(out, "  {k:w$}  {v}")?;
+        }
+    }
+    let shown: Vec<(&String, &String)> = s
+        .metadata
+        .iter()
+        .filter(|(k, _)| part.is_none() || !k.starts_with("ckpt.part."))
+        .collect();
+    if !shown.is_empty() {
         writeln!(out, "metadata")?;
-        for (k, v) in &s.metadata {
+        for (k, v) in shown {
             writeln!(out, "  {k} = {v}")?;
         }
     }

@@ -46,7 +46,16 @@ pub fn run(args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         }
         (None, Some(dir)) => {
             let cfg = args.data_opts.config(dir, global.threads)?;
-            let (ds, mut loader) = cfg.open(&rep)?;
+            let mut ds = cfg.scan()?;
+            if ds.is_labelled() {
+                let l =
+                    super::label_images(&mut ds, model.config.num_classes(), &args.labels, &rep)?;
+                extra_meta.push((
+                    "ckpt.labelling".to_string(),
+                    serde_json::to_string(&l.record())?,
+                ));
+            }
+            let mut loader = crate::data::Loader::new(&ds, cfg.transform, &cfg.loader, &rep)?;
             let pass = eval::eval_pass(&model, &mut loader, true)?;
             let rel: Vec<String> = pass
                 .paths

@@ -18,7 +18,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::checkpoint::Checkpoint;
-use crate::cli::{Cli, Command, GlobalArgs, ModelArgs, OpenArgs};
+use crate::cli::{Cli, Command, GlobalArgs, LabelArgs, ModelArgs, OpenArgs};
+use crate::data::{labels, Dataset, Labels};
 use crate::models::{self, Model};
 use crate::report::Reporter;
 
@@ -80,4 +81,23 @@ pub fn load_model(
 ) -> Result<Model> {
     let dev = device(global, rep)?;
     Ok(Model::load(ck, arch, &dev)?.with_kernels(global.kernels))
+}
+
+/// Labels a scanned ImageFolder's images with the classes of a model with `model_classes`
+/// outputs (`--class-map`, ImageNet-1k synsets or the folder order): warns before any work when
+/// they cannot be the model's (refuses with `--strict-labels`), and says once which labelling
+/// it used.
+pub fn label_images(
+    ds: &mut Dataset,
+    model_classes: usize,
+    args: &LabelArgs,
+    rep: &Reporter,
+) -> Result<Labels> {
+    let labels = labels::resolve(ds, model_classes, &args.options())?;
+    if let Some(w) = &labels.warning {
+        rep.warn(w);
+    }
+    rep.note(labels.describe());
+    labels.apply(ds);
+    Ok(labels)
 }

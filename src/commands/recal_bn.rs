@@ -6,11 +6,13 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+use crate::bn::part::{self, PartRecord};
 use crate::bn::{self, apply, Estimator, Stats};
-use crate::checkpoint::write::{check_outputs, write_owned, OutputLayout, OwnedTensor};
-use crate::checkpoint::{provenance, Checkpoint, DType};
+use crate::checkpoint::write::{check_outputs, OutputLayout};
+use crate::checkpoint::{provenance, Checkpoint};
 use crate::cli::{GlobalArgs, JsonArg, RecalBnArgs};
 use crate::commands::common;
+use crate::data::Shard;
 use crate::report::Reporter;
 
 pub fn run(args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
@@ -32,24 +34,36 @@ pub fn run(args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
     check_outputs(std::slice::from_ref(&dest), &inputs, args.force)?;
     common::check_json(&args.json, &inputs, args.force)?;
 
-    let (stats, data_meta) = if args.merge.is_empty() {
+    let digest = || part::model_digest(&ck, &model.bn_layers);
+    let (stats, estimator, data_meta, record) = if args.merge.is_empty() {
         let dir = args.data.clone().unwrap();
         let mut cfg = args.data_opts.config(&dir, global.threads)?;
         // --shard here splits the pass by batches (see bn::pass), not by images.
         let shard = cfg.dataset.shard.take();
-        bn::pass(&model, &cfg, shard, &rep)?
+        let estimator = args.estimator.unwrap_or_default();
+        let (stats, meta, images) = bn::pass(&model, &cfg, shard, &rep)?;
+        let record = args.stats_out.is_some().then(|| {
+            let shard = shard.unwrap_or(Shard { index: 0, count: 1 });
+            PartRecord::new(digest(), &cfg, &images, estimator, shard)
+        });
+        (stats, estimator, meta, record)
     } else {
-        let mut total: Option<Stats> = None;
-        for p in &parts {
-            let s = read_stats(p).with_context(|| p.path.display().to_string())?;
-            match &mut total {
-                None => total = Some(s),
-                Some(t) => t.merge(&s).with_context(|| p.path.display().to_string())?,
-            }
+        let parts = parts.iter().map(part::read).collect::<Result<Vec<_>>>()?;
+        let estimator = part::check_set(&parts, &args.model.model, &digest(), args.estimator)?;
+        let mut total = parts[0].stats.clone();
+        for p in &parts[1..] {
+            total
+                .merge(&p.stats)
+                .with_context(|| p.path.display().to_string())?;
         }
-        let mut meta = BTreeMap::new();
+        let mut meta: BTreeMap<String, String> = parts[0]
+            .record
+            .data
+            .iter()
+            .map(|(k, v)| (format!("ckpt.recal.{k}"), v.clone()))
+            .collect();
         meta.insert("ckpt.recal.merged".into(), parts.len().to_string());
-        (total.unwrap(), meta)
+        (total, estimator, meta, None)
     };
     if stats.layers != model.bn_layers {
         bail!(
@@ -63,37 +77,32 @@ pub fn run(args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
     let mut meta = provenance::metadata(&provenance::command_line(), &sources)?;
     meta.extend(data_meta);
     let ck = &sources[0];
-    if let Some(part) = &args.stats_out {
-        write_stats(part, &stats, &meta, args.force)?;
+    if let (Some(path), Some(record)) = (&args.stats_out, &record) {
+        part::write(path, &stats, record, &meta, args.force)?;
         writeln!(
             std::io::stdout(),
-            "wrote {} ({} images, {} batches, {} BN layers)",
-            part.display(),
+            "wrote {} (shard {}: {} images, {} batches, {} BN layers)",
+            path.display(),
+            record.shard,
             stats.images,
             stats.batches,
             stats.layers.len()
         )?;
         return Ok(());
     }
-    meta.insert("ckpt.recal.estimator".into(), args.estimator.to_string());
+    meta.insert("ckpt.recal.estimator".into(), estimator.to_string());
     meta.insert("ckpt.recal.images".into(), stats.images.to_string());
     meta.insert("ckpt.recal.batches".into(), stats.batches.to_string());
     let changes = bn::recalibrated(
         ck,
         &stats,
-        args.estimator,
+        estimator,
         &OutputLayout::new(&dest, None),
         &meta,
         args.force,
     )?;
     report(
-        &dest,
-        &stats,
-        args.estimator,
-        &changes,
-        &args.json,
-        args.force,
-        &rep,
+        &dest, &stats, estimator, &changes, &args.json, args.force, &rep,
     )
 }
 
@@ -140,49 +149,4 @@ fn report(
         ));
     }
     Ok(())
-}
-
-fn write_stats(path: &Path, s: &Stats, meta: &BTreeMap<String, String>, force: bool) -> Result<()> {
-    let tensors: Vec<OwnedTensor> = bn::to_tensors(s)
-        .into_iter()
-        .map(|(name, v)| OwnedTensor {
-            name,
-            dtype: DType::F64,
-            shape: vec![v.len()],
-            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        })
-        .collect();
-    let mut m = meta.clone();
-    m.insert(bn::META_LAYERS.into(), serde_json::to_string(&s.layers)?);
-    m.insert(bn::META_BATCHES.into(), s.batches.to_string());
-    m.insert(bn::META_IMAGES.into(), s.images.to_string());
-    write_owned(path, &tensors, &m, force)
-}
-
-fn read_stats(ck: &Checkpoint) -> Result<Stats> {
-    let layers: Vec<String> = ck
-        .metadata
-        .get(bn::META_LAYERS)
-        .context("not a --stats-out file (no BN layer list in its metadata)")
-        .and_then(|s| serde_json::from_str(s).context("bad BN layer list"))?;
-    let num = |k: &str| -> Result<u64> {
-        ck.metadata
-            .get(k)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {k} in the metadata"))
-    };
-    bn::from_tensors(
-        layers,
-        num(bn::META_BATCHES)?,
-        num(bn::META_IMAGES)?,
-        |name| {
-            let t = ck.get(name).filter(|t| t.dtype == DType::F64)?;
-            let b = ck.bytes(t);
-            Some(
-                b.chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-            )
-        },
-    )
 }

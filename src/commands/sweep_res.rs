@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::bn;
 use crate::checkpoint::write::{check_outputs, write_file, OutputLayout};
@@ -34,6 +34,15 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
     for t in &points {
         t.check()?;
     }
+    for m in &args.models {
+        if !m.exists() && m.extension().is_some_and(|e| e == "json") {
+            bail!(
+                "{}: no such checkpoint (JSON goes to a file with --json={})",
+                m.display(),
+                m.display()
+            );
+        }
+    }
     let cks = args
         .models
         .iter()
@@ -57,13 +66,27 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
     let eval_cfg = args
         .data_opts
         .config_at(&args.data, global.threads, points[0].crop_pct)?;
-    let ds = eval_cfg.scan()?;
+    let mut ds = eval_cfg.scan()?;
     if !ds.is_labelled() {
         bail!(
             "{}: a flat folder has no labels to evaluate against",
             ds.root.display()
         );
     }
+    let mut classes = Vec::new();
+    for ck in &cks {
+        let c = crate::models::detect(&crate::models::shapes_of(ck), args.arch.get())
+            .with_context(|| ck.path.display().to_string())?;
+        classes.push((ck.path.display().to_string(), c.num_classes()));
+    }
+    if let Some((other, n)) = classes.iter().find(|(_, n)| *n != classes[0].1) {
+        bail!(
+            "{other} outputs {n} classes, {} {}: sweep models with the same classes together",
+            classes[0].0,
+            classes[0].1
+        );
+    }
+    let labels = super::label_images(&mut ds, classes[0].1, &args.labels, &rep)?;
 
     // Models per checkpoint and point; recalibrated per point with --recal-bn.
     let mut models: Vec<Vec<Model>> = Vec::new();
@@ -89,7 +112,7 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
                         t.size,
                         t.crop_pct
                     ));
-                    let (stats, _) = bn::pass(&base, &cfg, None, &rep)?;
+                    let (stats, _, _) = bn::pass(&base, &cfg, None, &rep)?;
                     let mut overrides = HashMap::new();
                     for (prefix, (m, v)) in
                         stats.layers.iter().zip(stats.estimates(args.estimator)?)
@@ -149,7 +172,14 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
         .cloned()
         .zip(cks.iter().map(num_params))
         .collect();
-    let rows = sweep::rows(&sources, &points, &results, train, args.recal_bn.is_some());
+    let rows = sweep::rows(
+        &sources,
+        &points,
+        &results,
+        train,
+        args.recal_bn.is_some(),
+        labels.labelling.kind(),
+    );
 
     if !args.json.to_stdout() {
         print_table(&rows)?;

@@ -6,6 +6,8 @@
 //!
 //! - [`dataset`]: the folder's images in `ImageFolder` order with its class indices (or a flat,
 //!   unlabelled folder), a seeded subset, a shard.
+//! - [`labels`]: which of the model's classes a class folder is (`--class-map`, ImageNet-1k
+//!   synsets, or the folder order), with a warning when they cannot be the model's.
 //! - [`decode`]: files -> 8-bit pixels as `PIL.Image.open(f).convert("RGB")` gives them.
 //! - [`resize`]: PIL's antialiased bilinear/bicubic resampling, on 8-bit data, computing only the
 //!   pixels the crop keeps.
@@ -42,6 +44,7 @@
 
 pub mod dataset;
 pub mod decode;
+pub mod labels;
 pub mod loader;
 pub mod resize;
 pub mod transform;
@@ -52,6 +55,7 @@ use anyhow::Result;
 
 pub use dataset::{Dataset, DatasetOptions, Item, ScanSkipped, Shard, IMAGE_EXTENSIONS};
 pub use decode::{decode_file, DecodeOptions, DecodedImage};
+pub use labels::{LabelOptions, Labelling, Labels};
 pub use loader::{
     sweep_loader, Batch, LoadSummary, Loader, LoaderOptions, MultiLoader, SkippedImage,
 };

@@ -74,6 +74,8 @@ pub struct Row {
     pub param_count: f64,
     pub best: bool,
     pub recal_bn: bool,
+    /// Where the labels came from (`folder-order`, `class-map`, `imagenet-1k-synsets`).
+    pub labelling: &'static str,
 }
 
 /// Sizes from 0.75x to 1.5x of `train`, multiples of 32 (always including `train`).
@@ -118,13 +120,14 @@ fn label(p: &Path, all: &[PathBuf]) -> String {
 /// best point marked (highest top-1, then top-5, then the smaller size).
 ///
 /// `models` are the checkpoints' paths as given and their parameter counts; `recal_bn` says
-/// whether each point had its own BN statistics.
+/// whether each point had its own BN statistics, `labelling` where the labels came from.
 pub fn rows(
     models: &[(PathBuf, usize)],
     points: &[EvalTransform],
     results: &[Vec<PointResult>],
     train: u32,
     recal_bn: bool,
+    labelling: &'static str,
 ) -> Vec<Row> {
     let paths: Vec<PathBuf> = models.iter().map(|(p, _)| p.clone()).collect();
     let mut rows = Vec::new();
@@ -148,6 +151,7 @@ pub fn rows(
                 param_count: params,
                 best: false,
                 recal_bn,
+                labelling,
             });
         }
         let block = &mut rows[start..];
