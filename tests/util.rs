@@ -4,8 +4,9 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
 use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
@@ -32,7 +33,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn dump(&self) -> String {
+    pub fn dump(&self) -> String {
         format!(
             "command: {}\nstatus: {:?}\n--- stdout\n{}\n--- stderr\n{}",
             self.cmdline, self.code, self.stdout, self.stderr
@@ -124,17 +125,93 @@ impl TestDir {
         }
         let out = cmd.output().expect("running ckpt");
         Run {
-            cmdline: std::iter::once("ckpt".to_string())
-                .chain(
-                    args.iter()
-                        .map(|a| a.as_ref().to_string_lossy().into_owned()),
-                )
-                .collect::<Vec<_>>()
-                .join(" "),
+            cmdline: cmdline(args),
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
+    }
+
+    /// Starts ckpt with `args` in this folder, its output piped.
+    fn spawn<S: AsRef<std::ffi::OsStr>>(&self, args: &[S], env: &[(&str, &Path)]) -> Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpt"));
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env("CKPT_CACHE_DIR", self.path(".cache"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("starting ckpt")
+    }
+
+    /// Runs ckpt with `args`, stopped once where its inputs are open and its first output file
+    /// exists (ckpt's test-only `CKPT_TEST_PAUSE_AFTER_OPEN` hook, through a FIFO): `while_paused`
+    /// runs then, and ckpt goes on when it returns. Panics if ckpt ends without stopping there.
+    pub fn run_paused<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        args: &[S],
+        while_paused: impl FnOnce(),
+    ) -> Run {
+        let fifo = self.path(".pause");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        let mut child = self.spawn(args, &[("CKPT_TEST_PAUSE_AFTER_OPEN", &fifo)]);
+        // A non-blocking open for writing succeeds once ckpt has the FIFO open for reading.
+        let writer = loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fifo)
+            {
+                Ok(f) => break f,
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {}
+                Err(e) => panic!("{}: {e}", fifo.display()),
+            }
+            if child.try_wait().unwrap().is_some() {
+                let run = finish(args, child);
+                panic!("ckpt ended before it paused\n{}", run.dump());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        while_paused();
+        drop(writer);
+        let run = finish(args, child);
+        std::fs::remove_file(&fifo).unwrap();
+        run
+    }
+
+    /// Runs ckpt with `args` and returns its peak resident memory (its own, from wait4's
+    /// rusage) in bytes.
+    #[allow(clippy::zombie_processes)] // reaped by wait4, which std's Child does not know of
+    pub fn run_measured<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> (Run, u64) {
+        let mut child = self.spawn(args, &[]);
+        let read = |r: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut s = Vec::new();
+                if let Some(mut r) = r {
+                    r.read_to_end(&mut s).unwrap();
+                }
+                String::from_utf8_lossy(&s).into_owned()
+            })
+        };
+        let out = read(child.stdout.take().map(|r| Box::new(r) as _));
+        let err = read(child.stderr.take().map(|r| Box::new(r) as _));
+        let mut status = 0;
+        // SAFETY: rusage is plain data; wait4 fills it for our own child.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+        assert_eq!(pid, child.id() as i32, "wait4");
+        let run = Run {
+            cmdline: cmdline(args),
+            code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+            stdout: out.join().unwrap(),
+            stderr: err.join().unwrap(),
+        };
+        // Linux reports ru_maxrss in KiB.
+        (run, usage.ru_maxrss as u64 * 1024)
     }
 
     /// Names of the files in the folder (hidden ones included, the digest cache excluded).
@@ -158,6 +235,27 @@ impl TestDir {
                 to
             })
             .collect()
+    }
+}
+
+fn cmdline<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    std::iter::once("ckpt".to_string())
+        .chain(
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned()),
+        )
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Waits for a spawned ckpt and collects what it printed.
+fn finish<S: AsRef<std::ffi::OsStr>>(args: &[S], child: Child) -> Run {
+    let out = child.wait_with_output().expect("waiting for ckpt");
+    Run {
+        cmdline: cmdline(args),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 

@@ -9,6 +9,7 @@ use clap::Args;
 
 use crate::average::{self, select, Config, OutputSpec, Plan};
 use crate::bn::Estimator;
+use crate::checkpoint::guard::PendingFile;
 use crate::checkpoint::write::{check_outputs, destinations, OutputLayout};
 use crate::checkpoint::{bn_layers, provenance, Checkpoint, Format};
 use crate::cli::{AverageArgs, DataOptions, GlobalArgs, OutputArgs, SnapshotArgs};
@@ -87,12 +88,15 @@ pub struct RecalArgs {
     pub data: DataOptions,
 }
 
-/// Removes an intermediate file when dropped.
-struct Scratch(PathBuf);
+/// Removes an intermediate file when dropped, or when a signal stops the process.
+struct Scratch {
+    path: PathBuf,
+    _pending: PendingFile,
+}
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -148,14 +152,17 @@ pub fn write_outputs(
                 std::process::id()
             ));
             o.layout = OutputLayout::Single(tmp.clone());
-            scratch.push(Scratch(tmp));
+            scratch.push(Scratch {
+                _pending: PendingFile::new(&tmp)?,
+                path: tmp,
+            });
         }
     }
     let stats = average::run(inputs, plan, &outputs, cfg, rep)?;
     let secs = stats.elapsed.as_secs_f64();
     if let Some((data, dev)) = &recal_setup {
         for (o, (fin, tmp)) in outputs.iter_mut().zip(finals.iter().zip(&scratch)) {
-            let ck = Checkpoint::open(&tmp.0, &Default::default())?;
+            let ck = Checkpoint::open(&tmp.path, &Default::default())?;
             let model = Model::load(&ck, None, dev)?;
             let (bn_stats, meta) = recal_bn::pass(&model, data, rep)?;
             let mut m = o.metadata.clone();
