@@ -563,7 +563,7 @@ fn oversized_pickle_is_refused_before_inflating() {
 }
 
 // Issue 20: inputs that another process changes while ckpt reads them (a training run that
-// rewrites `last.pth` in place, as torch.save does, every epoch). Each
+// rewrites `last.pth` in place, as torch.save does, every epoch), and decompression bombs. Each
 // change happens while ckpt is stopped by its test hook (`TestDir::run_paused`): every input is
 // open and mapped, the first output's temporary file exists, and what is left to read is not
 // read yet.
@@ -741,4 +741,87 @@ fn regression_20_paused_run_with_nothing_changed_succeeds() {
     let inputs = d.copy_in(&snapshots());
     d.run_paused(&swa_of(&inputs), || {}).ok();
     assert_eq!(read_st(&d.path("out.safetensors")).len(), 74);
+}
+
+/// A PNG, a WebP, a BMP and a JPEG of a few hundred bytes whose headers claim more pixels than
+/// PIL accepts (fixtures/make_bomb_fixtures.py, which checks that PIL refuses each). Before: the
+/// PNG alone took 41 s and 10.6 GB in `ckpt eval`.
+#[test]
+fn regression_20_decompression_bombs_are_refused_from_their_headers() {
+    const MAX_PEAK: u64 = 100 << 20;
+    let d = TestDir::new();
+    let root = digits_copy(&d);
+    let model = p(&fixture("tiny/epoch_10.safetensors"));
+    let eval = |extra: &[&str]| {
+        let mut a = vec![
+            "eval",
+            model.as_str(),
+            "--data",
+            "val",
+            "--size",
+            "32",
+            "--crop-pct",
+            "1",
+        ];
+        a.extend_from_slice(extra);
+        d.run_measured(&a)
+    };
+    let bombs = ["bomb.png", "bomb.webp", "bomb.bmp", "bomb.jpg"];
+    for name in bombs {
+        let to = root.join("1").join(name);
+        std::fs::copy(fixture(&format!("bad/bombs/{name}")), &to).unwrap();
+        let (run, peak) = eval(&["-q"]);
+        let run = run.fails_with(&[name, "pixels", "over the limit of 178956970 pixels"]);
+        assert!(
+            peak < MAX_PEAK,
+            "{name}: peak memory {peak} bytes\n{}",
+            run.dump()
+        );
+        std::fs::remove_file(&to).unwrap();
+    }
+    // --skip-bad skips and counts them like any unreadable image.
+    for name in bombs {
+        std::fs::copy(
+            fixture(&format!("bad/bombs/{name}")),
+            root.join("0").join(name),
+        )
+        .unwrap();
+    }
+    let (run, peak) = eval(&["--skip-bad", "--json"]);
+    let run = run.ok();
+    assert_eq!(run.json()["images"], 6, "{}", run.dump());
+    assert_eq!(run.json()["skipped"], 4, "{}", run.dump());
+    for name in bombs {
+        assert!(run.stderr.contains(name), "{}", run.dump());
+    }
+    assert!(peak < MAX_PEAK, "peak memory {peak} bytes\n{}", run.dump());
+}
+
+/// `--max-image-pixels` is the one limit of every format: the 32 x 32 digits pass at 1024 and
+/// are refused at 1023.
+#[test]
+fn regression_20_max_image_pixels_sets_the_limit() {
+    let d = TestDir::new();
+    digits_copy(&d);
+    let model = p(&fixture("tiny/epoch_10.safetensors"));
+    let args = |limit: &str| {
+        vec![
+            "-q".to_string(),
+            "eval".into(),
+            model.clone(),
+            "--data".into(),
+            "val".into(),
+            "--size".into(),
+            "32".into(),
+            "--crop-pct".into(),
+            "1".into(),
+            "--max-image-pixels".into(),
+            limit.into(),
+        ]
+    };
+    d.run(&args("1024")).ok();
+    d.run(&args("1023")).fails_with(&[
+        "digit_",
+        "32x32 pixels (1024) is over the limit of 1023 pixels",
+    ]);
 }
