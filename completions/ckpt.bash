@@ -129,7 +129,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__ema)
-            opts="-o -q -h -V --no-sort --last --every --key --strip-prefix --keep-prefix --decay --per-step --warmup --int --dtype --allow-missing --allow-nonfinite --output --force --shard-size --recal-bn --estimator --arch --size --crop-pct --interpolation --crop-mode --mean --std --transform --seed --skip-bad --exif-transpose --shard --max-images --batch-size --device --threads --quiet --kernels --help --version"
+            opts="-o -q -h -V --no-sort --last --every --key --strip-prefix --keep-prefix --decay --per-step --warmup --int --dtype --allow-missing --allow-nonfinite --output --force --shard-size --recal-bn --estimator --arch --size --crop-pct --interpolation --crop-mode --mean --std --transform --seed --skip-bad --exif-transpose --max-image-pixels --shard --max-images --batch-size --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -219,6 +219,10 @@ _ckpt() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --max-image-pixels)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --shard)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -251,7 +255,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__eval)
-            opts="-q -h -V --arch --key --strip-prefix --keep-prefix --data --size --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --shard --batch-size --skip-bad --exif-transpose --class-map --strict-labels --json --force --device --threads --quiet --kernels --help --version"
+            opts="-q -h -V --arch --key --strip-prefix --keep-prefix --data --size --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --shard --batch-size --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --json --force --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -314,6 +318,10 @@ _ckpt() {
                     return 0
                     ;;
                 --batch-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-image-pixels)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -523,7 +531,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__logits)
-            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --input --data --size --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --shard --batch-size --skip-bad --exif-transpose --class-map --strict-labels --input-key --output --force --top-k --device --threads --quiet --kernels --help --version"
+            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --input --data --size --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --shard --batch-size --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --input-key --output --force --top-k --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -593,6 +601,10 @@ _ckpt() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --max-image-pixels)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --class-map)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -633,7 +645,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__recal__subcmd__bn)
-            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --data --size --crop-pct --interpolation --crop-mode --mean --std --transform --seed --skip-bad --exif-transpose --estimator --stats-out --merge --output --force --json --max-images --batch-size --shard --device --threads --quiet --kernels --help --version"
+            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --data --size --crop-pct --interpolation --crop-mode --mean --std --transform --seed --skip-bad --exif-transpose --max-image-pixels --estimator --stats-out --merge --output --force --json --max-images --batch-size --shard --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -684,6 +696,10 @@ _ckpt() {
                     return 0
                     ;;
                 --seed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-image-pixels)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -743,7 +759,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__swa)
-            opts="-o -q -h -V --no-sort --last --every --key --strip-prefix --keep-prefix --weights --int --dtype --allow-missing --allow-nonfinite --output --force --shard-size --recal-bn --estimator --arch --size --crop-pct --interpolation --crop-mode --mean --std --transform --seed --skip-bad --exif-transpose --shard --max-images --batch-size --device --threads --quiet --kernels --help --version"
+            opts="-o -q -h -V --no-sort --last --every --key --strip-prefix --keep-prefix --weights --int --dtype --allow-missing --allow-nonfinite --output --force --shard-size --recal-bn --estimator --arch --size --crop-pct --interpolation --crop-mode --mean --std --transform --seed --skip-bad --exif-transpose --max-image-pixels --shard --max-images --batch-size --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -833,6 +849,10 @@ _ckpt() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --max-image-pixels)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --shard)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -865,7 +885,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__sweep__subcmd__res)
-            opts="-q -h -V --data --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --skip-bad --exif-transpose --class-map --strict-labels --sizes --recal-bn --estimator --save-best --csv --json --plot --force --arch --key --strip-prefix --keep-prefix --train-size --batch-size --shard --device --threads --quiet --kernels --help --version"
+            opts="-q -h -V --data --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --sizes --recal-bn --estimator --save-best --csv --json --plot --force --arch --key --strip-prefix --keep-prefix --train-size --batch-size --shard --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -904,6 +924,10 @@ _ckpt() {
                     return 0
                     ;;
                 --seed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-image-pixels)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -79,6 +79,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l std -d 'Per-channel st
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l max-image-pixels -d 'Refuse images whose header claims more than N pixels (decompression bombs), before decoding them; the default is PIL\'s limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no limit' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l shard -d 'Recalibrate over only every n-th batch of DIR, starting at the i-th (0-based): the batches one of n machines would see' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l batch-size -d 'Images per batch' -r
@@ -123,6 +124,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l std -d 'Per-channel st
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l max-image-pixels -d 'Refuse images whose header claims more than N pixels (decompression bombs), before decoding them; the default is PIL\'s limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no limit' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l shard -d 'Recalibrate over only every n-th batch of DIR, starting at the i-th (0-based): the batches one of n machines would see' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l batch-size -d 'Images per batch' -r
@@ -160,6 +162,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l max-images -d 'Read
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l shard -d 'Read only every n-th image starting at the i-th (0-based), after --max-images: n machines with shards 0/n .. n-1/n split one pass over the images' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l batch-size -d 'Images per batch' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l max-image-pixels -d 'Refuse images whose header claims more than N pixels (decompression bombs), before decoding them; the default is PIL\'s limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no limit' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l class-map -d 'Class map in timm\'s format: one class folder name per line, the line number (from 0) being the model\'s class index; images of folders it does not name are left out (with a warning). Without it: the ImageNet-1k synset order when the model has 1000 classes and every class folder is a WordNet id (n01440764, ...), else the folders\' sorted order' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l input-key -d 'Name of the input tensor' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s o -l output -d 'Output file (safetensors)' -r -F
@@ -193,6 +196,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l max-images -d 'Read a
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l shard -d 'Read only every n-th image starting at the i-th (0-based), after --max-images: n machines with shards 0/n .. n-1/n split one pass over the images' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l batch-size -d 'Images per batch' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l max-image-pixels -d 'Refuse images whose header claims more than N pixels (decompression bombs), before decoding them; the default is PIL\'s limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no limit' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l class-map -d 'Class map in timm\'s format: one class folder name per line, the line number (from 0) being the model\'s class index; images of folders it does not name are left out (with a warning). Without it: the ImageNet-1k synset order when the model has 1000 classes and every class folder is a WordNet id (n01440764, ...), else the folders\' sorted order' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
@@ -221,6 +225,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l std -d 'Per-chann
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l max-image-pixels -d 'Refuse images whose header claims more than N pixels (decompression bombs), before decoding them; the default is PIL\'s limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no limit' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l estimator -d 'How running statistics are estimated from the batches (default: population). A stats part records it; with --merge the parts\' is used, and a different one is refused' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l stats-out -d 'Write the mergeable per-layer sums (f64) to this file instead of a checkpoint' -r -F
@@ -252,6 +257,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l transform -d 'ev
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l max-image-pixels -d 'Refuse images whose header claims more than N pixels (decompression bombs), before decoding them; the default is PIL\'s limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no limit' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l class-map -d 'Class map in timm\'s format: one class folder name per line, the line number (from 0) being the model\'s class index; images of folders it does not name are left out (with a warning). Without it: the ImageNet-1k synset order when the model has 1000 classes and every class folder is a WordNet id (n01440764, ...), else the folders\' sorted order' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l sizes -d 'Test sizes (default: multiples of 32 from 0.75x to 1.5x of --train-size)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l recal-bn -d 'Re-estimate BN statistics at each size over the images in DIR before evaluating it' -r -F

@@ -588,3 +588,271 @@ fn whole_module_saved_with_torch_save_issue_22() {
         ],
     );
 }
+
+// Issue 20: inputs that another process changes while ckpt reads them (a training run that
+// rewrites `last.pth` in place, as torch.save does, every epoch), and decompression bombs. Each
+// change happens while ckpt is stopped by its test hook (`TestDir::run_paused`): every input is
+// open and mapped, the first output's temporary file exists, and what is left to read is not
+// read yet.
+
+const CHANGED: &str = "changed while being read: another process is writing it?";
+
+/// Truncates `path` to `len` bytes, as `torch.save` does when it starts rewriting a file.
+fn truncate(path: &std::path::Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+/// Gives `path` a modification time an hour old, so that a rewrite is told apart from its
+/// creation whatever the file system's timestamp granularity.
+fn age(path: &std::path::Path) {
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(hour_ago)
+        .unwrap();
+}
+
+/// Rewrites the second half of `path` in place with other bytes, keeping its size.
+fn rewrite_in_place(path: &std::path::Path) {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = bytes.len();
+    for b in &mut bytes[n / 2..] {
+        *b ^= 0x5a;
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&bytes[n / 2..], (n / 2) as u64).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), n as u64);
+}
+
+fn swa_of(inputs: &[PathBuf]) -> Vec<String> {
+    let mut a = vec!["-q".to_string(), "swa".into()];
+    a.extend(inputs.iter().map(|s| p(s)));
+    a.extend(["-o".into(), "out.safetensors".into()]);
+    a
+}
+
+/// Asserts that the folder holds exactly `inputs`: no output, no temporary file.
+fn only_inputs_left(d: &TestDir, inputs: &[PathBuf]) {
+    let mut want: Vec<String> = inputs
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    want.sort();
+    assert_eq!(d.listing(), want, "an output or temporary file was left");
+}
+
+/// Before: SIGBUS ("Bus error", exit 135) and the temporary output left behind.
+#[test]
+fn regression_20_snapshot_truncated_while_averaged() {
+    let d = TestDir::new();
+    let inputs = d.copy_in(&snapshots());
+    let victim = inputs[2].clone();
+    let len = std::fs::metadata(&victim).unwrap().len();
+    d.run_paused(&swa_of(&inputs), || truncate(&victim, len / 2))
+        .fails_with(&["epoch_5.safetensors", CHANGED]);
+    only_inputs_left(&d, &inputs);
+}
+
+/// Before: an average of old and new weights, written without a word.
+#[test]
+fn regression_20_snapshot_rewritten_in_place_with_the_same_size() {
+    let d = TestDir::new();
+    let inputs = d.copy_in(&snapshots());
+    let victim = inputs[1].clone();
+    age(&victim);
+    d.run_paused(&swa_of(&inputs), || rewrite_in_place(&victim))
+        .fails_with(&[
+            "epoch_2.safetensors",
+            CHANGED,
+            "modified, keeping its size",
+            "the output was discarded",
+        ]);
+    only_inputs_left(&d, &inputs);
+}
+
+#[test]
+fn regression_20_torch_save_input_truncated_or_rewritten_while_averaged() {
+    let d = TestDir::new();
+    let a = d.path("a.pth");
+    let b = d.path("b.pth");
+    std::fs::copy(fixture("tiny/epoch_10.pth"), &a).unwrap();
+    std::fs::copy(fixture("tiny/epoch_10.pth"), &b).unwrap();
+    let inputs = [a.clone(), b.clone()];
+    d.run_paused(&swa_of(&inputs), || truncate(&b, 0))
+        .fails_with(&["b.pth", CHANGED]);
+    only_inputs_left(&d, &inputs);
+
+    std::fs::copy(fixture("tiny/epoch_10.pth"), &b).unwrap();
+    age(&b);
+    d.run_paused(&swa_of(&inputs), || rewrite_in_place(&b))
+        .fails_with(&["b.pth", CHANGED, "the output was discarded"]);
+    only_inputs_left(&d, &inputs);
+}
+
+#[test]
+fn regression_20_recal_bn_model_truncated_or_rewritten_while_read() {
+    let d = TestDir::new();
+    let model = d.copy_in(&[fixture("tiny/epoch_10.safetensors")]);
+    let args = || {
+        let mut a = vec![
+            "-q".to_string(),
+            "recal-bn".into(),
+            p(&model[0]),
+            "--data".into(),
+            p(&fixture("digits/train")),
+            "--max-images".into(),
+            "64".into(),
+            "-o".into(),
+            "out.safetensors".into(),
+        ];
+        a.extend(crate::eval::DIGITS.iter().map(|s| s.to_string()));
+        a
+    };
+    let len = std::fs::metadata(&model[0]).unwrap().len();
+    d.run_paused(&args(), || truncate(&model[0], len / 3))
+        .fails_with(&["epoch_10.safetensors", CHANGED]);
+    only_inputs_left(&d, &model);
+
+    std::fs::copy(fixture("tiny/epoch_10.safetensors"), &model[0]).unwrap();
+    age(&model[0]);
+    d.run_paused(&args(), || rewrite_in_place(&model[0]))
+        .fails_with(&["epoch_10.safetensors", CHANGED, "the output was discarded"]);
+    only_inputs_left(&d, &model);
+}
+
+/// A trainer that saves by writing a new file and renaming it over the old name (rename-on-save)
+/// does not disturb a reader, which keeps the file it opened: no error, and the provenance
+/// records the digest of the bytes that were averaged; a later run reads and digests the new file.
+#[test]
+fn regression_20_snapshot_replaced_by_rename_is_read_as_opened() {
+    let d = TestDir::new();
+    let inputs = d.copy_in(&snapshots());
+    let victim = inputs[3].clone();
+    let read_sha = sha256(&victim);
+    let digest_of = |out: &str| -> String {
+        let meta = read_metadata(&d.path(out));
+        let list: Vec<serde_json::Value> = serde_json::from_str(&meta["ckpt.inputs"]).unwrap();
+        let e = list
+            .iter()
+            .find(|e| e["file"] == "epoch_10.safetensors")
+            .unwrap();
+        e["sha256"].as_str().unwrap().to_string()
+    };
+    d.run_paused(&swa_of(&inputs), || {
+        let tmp = d.path(".epoch_10.safetensors.tmp");
+        std::fs::copy(&inputs[0], &tmp).unwrap();
+        std::fs::rename(&tmp, &victim).unwrap();
+    })
+    .ok();
+    assert_eq!(digest_of("out.safetensors"), read_sha);
+    let mut again = swa_of(&inputs);
+    *again.last_mut().unwrap() = "again.safetensors".into();
+    d.run(&again).ok();
+    assert_eq!(digest_of("again.safetensors"), sha256(&victim));
+    assert_ne!(read_sha, sha256(&victim));
+}
+
+/// The hook itself: with nothing changed, the paused run writes its output as usual (so the
+/// tests above fail because of the change, not because of the pause).
+#[test]
+fn regression_20_paused_run_with_nothing_changed_succeeds() {
+    let d = TestDir::new();
+    let inputs = d.copy_in(&snapshots());
+    d.run_paused(&swa_of(&inputs), || {}).ok();
+    assert_eq!(read_st(&d.path("out.safetensors")).len(), 74);
+}
+
+/// A PNG, a WebP, a BMP and a JPEG of a few hundred bytes whose headers claim more pixels than
+/// PIL accepts (fixtures/make_bomb_fixtures.py, which checks that PIL refuses each). Before: the
+/// PNG alone took 41 s and 10.6 GB in `ckpt eval`.
+#[test]
+fn regression_20_decompression_bombs_are_refused_from_their_headers() {
+    const MAX_PEAK: u64 = 100 << 20;
+    let d = TestDir::new();
+    let root = digits_copy(&d);
+    let model = p(&fixture("tiny/epoch_10.safetensors"));
+    let eval = |extra: &[&str]| {
+        let mut a = vec![
+            "eval",
+            model.as_str(),
+            "--data",
+            "val",
+            "--size",
+            "32",
+            "--crop-pct",
+            "1",
+            "--class-map",
+            "classes.txt",
+        ];
+        a.extend_from_slice(extra);
+        d.run_measured(&a)
+    };
+    let bombs = ["bomb.png", "bomb.webp", "bomb.bmp", "bomb.jpg"];
+    for name in bombs {
+        let to = root.join("1").join(name);
+        std::fs::copy(fixture(&format!("bad/bombs/{name}")), &to).unwrap();
+        let (run, peak) = eval(&["-q"]);
+        let run = run.fails_with(&[name, "pixels", "over the limit of 178956970 pixels"]);
+        assert!(
+            peak < MAX_PEAK,
+            "{name}: peak memory {peak} bytes\n{}",
+            run.dump()
+        );
+        std::fs::remove_file(&to).unwrap();
+    }
+    // --skip-bad skips and counts them like any unreadable image.
+    for name in bombs {
+        std::fs::copy(
+            fixture(&format!("bad/bombs/{name}")),
+            root.join("0").join(name),
+        )
+        .unwrap();
+    }
+    let (run, peak) = eval(&["--skip-bad", "--json"]);
+    let run = run.ok();
+    assert_eq!(run.json()["images"], 6, "{}", run.dump());
+    assert_eq!(run.json()["skipped"], 4, "{}", run.dump());
+    for name in bombs {
+        assert!(run.stderr.contains(name), "{}", run.dump());
+    }
+    assert!(peak < MAX_PEAK, "peak memory {peak} bytes\n{}", run.dump());
+}
+
+/// `--max-image-pixels` is the one limit of every format: the 32 x 32 digits pass at 1024 and
+/// are refused at 1023.
+#[test]
+fn regression_20_max_image_pixels_sets_the_limit() {
+    let d = TestDir::new();
+    digits_copy(&d);
+    let model = p(&fixture("tiny/epoch_10.safetensors"));
+    let args = |limit: &str| {
+        vec![
+            "-q".to_string(),
+            "eval".into(),
+            model.clone(),
+            "--data".into(),
+            "val".into(),
+            "--size".into(),
+            "32".into(),
+            "--crop-pct".into(),
+            "1".into(),
+            "--max-image-pixels".into(),
+            limit.into(),
+            "--class-map".into(),
+            "classes.txt".into(),
+        ]
+    };
+    d.run(&args("1024")).ok();
+    d.run(&args("1023")).fails_with(&[
+        "digit_",
+        "32x32 pixels (1024) is over the limit of 1023 pixels",
+    ]);
+}

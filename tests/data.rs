@@ -119,6 +119,7 @@ fn every_input_decodes_as_pil_convert_rgb() {
         let name = key.split('@').next().unwrap();
         let opts = DecodeOptions {
             exif_transpose: key.ends_with("@exif"),
+            ..DecodeOptions::default()
         };
         let got = decode_file(&image_path(name), &opts).unwrap();
         let (mean, max) = diff(&got, want, key);
@@ -140,6 +141,7 @@ fn exif_orientation_is_ignored_unless_asked() {
         &path,
         &DecodeOptions {
             exif_transpose: true,
+            ..DecodeOptions::default()
         },
     )
     .unwrap();

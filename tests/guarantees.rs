@@ -107,17 +107,13 @@ fn inspect_of_a_10_gb_checkpoint_stays_small() {
         .unwrap()
         .set_len(bytes.len() as u64 + n)
         .unwrap();
-    let (out, kb) = output_with_peak_rss(
-        std::process::Command::new(env!("CARGO_BIN_EXE_ckpt"))
-            .args(["inspect", "--json"])
-            .arg(&path),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (run, bytes) = d.run_measured(&[
+        std::ffi::OsStr::new("inspect"),
+        "--json".as_ref(),
+        path.as_os_str(),
+    ]);
+    let kb = bytes / 1024;
+    let j: serde_json::Value = serde_json::from_str(&run.ok().stdout).unwrap();
     assert_eq!(j["total_bytes"], n);
     assert!(
         kb > 0 && kb < 64 * 1024,

@@ -4,8 +4,9 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
 use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
@@ -32,7 +33,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn dump(&self) -> String {
+    pub fn dump(&self) -> String {
         format!(
             "command: {}\nstatus: {:?}\n--- stdout\n{}\n--- stderr\n{}",
             self.cmdline, self.code, self.stdout, self.stderr
@@ -124,17 +125,86 @@ impl TestDir {
         }
         let out = cmd.output().expect("running ckpt");
         Run {
-            cmdline: std::iter::once("ckpt".to_string())
-                .chain(
-                    args.iter()
-                        .map(|a| a.as_ref().to_string_lossy().into_owned()),
-                )
-                .collect::<Vec<_>>()
-                .join(" "),
+            cmdline: cmdline(args),
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
+    }
+
+    /// Starts ckpt with `args` in this folder, its output piped.
+    fn spawn<S: AsRef<std::ffi::OsStr>>(&self, args: &[S], env: &[(&str, &Path)]) -> Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ckpt"));
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env("CKPT_CACHE_DIR", self.path(".cache"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("starting ckpt")
+    }
+
+    /// Runs ckpt with `args`, stopped once where its inputs are open and its first output file
+    /// exists (ckpt's test-only `CKPT_TEST_PAUSE_AFTER_OPEN` hook, through a FIFO): `while_paused`
+    /// runs then, and ckpt goes on when it returns. Panics if ckpt ends without stopping there.
+    pub fn run_paused<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        args: &[S],
+        while_paused: impl FnOnce(),
+    ) -> Run {
+        let fifo = self.path(".pause");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        let mut child = self.spawn(args, &[("CKPT_TEST_PAUSE_AFTER_OPEN", &fifo)]);
+        // A non-blocking open for writing succeeds once ckpt has the FIFO open for reading.
+        let writer = loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fifo)
+            {
+                Ok(f) => break f,
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {}
+                Err(e) => panic!("{}: {e}", fifo.display()),
+            }
+            if child.try_wait().unwrap().is_some() {
+                let run = finish(args, child);
+                panic!("ckpt ended before it paused\n{}", run.dump());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        while_paused();
+        drop(writer);
+        let run = finish(args, child);
+        std::fs::remove_file(&fifo).unwrap();
+        run
+    }
+
+    /// Runs ckpt with `args` and returns its peak resident memory in bytes, as the binary
+    /// reports it under `CKPT_REPORT_PEAK_RSS` (its own VmHWM; the report line is taken out of
+    /// stderr). A parent's `wait4` would not do: `ru_maxrss` keeps the high-water mark of the
+    /// process image `exec` replaced, here the test runner's. Fails, never skips, when the
+    /// figure is missing.
+    pub fn run_measured<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> (Run, u64) {
+        let mut run = self.run_env(args, &[(ckpt::report::PEAK_RSS_ENV, "1")]);
+        let mut kb = None;
+        run.stderr = run
+            .stderr
+            .lines()
+            .filter(|l| match l.strip_prefix("ckpt: peak resident memory ") {
+                Some(rest) => {
+                    kb = rest.strip_suffix(" kB").and_then(|n| n.parse::<u64>().ok());
+                    false
+                }
+                None => true,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let kb = kb.unwrap_or_else(|| panic!("no peak memory report: {}", run.dump()));
+        (run, kb * 1024)
     }
 
     /// Names of the files in the folder (hidden ones included, the digest cache excluded).
@@ -158,6 +228,27 @@ impl TestDir {
                 to
             })
             .collect()
+    }
+}
+
+fn cmdline<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    std::iter::once("ckpt".to_string())
+        .chain(
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned()),
+        )
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Waits for a spawned ckpt and collects what it printed.
+fn finish<S: AsRef<std::ffi::OsStr>>(args: &[S], child: Child) -> Run {
+    let out = child.wait_with_output().expect("waiting for ckpt");
+    Run {
+        cmdline: cmdline(args),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 
@@ -291,23 +382,4 @@ pub fn sorted_keys<V>(m: &HashMap<String, V>) -> Vec<String> {
 
 pub fn sha256(path: &Path) -> String {
     format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()))
-}
-
-/// Runs `cmd` (a ckpt command) to completion and returns its output with its peak resident
-/// memory in kB, as the binary reports it under `CKPT_REPORT_PEAK_RSS` (its own VmHWM: a
-/// parent's `wait4` would count the test runner's memory too, which `exec` carries over into
-/// `ru_maxrss`). Fails, rather than skips, when the figure is missing.
-pub fn output_with_peak_rss(cmd: &mut std::process::Command) -> (std::process::Output, u64) {
-    let out = cmd
-        .env("CKPT_REPORT_PEAK_RSS", "1")
-        .output()
-        .expect("running ckpt");
-    let err = String::from_utf8_lossy(&out.stderr);
-    let kb = err
-        .lines()
-        .find_map(|l| l.strip_prefix("ckpt: peak resident memory "))
-        .and_then(|l| l.strip_suffix(" kB"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no peak memory line in: {err}"));
-    (out, kb)
 }

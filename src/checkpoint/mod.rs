@@ -5,7 +5,8 @@
 //! it) and a `torch.save` zip (`.pth`, `.pt`, `.bin`, `.pth.tar`), whether a bare state dict or a
 //! training checkpoint that holds one. Files are memory-mapped and never read whole: a tensor's
 //! bytes are a slice of the map (or gathered, for the rare strided `.pth` view). The format is
-//! recognised from the content, not the extension.
+//! recognised from the content, not the extension. Every map is guarded against the file
+//! changing underneath it ([`guard`]).
 //!
 //! Names are normalised here, once, so that every command sees the same keys: wrapper prefixes
 //! (`module.` from DDP, `_orig_mod.` from torch.compile) are removed when every key carries them.
@@ -21,6 +22,7 @@
 //! ([`Checkpoint::remove_prefix`] and [`shared_component`] are its tools).
 
 pub mod dtype;
+pub mod guard;
 pub mod pickle;
 pub mod provenance;
 pub mod pth;
@@ -81,14 +83,14 @@ pub struct OpenOptions {
 
 /// A memory-mapped file, or an empty one (which cannot be mapped).
 enum Blob {
-    Map(memmap2::Mmap),
+    Map(guard::MappedInput),
     Empty,
 }
 
 impl Blob {
     fn bytes(&self) -> &[u8] {
         match self {
-            Blob::Map(m) => m,
+            Blob::Map(m) => m.bytes(),
             Blob::Empty => &[],
         }
     }
@@ -170,11 +172,7 @@ fn map_file(path: &Path) -> Result<Blob> {
     if meta.len() == 0 {
         return Ok(Blob::Empty);
     }
-    // Safety: the map is read-only; a file changed underneath us by another process is the
-    // documented hazard of every mmap-based reader (safetensors, candle, torch.load(mmap=True)).
-    let m = unsafe { memmap2::Mmap::map(&f) }
-        .with_context(|| format!("{}: cannot map", path.display()))?;
-    Ok(Blob::Map(m))
+    Ok(Blob::Map(guard::MappedInput::new(f, &meta, path)?))
 }
 
 impl Checkpoint {
@@ -489,6 +487,22 @@ impl Checkpoint {
     /// The whole content of underlying file `i` (see [`Checkpoint::files`]), as mapped.
     pub fn file_bytes(&self, i: usize) -> &[u8] {
         self.blobs[i].bytes()
+    }
+
+    /// The identity underlying file `i` had when it was opened (`None` for an empty file).
+    pub fn file_identity(&self, i: usize) -> Option<guard::Identity> {
+        match &self.blobs[i] {
+            Blob::Map(m) => Some(m.identity()),
+            Blob::Empty => None,
+        }
+    }
+
+    /// Whether underlying file `i` still has the identity it was opened with.
+    pub fn file_unchanged(&self, i: usize) -> bool {
+        match &self.blobs[i] {
+            Blob::Map(m) => m.unchanged(),
+            Blob::Empty => true,
+        }
     }
 
     /// Total bytes of all tensors.

@@ -9,16 +9,24 @@
 //! size, modification time in ns), as git and DVC do, in `$CKPT_CACHE_DIR` or
 //! `$XDG_CACHE_HOME/ckpt` or `~/.cache/ckpt`. A file rewritten in place gets a new mtime and is
 //! hashed again. The cache is a convenience: failing to read or write it never fails a command.
+//!
+//! A digest describes the bytes the output was made of. It is computed from the input's memory
+//! map, the same bytes the engines read, and keyed by the identity the file had when it was
+//! opened (from its descriptor, not a later look at its path, which another process may have
+//! replaced since). The writer checks that identity again before it commits an output
+//! ([`super::guard::check_inputs`]), so a file that changed between its digest and the end of the
+//! pass discards the output instead of getting a digest of other bytes; and a digest is cached only
+//! if the file still had that identity once hashed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use super::guard::Identity;
 use super::Checkpoint;
 
 pub const KEY_VERSION: &str = "ckpt.version";
@@ -40,16 +48,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", h.finalize())
 }
 
-/// A file's identity for the digest cache.
-fn identity(path: &Path) -> Option<String> {
-    let m = std::fs::metadata(path).ok()?;
-    Some(format!(
-        "{}\t{}\t{}\t{}",
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
-    ))
+/// A file's identity as a digest cache key.
+fn cache_key(id: &Identity) -> String {
+    format!("{}\t{}\t{}\t{}", id.dev, id.ino, id.size, id.mtime_ns)
 }
 
 fn cache_path() -> Option<PathBuf> {
@@ -118,11 +119,13 @@ pub fn hash_inputs(inputs: &[Checkpoint]) -> Vec<(PathBuf, String)> {
         .par_iter()
         .map(|(c, i)| {
             let path = c.files[*i].clone();
-            let id = identity(&path);
+            let id = c.file_identity(*i).map(|id| cache_key(&id));
             match id.as_ref().and_then(|id| cache.get(id)) {
                 Some(h) => (path, h.clone(), id, false),
                 None => {
                     let h = sha256_hex(c.file_bytes(*i));
+                    // Changed while hashed: the output will be refused; cache nothing.
+                    let id = id.filter(|_| c.file_unchanged(*i));
                     (path, h, id, true)
                 }
             }

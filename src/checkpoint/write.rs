@@ -3,26 +3,27 @@
 //! Every output goes to a hidden temporary file in the destination's folder, sized up front and
 //! filled with positioned writes (so that worker threads can write their chunks wherever they
 //! belong, straight from the engines, with no whole-tensor buffer). Only `commit` makes it
-//! visible: fsync, then a rename over the destination (refusing to replace an existing file
-//! unless forced), then an fsync of the folder. On an error the temporary file is removed when the
-//! writer is dropped; on SIGINT, SIGTERM or SIGHUP a handler removes every pending temporary file
-//! before the process exits. A SIGKILL can leave a `.name.ckpt-*.tmp` file behind, never a
-//! partial file under the name asked for.
+//! visible: fsync, then a check that no input changed while it was read ([`guard::check_inputs`]:
+//! an output made of a file that another process rewrote is discarded), then a rename over the
+//! destination (refusing to replace an existing file unless forced), then an fsync of the folder.
+//! On an error the temporary file is removed when the writer is dropped; on SIGINT, SIGTERM or
+//! SIGHUP a handler removes every pending temporary file before the process exits, and so does the
+//! SIGBUS handler of [`guard`] when a mapped input is truncated under the reader. A SIGKILL can
+//! leave a `.name.ckpt-*.tmp` file behind, never a partial file under the name asked for.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Once, OnceLock};
 
 use anyhow::{bail, Context, Result};
 
 use super::dtype::DType;
+use super::guard::{self, PendingFile};
 use super::safetensors::build_header;
 
-/// Temporary files not yet committed, for the signal handler to remove.
-static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static HANDLER: OnceLock<()> = OnceLock::new();
 
 /// Testing hook: when set, writes past this many bytes (over all outputs of the process) fail as
@@ -30,15 +31,31 @@ static HANDLER: OnceLock<()> = OnceLock::new();
 const FAIL_AFTER_ENV: &str = "CKPT_TEST_FAIL_WRITE_AFTER";
 static WRITTEN: AtomicU64 = AtomicU64::new(0);
 
+/// Testing hook, for the test suite only (not a user option): when set to a path, the process
+/// stops once, right after it has created its first output's temporary file, and reads that path
+/// to its end before it goes on. Every input is open and mapped by then, and what is still to be
+/// read from them (the whole averaging pass of `swa`, the tensors `recal-bn` copies) is not read
+/// yet. With a FIFO at that path, a test knows that ckpt has stopped there when its own open of
+/// the FIFO for writing returns, truncates or rewrites an input, and lets ckpt go on by closing
+/// the FIFO: a file changes at a known moment of the run, with no timing luck.
+const PAUSE_ENV: &str = "CKPT_TEST_PAUSE_AFTER_OPEN";
+
+fn test_pause() {
+    static PAUSE: Once = Once::new();
+    if let Some(path) = std::env::var_os(PAUSE_ENV) {
+        PAUSE.call_once(|| {
+            let _ = std::fs::read(path);
+        });
+    }
+}
+
 fn install_signal_cleanup() {
     HANDLER.get_or_init(|| {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
         if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
             std::thread::spawn(move || {
                 if let Some(sig) = signals.forever().next() {
-                    for p in PENDING.lock().map(|v| v.clone()).unwrap_or_default() {
-                        let _ = std::fs::remove_file(p);
-                    }
+                    guard::remove_pending();
                     eprintln!("ckpt: interrupted; no output was written");
                     std::process::exit(128 + sig);
                 }
@@ -61,6 +78,8 @@ fn umask() -> u32 {
 /// A file that appears under its name only when committed.
 pub struct AtomicFile {
     tmp: Option<tempfile::NamedTempFile>,
+    /// The temporary file's entry in the signal handlers' list.
+    pending: Option<PendingFile>,
     dest: PathBuf,
     force: bool,
 }
@@ -103,7 +122,7 @@ impl AtomicFile {
             .suffix(".tmp")
             .tempfile_in(parent_dir(dest))
             .with_context(|| format!("{}: cannot create a file in its folder", dest.display()))?;
-        PENDING.lock().unwrap().push(tmp.path().to_path_buf());
+        let pending = PendingFile::new(tmp.path())?;
         // Temporary files are created private; the output gets the mode a plain create would
         // give it (or keeps the mode of the file it replaces).
         let mode = match std::fs::metadata(dest) {
@@ -113,11 +132,14 @@ impl AtomicFile {
         tmp.as_file()
             .set_permissions(mode)
             .with_context(|| format!("{}: cannot set permissions", dest.display()))?;
-        Ok(AtomicFile {
+        let file = AtomicFile {
             tmp: Some(tmp),
+            pending: Some(pending),
             dest: dest.to_path_buf(),
             force,
-        })
+        };
+        test_pause();
+        Ok(file)
     }
 
     pub fn dest(&self) -> &Path {
@@ -145,29 +167,50 @@ impl AtomicFile {
                 bail!("{}: writing failed: No space left on device (os error 28, injected by {FAIL_AFTER_ENV})", self.dest.display());
             }
         }
-        self.file()
-            .write_all_at(bytes, offset)
-            .with_context(|| format!("{}: writing failed", self.dest.display()))
+        self.file().write_all_at(bytes, offset).map_err(|e| {
+            // The kernel could not read `bytes`: a page of a mapped input that was truncated.
+            match guard::input_holding(bytes).filter(|_| e.raw_os_error() == Some(libc::EFAULT)) {
+                Some(input) => anyhow::anyhow!("{}: {}", input.display(), guard::CHANGED),
+                None => anyhow::Error::new(e)
+                    .context(format!("{}: writing failed", self.dest.display())),
+            }
+        })
     }
 
-    /// Makes the file visible under its name.
-    pub fn commit(mut self) -> Result<()> {
-        let tmp = self.tmp.take().unwrap();
-        let tmp_path = tmp.path().to_path_buf();
-        tmp.as_file()
+    /// Makes the file visible under its name, unless an input changed while it was read.
+    pub fn commit(self) -> Result<()> {
+        self.sync()?;
+        guard::check_inputs()?;
+        self.persist()
+    }
+
+    /// Flushes the content to disk.
+    fn sync(&self) -> Result<()> {
+        self.file()
             .sync_all()
-            .with_context(|| format!("{}: flushing to disk failed", self.dest.display()))?;
-        let result = if self.force {
-            tmp.persist(&self.dest).map(|_| ())
+            .with_context(|| format!("{}: flushing to disk failed", self.dest.display()))
+    }
+
+    /// Renames the (flushed) file into place.
+    fn persist(mut self) -> Result<()> {
+        let tmp = self.tmp.take().unwrap();
+        let persisted = if self.force {
+            tmp.persist(&self.dest)
         } else {
-            tmp.persist_noclobber(&self.dest).map(|_| ())
+            tmp.persist_noclobber(&self.dest)
         };
-        PENDING.lock().unwrap().retain(|p| p != &tmp_path);
+        let result = match persisted {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let _ = e.file.close();
+                Err(e.error)
+            }
+        };
+        self.pending = None;
         result.map_err(|e| {
             anyhow::anyhow!(
-                "{}: cannot move the output into place: {}",
-                self.dest.display(),
-                e.error
+                "{}: cannot move the output into place: {e}",
+                self.dest.display()
             )
         })?;
         if let Ok(d) = File::open(parent_dir(&self.dest)) {
@@ -179,12 +222,11 @@ impl AtomicFile {
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
-        if let Some(tmp) = &self.tmp {
-            let p = tmp.path().to_path_buf();
-            if let Ok(mut v) = PENDING.lock() {
-                v.retain(|x| x != &p);
-            }
+        // Removed before it leaves the signal handlers' list, so that no signal can come between.
+        if let Some(tmp) = self.tmp.take() {
+            let _ = tmp.close();
         }
+        self.pending = None;
     }
 }
 
@@ -419,17 +461,21 @@ impl CheckpointWriter {
     }
 
     /// Makes every file visible, the index last (so that a reader never finds an index whose
-    /// shards are not all in place).
+    /// shards are not all in place), unless an input changed while it was read: then none is.
     pub fn commit(self) -> Result<()> {
         if let Some((f, bytes)) = &self.index {
             f.set_len(bytes.len() as u64)?;
             f.write_at(bytes, 0)?;
         }
+        for f in self.files.iter().chain(self.index.as_ref().map(|(f, _)| f)) {
+            f.sync()?;
+        }
+        guard::check_inputs()?;
         for f in self.files {
-            f.commit()?;
+            f.persist()?;
         }
         if let Some((f, _)) = self.index {
-            f.commit()?;
+            f.persist()?;
         }
         Ok(())
     }

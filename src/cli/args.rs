@@ -233,6 +233,36 @@ pub struct DataOptions {
     /// Rotate and flip images by their EXIF orientation (torchvision's loader ignores it)
     #[arg(long)]
     pub exif_transpose: bool,
+    /// Refuse images whose header claims more than N pixels (decompression bombs), before
+    /// decoding them; the default is PIL's limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no
+    /// limit
+    #[arg(long, default_value_t = MaxPixels(Some(crate::data::decode::PIL_MAX_PIXELS)), value_name = "N|none", value_parser = parse_max_pixels)]
+    pub max_image_pixels: MaxPixels,
+}
+
+/// `--max-image-pixels`: a count, or `none` (None).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxPixels(pub Option<u64>);
+
+impl std::fmt::Display for MaxPixels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "{n}"),
+            None => f.write_str("none"),
+        }
+    }
+}
+
+fn parse_max_pixels(s: &str) -> Result<MaxPixels, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(MaxPixels(None));
+    }
+    match s.replace('_', "").parse::<u64>() {
+        Ok(n) if n > 0 => Ok(MaxPixels(Some(n))),
+        _ => Err(format!(
+            "{s:?} is not a positive number of pixels or 'none'"
+        )),
+    }
 }
 
 /// `--transform`: which transform a data pass applies.
@@ -356,6 +386,7 @@ impl DataOptions {
                 skip_bad: self.skip_bad,
                 decode: DecodeOptions {
                     exif_transpose: self.exif_transpose,
+                    max_pixels: self.max_image_pixels.0,
                 },
                 ..LoaderOptions::default()
             },

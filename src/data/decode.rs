@@ -40,6 +40,14 @@
 //! One known difference: a 16-bit grey PNG with a `tRNS` transparent colour reaches us as grey +
 //! alpha and gets the high byte, where PIL opens it as `I;16` and clips. Such files are rare.
 //!
+//! Decompression bombs: a small file can claim an enormous image (a 10 MB PNG of 60000 x 60000
+//! pixels decodes to 10.8 GB). PIL refuses an image of more than 2 x `Image.MAX_IMAGE_PIXELS` =
+//! 178,956,970 pixels (`DecompressionBombError`) as soon as it has read the header, and so does
+//! ckpt, for every format: [`DecodeOptions::max_pixels`] (`--max-image-pixels`) is checked against
+//! the dimensions in the header, before any pixel buffer is allocated, and the `image` crate's
+//! decoders get limits of their own (no side over the limit; allocations bounded by the limit's
+//! worth of 16-bit RGBA pixels), which they check while decoding.
+//!
 //! Grey images stay one channel here (and through resizing, which is per channel and therefore
 //! identical) and become three identical channels only when written as a tensor: a third of the
 //! resizing work for grey data sets.
@@ -49,7 +57,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use image::metadata::Orientation;
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
 
 /// An image decoded and converted as PIL's `convert("RGB")` would: 8 bits per channel,
 /// interleaved rows, one channel if grey (the three RGB channels would be equal) or three.
@@ -111,11 +119,52 @@ impl DecodedImage {
     }
 }
 
+/// PIL's decompression-bomb limit: `Image.open` refuses an image of more pixels than this
+/// (2 x `Image.MAX_IMAGE_PIXELS`).
+pub const PIL_MAX_PIXELS: u64 = 2 * 89_478_485;
+
 /// How files are decoded.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeOptions {
     /// Apply the EXIF orientation (`ImageOps.exif_transpose`); torchvision's loader does not.
     pub exif_transpose: bool,
+    /// Refuse an image whose header claims more pixels than this (`None`: no limit).
+    pub max_pixels: Option<u64>,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> DecodeOptions {
+        DecodeOptions {
+            exif_transpose: false,
+            max_pixels: Some(PIL_MAX_PIXELS),
+        }
+    }
+}
+
+/// Refuses `w x h` pixels over the limit.
+fn check_pixels(w: u64, h: u64, max_pixels: Option<u64>) -> Result<()> {
+    match max_pixels {
+        Some(max) if w * h > max => bail!(
+            "{w}x{h} pixels ({}) is over the limit of {max} pixels (a decompression bomb? --max-image-pixels sets the limit)",
+            w * h
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The `image` crate's decoder limits for a pixel limit: no side longer than the limit, and
+/// allocations of at most the limit's worth of 16-bit RGBA pixels (never below the crate's own
+/// default, which small images' working buffers are sized for).
+fn decoder_limits(max_pixels: Option<u64>) -> Limits {
+    let Some(max) = max_pixels else {
+        return Limits::no_limits();
+    };
+    let side = u32::try_from(max).unwrap_or(u32::MAX);
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(side);
+    limits.max_image_height = Some(side);
+    limits.max_alloc = Some(max.saturating_mul(8).max(512 << 20));
+    limits
 }
 
 /// Reads and decodes one image file. Errors name the file: `<path>: cannot read: ...` or
@@ -150,7 +199,18 @@ fn decode_unguarded(bytes: &[u8], name: &Path, opts: &DecodeOptions) -> Result<D
     let (mut img, orientation) = if format == ImageFormat::Jpeg {
         decode_jpeg(bytes, opts)?
     } else {
-        let mut decoder = ImageReader::with_format(Cursor::new(bytes), format).into_decoder()?;
+        let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+        reader.limits(decoder_limits(opts.max_pixels));
+        // Reads the header only; a side over the limit is refused by the decoder itself.
+        let mut decoder = reader.into_decoder().map_err(|e| match e {
+            ImageError::Limits(e) => anyhow!(
+                "over the limit of {} pixels ({e}; a decompression bomb? --max-image-pixels sets the limit)",
+                opts.max_pixels.unwrap_or(u64::MAX)
+            ),
+            e => e.into(),
+        })?;
+        let (w, h) = decoder.dimensions();
+        check_pixels(w.into(), h.into(), opts.max_pixels)?;
         let orientation = if opts.exif_transpose {
             decoder.orientation()?
         } else {
@@ -161,10 +221,6 @@ fn decode_unguarded(bytes: &[u8], name: &Path, opts: &DecodeOptions) -> Result<D
     img.apply_orientation(orientation);
     Ok(pil_convert_rgb(img))
 }
-
-/// Decoding never allocates more than this for one image (the `image` crate's default limit),
-/// so a forged header cannot exhaust memory.
-const MAX_DECODE_BYTES: usize = 512 << 20;
 
 /// libjpeg reports fatal errors by unwinding out of its callbacks (mozjpeg's convention, see
 /// [`libjpeg`]); [`decode_bytes`] catches the unwinding and its message becomes the error.
@@ -185,9 +241,7 @@ fn decode_jpeg(bytes: &[u8], opts: &DecodeOptions) -> Result<(DynamicImage, Orie
         Orientation::NoTransforms
     };
     let (w, h) = decompress.size();
-    if w.saturating_mul(h).saturating_mul(4) > MAX_DECODE_BYTES {
-        bail!("{w}x{h} pixels is more than ckpt decodes ({MAX_DECODE_BYTES} bytes)");
-    }
+    check_pixels(w as u64, h as u64, opts.max_pixels)?;
     let (w32, h32) = (w as u32, h as u32);
     let bad_size = || anyhow!("decoded data does not match the {w}x{h} header");
     let img = match decompress.color_space() {
