@@ -106,29 +106,26 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-/// Testing hook: `CKPT_TEST_PAUSE=<point>:<file>` makes a pass stop at the named point, create
-/// `<file>` and wait until the test removes it (at most 60 s). A test can then signal, truncate
-/// or rewrite something at a known moment instead of racing the process. Points: `average`
-/// (after the outputs are created, before any tensor is averaged) and `calibrate` (before a
-/// calibration pass's first batch).
+/// Testing hook, for the test suite only (not a user option): `CKPT_TEST_PAUSE=<point>:<path>`
+/// stops the process once, at the named point of its run, until it has read `<path>` to its end.
+/// With a FIFO there, a test knows ckpt has stopped when its own open of the FIFO for writing
+/// succeeds; it then truncates or rewrites an input, or signals the process, and lets it go on
+/// by closing the FIFO: something happens at a known moment of the run, with no timing luck.
+/// Points: `opened` (right after the first output's temporary file is created: every input open
+/// and mapped, nothing averaged or copied yet), `average` (outputs created, before the averaging
+/// pass) and `calibrate` (before a calibration pass's first batch).
 pub fn test_pause(point: &str) {
+    static PAUSED: std::sync::Once = std::sync::Once::new();
     let Some(spec) = std::env::var_os("CKPT_TEST_PAUSE") else {
         return;
     };
     let spec = spec.to_string_lossy();
-    let Some((p, file)) = spec.split_once(':') else {
-        return;
-    };
-    if p != point {
-        return;
-    }
-    let file = std::path::Path::new(file);
-    if std::fs::write(file, point).is_err() {
-        return;
-    }
-    let t0 = std::time::Instant::now();
-    while file.exists() && t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(5));
+    if let Some((p, path)) = spec.split_once(':') {
+        if p == point {
+            PAUSED.call_once(|| {
+                let _ = std::fs::read(path);
+            });
+        }
     }
 }
 

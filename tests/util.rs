@@ -154,11 +154,23 @@ impl TestDir {
         args: &[S],
         while_paused: impl FnOnce(),
     ) -> Run {
+        self.run_paused_at("opened", args, |_| while_paused())
+    }
+
+    /// Runs ckpt with `args`, stopped at `point` of its run (see `ckpt::report::test_pause`);
+    /// `while_paused` gets the process while it is stopped there, then it goes on.
+    pub fn run_paused_at<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        point: &str,
+        args: &[S],
+        while_paused: impl FnOnce(&mut Child),
+    ) -> Run {
         let fifo = self.path(".pause");
         let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: mkfifo on a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
-        let mut child = self.spawn(args, &[("CKPT_TEST_PAUSE_AFTER_OPEN", &fifo)]);
+        let spec = format!("{point}:{}", fifo.display());
+        let mut child = self.spawn(args, &[("CKPT_TEST_PAUSE", Path::new(&spec))]);
         // A non-blocking open for writing succeeds once ckpt has the FIFO open for reading.
         let writer = loop {
             match std::fs::OpenOptions::new()
@@ -176,7 +188,7 @@ impl TestDir {
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
-        while_paused();
+        while_paused(&mut child);
         drop(writer);
         let run = finish(args, child);
         std::fs::remove_file(&fifo).unwrap();
@@ -382,4 +394,27 @@ pub fn sorted_keys<V>(m: &HashMap<String, V>) -> Vec<String> {
 
 pub fn sha256(path: &Path) -> String {
     format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// Checks generated files (man pages, completion scripts) against what the code generates now,
+/// or rewrites them when `CKPT_UPDATE_MAN=1`; the failure names the stale files and the command
+/// that regenerates them.
+pub fn check_generated(folder: &str, files: Vec<(String, Vec<u8>)>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(folder);
+    let update = std::env::var_os("CKPT_UPDATE_MAN").is_some();
+    let mut stale = Vec::new();
+    for (name, content) in files {
+        let path = dir.join(&name);
+        if update {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &content).unwrap();
+        } else if std::fs::read(&path).ok().as_deref() != Some(content.as_slice()) {
+            stale.push(name);
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "{folder}/ changed, please run `CKPT_UPDATE_MAN=1 cargo test --test tests man completions`: {}",
+        stale.join(", ")
+    );
 }

@@ -82,28 +82,18 @@ fn output_folder_must_exist() {
         .fails_with(&["missing/out.safetensors", "does not exist"]);
 }
 
-/// Runs `ckpt args` paused at `point` (see `report::test_pause`), interrupts it there with
-/// SIGINT, and returns the output once it exits: the signal arrives mid-pass, never after.
-fn interrupted_at(d: &TestDir, point: &str, args: &[String]) -> std::process::Output {
-    use std::process::{Command, Stdio};
-    let marker = d.path(".paused");
-    let child = Command::new(env!("CARGO_BIN_EXE_ckpt"))
-        .args(args)
-        .env("CKPT_TEST_PAUSE", format!("{point}:{}", marker.display()))
-        .current_dir(d.dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while !marker.exists() {
-        assert!(t0.elapsed().as_secs() < 60, "ckpt never reached {point}");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    let _ = std::fs::remove_file(&marker);
-    out
+/// Runs `ckpt args` stopped at `point` (see `report::test_pause`), interrupts it there with
+/// SIGINT and waits for it to end before letting it go on: the signal arrives mid-pass, never
+/// after.
+fn interrupted_at(d: &TestDir, point: &str, args: &[String]) -> Run {
+    d.run_paused_at(point, args, |child| {
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        let t0 = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            assert!(t0.elapsed().as_secs() < 60, "ckpt ignored SIGINT");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    })
 }
 
 #[test]
@@ -126,7 +116,7 @@ fn interrupted_write_leaves_no_file() {
     .map(String::from)
     .to_vec();
     let out = interrupted_at(&d, "average", &args);
-    assert!(!out.status.success(), "the interrupted pass must fail");
+    assert_ne!(out.code, Some(0), "the interrupted pass must fail");
     let listing = d.listing();
     assert_eq!(
         listing,
@@ -159,7 +149,7 @@ fn interrupted_recalibration_leaves_no_file_issue_14() {
     args.push(p(&fixture("digits/train")));
     args.extend(crate::eval::DIGITS.iter().map(|s| s.to_string()));
     let out = interrupted_at(&d, "calibrate", &args);
-    assert!(!out.status.success(), "the interrupted pass must fail");
+    assert_ne!(out.code, Some(0), "the interrupted pass must fail");
     let listing = d.listing();
     assert_eq!(
         listing,

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Once, OnceLock};
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 
@@ -30,24 +30,6 @@ static HANDLER: OnceLock<()> = OnceLock::new();
 /// if the disk were full. Lets the test suite check that a failed write leaves nothing behind.
 const FAIL_AFTER_ENV: &str = "CKPT_TEST_FAIL_WRITE_AFTER";
 static WRITTEN: AtomicU64 = AtomicU64::new(0);
-
-/// Testing hook, for the test suite only (not a user option): when set to a path, the process
-/// stops once, right after it has created its first output's temporary file, and reads that path
-/// to its end before it goes on. Every input is open and mapped by then, and what is still to be
-/// read from them (the whole averaging pass of `swa`, the tensors `recal-bn` copies) is not read
-/// yet. With a FIFO at that path, a test knows that ckpt has stopped there when its own open of
-/// the FIFO for writing returns, truncates or rewrites an input, and lets ckpt go on by closing
-/// the FIFO: a file changes at a known moment of the run, with no timing luck.
-const PAUSE_ENV: &str = "CKPT_TEST_PAUSE_AFTER_OPEN";
-
-fn test_pause() {
-    static PAUSE: Once = Once::new();
-    if let Some(path) = std::env::var_os(PAUSE_ENV) {
-        PAUSE.call_once(|| {
-            let _ = std::fs::read(path);
-        });
-    }
-}
 
 fn install_signal_cleanup() {
     HANDLER.get_or_init(|| {
@@ -138,7 +120,9 @@ impl AtomicFile {
             dest: dest.to_path_buf(),
             force,
         };
-        test_pause();
+        // Every input is open and mapped; what is still to be read from them (the averaging
+        // pass of `swa`, the tensors `recal-bn` copies) is not read yet.
+        crate::report::test_pause("opened");
         Ok(file)
     }
 
