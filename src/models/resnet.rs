@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use super::layers::{
     global_avg_pool, max_pool_3x3_s2_p1, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Linear,
 };
-use super::{torchvision_naming, Architecture, Family, Miss, Network, Probe, Shapes};
+use super::{torchvision_naming, Architecture, Family, Head, Miss, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
 
@@ -53,6 +53,16 @@ impl Architecture for Config {
 
     fn build(&self, vb: VarBuilder, reg: &mut BnRegistry) -> Result<Box<dyn Network>> {
         Ok(Box::new(ResNet::new(self, vb, reg)?))
+    }
+
+    /// The last block's last BN on the main path (`bn3`, `bn2` in a BasicBlock), as the seed's
+    /// `layer4[2].bn3`; a projection in that block (`downsample.1`) is the shortcut's.
+    fn head(&self) -> Head {
+        let n = if self.bottleneck { 3 } else { 2 };
+        Head {
+            classifier: "fc".into(),
+            last_bn: format!("layer4.{}.bn{n}", self.blocks[3] - 1),
+        }
     }
 
     fn name(&self) -> String {
