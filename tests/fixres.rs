@@ -126,6 +126,30 @@ fn fixres_matches_the_seeds_pytorch_loop_issue_18() {
     assert!(meta["ckpt.inputs"].contains("epoch_10.safetensors"));
 }
 
+/// candle's ops for every layer (the path CUDA takes) train to the same tensors as the fast CPU
+/// kernels, whose frozen layers build no autograd graph.
+#[test]
+fn fixres_on_candle_ops_matches_pytorch_too_issue_18() {
+    let d = TestDir::new();
+    let mut args: Vec<String> = vec![
+        "fixres".into(),
+        tiny(),
+        "-o".into(),
+        "out.safetensors".into(),
+    ];
+    let train = p(&fixture("digits/train"));
+    args.extend(SIZE_48.iter().map(|s| {
+        if s.is_empty() {
+            train.clone()
+        } else {
+            s.to_string()
+        }
+    }));
+    args.extend(["--epochs", "2", "--no-shuffle", "--json"].map(String::from));
+    let r = d.run_env(&args, &[("CKPT_CPU_CONV", "candle")]).ok();
+    assert_matches_reference(&d, "out.safetensors", "seed_48", &r);
+}
+
 #[test]
 fn fixres_train_bn_affine_nesterov_weight_decay_match_pytorch_issue_18() {
     let d = TestDir::new();

@@ -43,7 +43,8 @@ impl Default for SgdConfig {
 impl SgdConfig {
     /// Refuses what PyTorch refuses.
     pub fn check(&self) -> Result<()> {
-        if !(self.momentum >= 0.0) || !(self.weight_decay >= 0.0) {
+        let non_negative = |x: f64| x >= 0.0; // NaN is not
+        if !non_negative(self.momentum) || !non_negative(self.weight_decay) {
             bail!("momentum and weight decay must be at least 0");
         }
         if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
