@@ -325,6 +325,8 @@ fn fixres_bad_inputs_fail_cleanly_issue_18() {
         .fails_with(&["--transform train"]);
     fixres(&d, &tiny(), "out.safetensors", &["--epochs", "0"]).fails_with(&["--epochs"]);
     fixres(&d, &tiny(), "out.safetensors", &["--momentum=-1"]).fails_with(&["momentum"]);
+    fixres(&d, &tiny(), "out.safetensors", &["--lr=0"]).fails_with(&["--lr"]);
+    fixres(&d, &tiny(), "out.safetensors", &["--bn-momentum=2"]).fails_with(&["--bn-momentum"]);
     assert!(
         !d.path("out.safetensors").exists(),
         "no output after a failure"

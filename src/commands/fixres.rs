@@ -48,6 +48,26 @@ pub fn run(args: FixresArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         }
         None => None,
     };
+    let cfg = train::fixres::Config {
+        data,
+        epochs: args.epochs,
+        shuffle_seed: (!args.no_shuffle).then_some(args.data.opts.seed),
+        sgd: SgdConfig {
+            momentum: args.momentum,
+            dampening: 0.0,
+            weight_decay: args.weight_decay,
+            nesterov: args.nesterov,
+        },
+        schedule: Schedule {
+            lr: args.lr,
+            kind: args.lr_schedule,
+            warmup_steps: args.warmup_steps,
+        },
+        bn_momentum: args.bn_momentum,
+        train_bn_affine: args.train_bn_affine,
+        kernels: global.kernels,
+    };
+    cfg.check()?;
     let dev = super::device(global, &rep)?;
     let arch = args.model.arch.get();
     let load = |c: &Checkpoint| -> Result<Model> {
@@ -80,25 +100,6 @@ pub fn run(args: FixresArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         None => None,
     };
     let base = recalibrated.as_ref().unwrap_or(&ck);
-    let cfg = train::fixres::Config {
-        data,
-        epochs: args.epochs,
-        shuffle_seed: (!args.no_shuffle).then_some(args.data.opts.seed),
-        sgd: SgdConfig {
-            momentum: args.momentum,
-            dampening: 0.0,
-            weight_decay: args.weight_decay,
-            nesterov: args.nesterov,
-        },
-        schedule: Schedule {
-            lr: args.lr,
-            kind: args.lr_schedule,
-            warmup_steps: args.warmup_steps,
-        },
-        bn_momentum: args.bn_momentum,
-        train_bn_affine: args.train_bn_affine,
-        kernels: global.kernels,
-    };
     let out = train::fixres::fine_tune(base, arch, &dev, &cfg, &rep)?;
     meta.extend(out.metadata.clone());
     if let Some(v) = &val {

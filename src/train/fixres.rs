@@ -44,6 +44,23 @@ pub struct Config {
     pub kernels: Kernels,
 }
 
+impl Config {
+    /// Refuses settings that cannot train, before any pass over the images.
+    pub fn check(&self) -> Result<()> {
+        let cfg = self;
+        if cfg.epochs == 0 {
+            bail!("--epochs must be at least 1");
+        }
+        if !(cfg.schedule.lr.is_finite() && cfg.schedule.lr > 0.0) {
+            bail!("--lr must be a positive number, not {}", cfg.schedule.lr);
+        }
+        if let Some(m) = cfg.bn_momentum.filter(|m| !(0.0..=1.0).contains(m)) {
+            bail!("--bn-momentum must be between 0 and 1, not {m}");
+        }
+        self.sgd.check()
+    }
+}
+
 /// What a fine-tune changed, and how it went.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -131,9 +148,7 @@ pub fn fine_tune(
     cfg: &Config,
     rep: &Reporter,
 ) -> Result<Outcome> {
-    if cfg.epochs == 0 {
-        bail!("--epochs must be at least 1");
-    }
+    cfg.check()?;
     let config = detect(&shapes_of(ck), arch).with_context(|| ck.path.display().to_string())?;
     // Module paths here; the model's head below gives checkpoint keys.
     let paths = config.head();
