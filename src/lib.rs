@@ -18,6 +18,7 @@ pub mod eval;
 pub mod models;
 pub mod plot;
 pub mod report;
+pub mod train;
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("ckpt reads tensor data in place and supports little-endian targets only");

@@ -65,6 +65,20 @@ fn real_size_models_build_against_their_shapes() {
         assert_eq!(m.bn_layers.len(), want.len(), "{name}");
         let first = &m.bn_layers[0];
         assert!(first == "bn1" || first == "features.0.1", "{name}: {first}");
+        // The head a FixRes fine-tune trains, named by the family (issue 18).
+        let (head, i) = m.head().unwrap();
+        let want = match name {
+            "mobilenet_v2" => ("classifier.1", "features.18.1"),
+            "efficientnet_b3" => ("classifier.1", "features.8.1"),
+            _ => ("fc", "layer4.2.bn3"),
+        };
+        assert_eq!(
+            (head.classifier.as_str(), head.last_bn.as_str()),
+            want,
+            "{name}"
+        );
+        assert_eq!(m.bn_layers[i], want.1);
+        assert!(shapes.contains_key(&format!("{}.weight", want.0)));
     }
     let r50 = Model::build(
         detect(&all["resnet50"], None).unwrap(),

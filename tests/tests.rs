@@ -7,6 +7,7 @@ mod completions;
 mod data;
 mod ema;
 mod eval;
+mod fixres;
 mod guarantees;
 mod inspect;
 mod logits;

@@ -94,3 +94,23 @@ pub fn recalibrated(
     apply::write(ck, &r, layout, meta, force)?;
     Ok(r.changes)
 }
+
+/// `ck` with every BN layer's statistics re-estimated by a pass of `model` (built from `ck`)
+/// over `cfg`'s images, held in memory (see [`apply`] for what changes); the pass's metadata
+/// with the estimator, images and batches added.
+pub fn recalibrated_in_memory(
+    ck: &Checkpoint,
+    model: &Model,
+    cfg: &DataConfig,
+    est: Estimator,
+    rep: &Reporter,
+) -> Result<(Checkpoint, BTreeMap<String, String>)> {
+    let (stats, mut meta, _) = pass(model, cfg, None, rep)?;
+    let estimates = stats.estimates(est)?;
+    let r = apply::replacements(ck, &stats.layers, &estimates, stats.batches)?;
+    meta.insert("ckpt.recal.estimator".into(), est.to_string());
+    meta.insert("ckpt.recal.images".into(), stats.images.to_string());
+    meta.insert("ckpt.recal.batches".into(), stats.batches.to_string());
+    let label = format!("{} (recalibrated)", ck.path.display());
+    Ok((ck.with_replaced(&r.tensors, label.as_ref())?, meta))
+}

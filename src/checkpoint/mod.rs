@@ -233,6 +233,28 @@ impl Checkpoint {
         Ok(ck)
     }
 
+    /// This checkpoint with some tensors' bytes replaced (by name, each the tensor's size in its
+    /// dtype), held in memory under `label`: a result to evaluate or transform further before
+    /// anything is written.
+    pub fn with_replaced(
+        &self,
+        tensors: &HashMap<String, Vec<u8>>,
+        label: &Path,
+    ) -> Result<Checkpoint> {
+        let all = self
+            .tensors()
+            .iter()
+            .map(|t| {
+                let bytes = match tensors.get(&t.name) {
+                    Some(b) => b.clone(),
+                    None => self.bytes(t).into_owned(),
+                };
+                (write::PlannedTensor::from(t), bytes)
+            })
+            .collect();
+        Self::from_memory(label, all, self.metadata.clone())
+    }
+
     fn empty(path: &Path, format: Format) -> Checkpoint {
         Checkpoint {
             path: path.to_path_buf(),

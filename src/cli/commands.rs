@@ -240,6 +240,76 @@ pub struct SweepResArgs {
     pub open: OpenArgs,
 }
 
+/// Fine-tune the classifier at the test resolution (FixRes)
+///
+/// A CNN trained at one size sees objects at another apparent size when tested larger; FixRes
+/// (Touvron et al., 2019) fine-tunes briefly at the test size. Every parameter is frozen except
+/// the classifier; the last BatchNorm before global pooling runs in train mode (batch
+/// statistics; running statistics updated with the family's momentum, or --bn-momentum), the
+/// rest in eval mode, as `model.eval(); bn.train()`. Images go through the eval transform at
+/// --size (resize to floor(S / crop_pct), centre crop), in folder order with --no-shuffle, else
+/// shuffled per epoch by --seed. SGD on cross-entropy. The output holds the new classifier,
+/// that BN's statistics (and affine, with --train-bn-affine); every other tensor is copied byte
+/// for byte. With --recal-bn DIR every BN layer's statistics are first re-estimated at --size
+/// (as recal-bn) and the fine-tune starts from them.
+#[derive(Args, Debug)]
+#[command(
+    mut_arg("size", |a| a.help("Test size to fine-tune at (side of the square images)")),
+    mut_arg("batch_size", |a| a.default_value("64")),
+    mut_arg("max_images", |a| a.help("Fine-tune on at most N images of --data: a random subset (seeded by --seed) when the folder has more, kept in folder order"))
+)]
+pub struct FixresArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub out: OutFile,
+    /// Passes over the training images
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub epochs: usize,
+    /// Learning rate (the seed's 1e-3)
+    #[arg(long, default_value_t = 1e-3, value_name = "LR")]
+    pub lr: f64,
+    /// SGD momentum
+    #[arg(long, default_value_t = 0.9, value_name = "M")]
+    pub momentum: f64,
+    /// L2 weight decay of the trained parameters (added to the gradient, as torch.optim.SGD)
+    #[arg(long, default_value_t = 0.0, value_name = "WD")]
+    pub weight_decay: f64,
+    /// Nesterov momentum
+    #[arg(long)]
+    pub nesterov: bool,
+    /// Learning-rate schedule over the steps
+    #[arg(long, value_enum, default_value = "constant", value_name = "KIND")]
+    pub lr_schedule: crate::train::ScheduleKind,
+    /// Steps of linear warm-up to --lr before the schedule
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub warmup_steps: usize,
+    /// Keep the folder's order every epoch instead of a shuffle seeded by --seed
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Momentum of the trained BN's running statistics (default: the family's, PyTorch's 0.1)
+    #[arg(long, value_name = "M")]
+    pub bn_momentum: Option<f64>,
+    /// Also train the last BN's weight and bias (the FixRes paper's variant)
+    #[arg(long)]
+    pub train_bn_affine: bool,
+    /// Re-estimate every BN layer's statistics at --size over DIR before fine-tuning (usually
+    /// the training folder; the data options apply)
+    #[arg(long = "recal-bn", value_name = "DIR")]
+    pub recal_bn: Option<PathBuf>,
+    /// Estimator for --recal-bn (see `ckpt recal-bn --help`)
+    #[arg(long, value_enum, default_value = "population")]
+    pub estimator: crate::bn::Estimator,
+    /// Labelled folder to report top-1/top-5 at --size before, after --recal-bn, and after the
+    /// fine-tune
+    #[arg(long, value_name = "DIR")]
+    pub val: Option<PathBuf>,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
 /// Print a shell completion script (bash, zsh or fish) to standard output
 ///
 /// Generated from the same definitions as --help and the man pages. bash: `ckpt completions

@@ -75,6 +75,7 @@ pub enum Command {
     Eval(EvalArgs),
     RecalBn(RecalBnArgs),
     SweepRes(SweepResArgs),
+    Fixres(FixresArgs),
     Completions(CompletionsArgs),
 }
 

@@ -8,6 +8,7 @@ use crate::average::IntPolicy;
 use crate::bn::Estimator;
 use crate::data::{CropMode, Interpolation};
 use crate::models::Kernels;
+use crate::train::ScheduleKind;
 
 /// Implements `ValueEnum` for an engine enum: each variant with its spelling and help line.
 macro_rules! value_enum {
@@ -48,6 +49,11 @@ value_enum!(Interpolation {
 value_enum!(CropMode {
     CropMode::Center => "center": "Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre",
     CropMode::Squash => "squash": "Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre",
+});
+
+value_enum!(ScheduleKind {
+    ScheduleKind::Constant => "constant": "The same learning rate every step",
+    ScheduleKind::Cosine => "cosine": "Half a cosine from --lr to 0 over the steps (after any warm-up)",
 });
 
 /// `--kernels` / `CKPT_CPU_CONV`: `candle` selects candle's ops; anything else (as before the

@@ -7,6 +7,7 @@ pub mod common;
 pub mod completions;
 pub mod ema;
 pub mod eval;
+pub mod fixres;
 pub mod inspect;
 pub mod logits;
 pub mod recal_bn;
@@ -39,6 +40,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval::run(a, &cli.global, rep),
         Command::RecalBn(a) => recal_bn::run(a, &cli.global, rep),
         Command::SweepRes(a) => sweep_res::run(a, &cli.global, rep),
+        Command::Fixres(a) => fixres::run(a, &cli.global, rep),
         Command::Completions(a) => completions::run(a),
     }
 }

@@ -13,7 +13,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{global_avg_pool, Act, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx, Linear};
-use super::{torchvision_naming, Architecture, Family, Miss, Network, Probe, Shapes};
+use super::{torchvision_naming, Architecture, Family, Head, Miss, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
 const STAGE_STRIDES: [usize; 7] = [1, 2, 2, 2, 1, 2, 1];
@@ -76,6 +76,14 @@ fn make_divisible(v: f64) -> usize {
 impl Architecture for Config {
     fn num_classes(&self) -> usize {
         self.num_classes
+    }
+
+    /// The 1x1 head's BN, and `classifier.1` (after dropout).
+    fn head(&self) -> Head {
+        Head {
+            classifier: "classifier.1".into(),
+            last_bn: "features.8.1".into(),
+        }
     }
 
     fn build(&self, vb: VarBuilder, reg: &mut BnRegistry) -> Result<Box<dyn Network>> {

@@ -12,7 +12,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Linear};
-use super::{torchvision_naming, Architecture, Family, Miss, Network, Probe, Shapes};
+use super::{torchvision_naming, Architecture, Family, Head, Miss, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
 /// Stride of each of the 17 inverted residual blocks in torchvision's configuration.
@@ -51,6 +51,14 @@ pub fn accepts(arch: &str) -> bool {
 impl Architecture for Config {
     fn num_classes(&self) -> usize {
         self.num_classes
+    }
+
+    /// The 1x1 head's BN, and `classifier.1` (after dropout).
+    fn head(&self) -> Head {
+        Head {
+            classifier: "classifier.1".into(),
+            last_bn: "features.18.1".into(),
+        }
     }
 
     fn build(&self, vb: VarBuilder, reg: &mut BnRegistry) -> Result<Box<dyn Network>> {

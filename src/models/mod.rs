@@ -149,6 +149,19 @@ pub trait Architecture: fmt::Debug + Send + Sync + Any {
     /// Builds the network under module paths from `vb`, registering its BN layers in `reg` in
     /// forward order.
     fn build(&self, vb: VarBuilder, reg: &mut BnRegistry) -> candle_core::Result<Box<dyn Network>>;
+    /// Where a fine-tune of the head looks: the classifier and the last BN before global
+    /// pooling, by module path.
+    fn head(&self) -> Head;
+}
+
+/// The module paths a head fine-tune (FixRes) trains: the linear classifier after global
+/// pooling (`fc`, `classifier.1`) and the last BN layer on the main path before the pool
+/// (`layer4.2.bn3` in ResNet-50, `features.18.1` in MobileNetV2). Each family names its own, so
+/// that no engine guesses from names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub classifier: String,
+    pub last_bn: String,
 }
 
 /// A built network: logits from a normalised batch.
@@ -190,6 +203,10 @@ impl Config {
     }
     pub fn num_classes(&self) -> usize {
         self.arch.num_classes()
+    }
+    /// The classifier and last BN, by module path (see [`Head`]).
+    pub fn head(&self) -> Head {
+        self.arch.head()
     }
     /// The family's own configuration type (`resnet::Config`, ...).
     pub fn downcast<T: Architecture>(&self) -> Option<&T> {
@@ -513,6 +530,22 @@ impl Model {
         }
         ctx.kernels = self.kernels;
         Ok(self.net.forward(x, ctx)?)
+    }
+
+    /// The head a fine-tune trains, by checkpoint key (through the naming), and the last BN's
+    /// index in [`Model::bn`].
+    pub fn head(&self) -> Result<(Head, usize)> {
+        let h = self.config.head();
+        let key = Head {
+            classifier: self.config.naming.key(&h.classifier),
+            last_bn: self.config.naming.key(&h.last_bn),
+        };
+        let index = self
+            .bn_layers
+            .iter()
+            .position(|p| *p == key.last_bn)
+            .with_context(|| format!("the model has no BN layer {}", key.last_bn))?;
+        Ok((key, index))
     }
 
     /// The parameters built as `Var`s, by checkpoint key, in construction order.

@@ -12,9 +12,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{
-    global_avg_pool, max_pool_3x3_s2_p1, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Linear,
+    global_avg_pool, max_pool_3x3_s2_p1, Act, BnMode, BnRegistry, ConvBn, ConvSpec, Ctx, Linear,
 };
-use super::{torchvision_naming, Architecture, Family, Miss, Network, Probe, Shapes};
+use super::{torchvision_naming, Architecture, Family, Head, Miss, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
 
@@ -53,6 +53,16 @@ impl Architecture for Config {
 
     fn build(&self, vb: VarBuilder, reg: &mut BnRegistry) -> Result<Box<dyn Network>> {
         Ok(Box::new(ResNet::new(self, vb, reg)?))
+    }
+
+    /// The last block's last BN on the main path (`bn3`, `bn2` in a BasicBlock), as the seed's
+    /// `layer4[2].bn3`; a projection in that block (`downsample.1`) is the shortcut's.
+    fn head(&self) -> Head {
+        let n = if self.bottleneck { 3 } else { 2 };
+        Head {
+            classifier: "fc".into(),
+            last_bn: format!("layer4.{}.bn{n}", self.blocks[3] - 1),
+        }
     }
 
     fn name(&self) -> String {
@@ -168,9 +178,15 @@ impl Block {
             Some(d) => d.forward(x, ctx),
             None => Ok(x.clone()),
         };
-        if !ctx.all_eval() {
+        let own_eval = self
+            .convs
+            .iter()
+            .chain(&self.downsample)
+            .all(|c| ctx.mode_of(c.bn.index) == BnMode::Eval);
+        if !own_eval {
             // BN layers report (and train-mode layers update) in torchvision's forward order:
-            // the last conv's before the projection's.
+            // the last conv's before the projection's. A block whose BNs are all in eval mode
+            // (the frozen blocks of a FixRes fine-tune) keeps the fused path below.
             let y = last.forward(&y, ctx)?;
             return (y + identity(ctx)?)?.relu();
         }

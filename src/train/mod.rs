@@ -1,0 +1,67 @@
+//! The small training engine: what fine-tuning part of a model needs, written once (here for
+//! `fixres`, next for distillation).
+//!
+//! - [`optim`]: SGD with momentum, dampening, weight decay and Nesterov as `torch.optim.SGD`
+//!   defines them, and learning-rate schedules (constant, cosine, linear warm-up).
+//! - [`cross_entropy`]: the loss on class indices, as `F.cross_entropy` (mean over the batch).
+//! - [`fixres`]: the FixRes fine-tune of a model's head at the test resolution.
+//!
+//! Gradients come from candle's autograd over the parameters a model was built with as `Var`s
+//! (`models::BuildOptions::trainable`). What is frozen runs on the model's own kernels: the
+//! fast CPU kernels produce tensors without an autograd graph, which is right for a part that
+//! nothing trained lies upstream of, and BN layers in train mode, the residual sum, the pool and
+//! the classifier run in candle's differentiable ops (see `models::layers`), so only the tail is
+//! differentiated. Data comes in the loader's order: the folder's, or a seeded shuffle per epoch
+//! ([`epoch_order`]).
+
+pub mod fixres;
+pub mod optim;
+
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+use crate::data::Dataset;
+
+pub use optim::{Schedule, ScheduleKind, Sgd, SgdConfig};
+
+/// Mean cross-entropy of `logits` [N, classes] against class indices, as
+/// `torch.nn.functional.cross_entropy`: log-softmax (max subtracted) then the mean negative
+/// log-likelihood.
+pub fn cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
+    let (n, classes) = logits.dims2()?;
+    if labels.len() != n {
+        bail!("{} labels for a batch of {n}", labels.len());
+    }
+    if let Some(l) = labels.iter().find(|&&l| l < 0 || l as usize >= classes) {
+        bail!("class index {l} is outside the model's {classes} classes");
+    }
+    let idx: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+    let target = Tensor::from_vec(idx, n, logits.device())?;
+    Ok(candle_nn::loss::cross_entropy(logits, &target)?)
+}
+
+/// The images of epoch `epoch` (0-based): the folder's order, or with `seed` a shuffle seeded
+/// by `seed + epoch`, a new order each epoch that the same seed repeats.
+pub fn epoch_order(ds: &Dataset, seed: Option<u64>, epoch: usize) -> Dataset {
+    match seed {
+        None => ds.clone(),
+        Some(s) => ds.clone().shuffled(s.wrapping_add(epoch as u64)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// log(sum(exp)) - x[label], averaged: checked by hand on a batch of two.
+    #[test]
+    fn cross_entropy_is_torchs() {
+        let x = Tensor::new(&[[1.0f32, 2.0, 3.0], [0.5, -1.0, 0.0]], &Device::Cpu).unwrap();
+        let got: f32 = cross_entropy(&x, &[2, 0]).unwrap().to_scalar().unwrap();
+        let lse = |v: [f64; 3]| v.iter().map(|a| a.exp()).sum::<f64>().ln();
+        let want = ((lse([1.0, 2.0, 3.0]) - 3.0) + (lse([0.5, -1.0, 0.0]) - 0.5)) / 2.0;
+        assert!((got as f64 - want).abs() < 1e-6, "{got} vs {want}");
+        assert!(cross_entropy(&x, &[3, 0]).is_err());
+    }
+}
