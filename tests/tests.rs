@@ -16,3 +16,4 @@ mod recal_bn;
 mod swa;
 mod sweep_res;
 mod writing;
+mod zoo2;

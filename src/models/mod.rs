@@ -30,6 +30,7 @@ pub mod layers;
 pub mod mobilenet_v2;
 pub mod naming;
 pub mod resnet;
+pub mod vgg;
 
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
@@ -48,7 +49,12 @@ pub use layers::{BatchNorm, BatchStats, BnMode, BnObserver, BnRegistry, Ctx};
 pub use naming::Naming;
 
 /// The families ckpt recognises, tried in this order. One line per family.
-pub static FAMILIES: &[Family] = &[resnet::FAMILY, mobilenet_v2::FAMILY, efficientnet::FAMILY];
+pub static FAMILIES: &[Family] = &[
+    resnet::FAMILY,
+    mobilenet_v2::FAMILY,
+    efficientnet::FAMILY,
+    vgg::FAMILY,
+];
 
 /// Tensor names and shapes: all detection looks at.
 pub type Shapes = BTreeMap<String, Vec<usize>>;
