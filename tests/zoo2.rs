@@ -36,6 +36,16 @@ const FIXTURES: &[(&str, &[&str], bool)] = &[
         ],
         true,
     ),
+    (
+        "mobilenet_v3_small_tiny",
+        &["mobilenet_v3_small (stem 8, last channel 256)", "5 classes"],
+        true,
+    ),
+    (
+        "mobilenet_v3_large_tiny",
+        &["mobilenet_v3_large (stem 8, last channel 320)", "6 classes"],
+        true,
+    ),
 ];
 
 fn logits_difference(name: &str, env: &[(&str, &str)], words: &[&str]) -> f64 {
@@ -172,7 +182,7 @@ fn real_size() -> BTreeMap<String, Shapes> {
 }
 
 /// The families of this round that are supported so far (the shape list holds them all).
-const SUPPORTED: &[&str] = &["vgg"];
+const SUPPORTED: &[&str] = &["vgg", "mobilenet_v3"];
 
 #[test]
 fn real_size_configurations_are_detected_by_name_issue_15() {
@@ -189,7 +199,7 @@ fn real_size_configurations_are_detected_by_name_issue_15() {
         assert_eq!(detect(&shapes, Some(c.family())).unwrap().name(), name);
         assert_eq!(detect(&shapes, Some(&name)).unwrap().name(), name);
     }
-    assert_eq!(seen, 8);
+    assert_eq!(seen, 10);
 }
 
 /// Building asks for every tensor at the shape the detected configuration implies (zeros stand
@@ -197,7 +207,7 @@ fn real_size_configurations_are_detected_by_name_issue_15() {
 #[test]
 fn real_size_models_build_against_their_shapes_issue_15() {
     let all = real_size();
-    for name in ["vgg11_bn"] {
+    for name in ["vgg11_bn", "mobilenet_v3_large"] {
         let shapes = &all[name];
         let m = Model::build(
             detect(shapes, None).unwrap(),
@@ -212,6 +222,13 @@ fn real_size_models_build_against_their_shapes_issue_15() {
             .filter(|k| k.ends_with(".running_mean"))
             .count();
         assert_eq!(m.bn_layers.len(), want, "{name}");
+        // torchvision's BN momentum for the family: 0.01 for MobileNetV3, else PyTorch's 0.1.
+        let momentum = if name.starts_with("mobilenet_v3") {
+            0.01
+        } else {
+            0.1
+        };
+        assert!(m.bn.iter().all(|l| l.momentum == momentum), "{name}");
     }
 }
 
@@ -224,7 +241,7 @@ fn near_misses_name_the_nearest_new_family_issue_15() {
     s.insert("classifier.0.weight".into(), vec![4096, 512 * 36]);
     let e = err(&s);
     assert!(
-        e.contains("tried resnet, mobilenet_v2, efficientnet, vgg"),
+        e.contains("tried resnet, mobilenet_v2, efficientnet, vgg, mobilenet_v3"),
         "{e}"
     );
     assert!(
@@ -234,4 +251,19 @@ fn near_misses_name_the_nearest_new_family_issue_15() {
 
     let e = format!("{:#}", detect(&all["vgg16"], Some("vgg16_bn")).unwrap_err());
     assert!(e.contains("is a vgg16, not a vgg16_bn"), "{e}");
+
+    let mut s = all["mobilenet_v3_large"].clone();
+    s.retain(|k, _| !k.starts_with("features.16.") && !k.starts_with("features.15."));
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is mobilenet_v3: 14 inverted residual blocks"),
+        "{e}"
+    );
+    let mut s = all["mobilenet_v3_small"].clone();
+    s.insert("features.4.block.1.0.weight".into(), vec![96, 1, 4, 4]);
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is mobilenet_v3") && e.contains("depthwise"),
+        "{e}"
+    );
 }

@@ -28,6 +28,7 @@ pub mod efficientnet;
 pub mod fused;
 pub mod layers;
 pub mod mobilenet_v2;
+pub mod mobilenet_v3;
 pub mod naming;
 pub mod resnet;
 pub mod vgg;
@@ -54,6 +55,7 @@ pub static FAMILIES: &[Family] = &[
     mobilenet_v2::FAMILY,
     efficientnet::FAMILY,
     vgg::FAMILY,
+    mobilenet_v3::FAMILY,
 ];
 
 /// Tensor names and shapes: all detection looks at.
