@@ -46,6 +46,19 @@ const FIXTURES: &[(&str, &[&str], bool)] = &[
         &["mobilenet_v3_large (stem 8, last channel 320)", "6 classes"],
         true,
     ),
+    (
+        "regnet_x_tiny",
+        &[
+            "regnet_x (depths [1, 2, 1, 2], widths [8, 16, 24, 32], group widths [8, 8, 8, 16])",
+            "6 classes",
+        ],
+        true,
+    ),
+    (
+        "regnet_y_tiny",
+        &["regnet_y (depths [1, 2, 1, 2]", "6 classes"],
+        true,
+    ),
 ];
 
 fn logits_difference(name: &str, env: &[(&str, &str)], words: &[&str]) -> f64 {
@@ -182,7 +195,7 @@ fn real_size() -> BTreeMap<String, Shapes> {
 }
 
 /// The families of this round that are supported so far (the shape list holds them all).
-const SUPPORTED: &[&str] = &["vgg", "mobilenet_v3"];
+const SUPPORTED: &[&str] = &["vgg", "mobilenet_v3", "regnet"];
 
 #[test]
 fn real_size_configurations_are_detected_by_name_issue_15() {
@@ -199,7 +212,7 @@ fn real_size_configurations_are_detected_by_name_issue_15() {
         assert_eq!(detect(&shapes, Some(c.family())).unwrap().name(), name);
         assert_eq!(detect(&shapes, Some(&name)).unwrap().name(), name);
     }
-    assert_eq!(seen, 10);
+    assert_eq!(seen, 25);
 }
 
 /// Building asks for every tensor at the shape the detected configuration implies (zeros stand
@@ -207,7 +220,12 @@ fn real_size_configurations_are_detected_by_name_issue_15() {
 #[test]
 fn real_size_models_build_against_their_shapes_issue_15() {
     let all = real_size();
-    for name in ["vgg11_bn", "mobilenet_v3_large"] {
+    for name in [
+        "vgg11_bn",
+        "mobilenet_v3_large",
+        "regnet_y_400mf",
+        "regnet_x_800mf",
+    ] {
         let shapes = &all[name];
         let m = Model::build(
             detect(shapes, None).unwrap(),
@@ -241,7 +259,7 @@ fn near_misses_name_the_nearest_new_family_issue_15() {
     s.insert("classifier.0.weight".into(), vec![4096, 512 * 36]);
     let e = err(&s);
     assert!(
-        e.contains("tried resnet, mobilenet_v2, efficientnet, vgg, mobilenet_v3"),
+        e.contains("tried resnet, mobilenet_v2, efficientnet, vgg, mobilenet_v3, regnet"),
         "{e}"
     );
     assert!(

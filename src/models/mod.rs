@@ -30,6 +30,7 @@ pub mod layers;
 pub mod mobilenet_v2;
 pub mod mobilenet_v3;
 pub mod naming;
+pub mod regnet;
 pub mod resnet;
 pub mod vgg;
 
@@ -56,6 +57,7 @@ pub static FAMILIES: &[Family] = &[
     efficientnet::FAMILY,
     vgg::FAMILY,
     mobilenet_v3::FAMILY,
+    regnet::FAMILY,
 ];
 
 /// Tensor names and shapes: all detection looks at.
