@@ -59,6 +59,14 @@ const FIXTURES: &[(&str, &[&str], bool)] = &[
         &["regnet_y (depths [1, 2, 1, 2]", "6 classes"],
         true,
     ),
+    (
+        "convnext_tiny_tiny",
+        &[
+            "convnext (depths [1, 1, 2, 1], widths [8, 16, 24, 32])",
+            "5 classes",
+        ],
+        false,
+    ),
 ];
 
 fn logits_difference(name: &str, env: &[(&str, &str)], words: &[&str]) -> f64 {
@@ -195,7 +203,7 @@ fn real_size() -> BTreeMap<String, Shapes> {
 }
 
 /// The families of this round that are supported so far (the shape list holds them all).
-const SUPPORTED: &[&str] = &["vgg", "mobilenet_v3", "regnet"];
+const SUPPORTED: &[&str] = &["vgg", "mobilenet_v3", "regnet", "convnext"];
 
 #[test]
 fn real_size_configurations_are_detected_by_name_issue_15() {
@@ -212,7 +220,7 @@ fn real_size_configurations_are_detected_by_name_issue_15() {
         assert_eq!(detect(&shapes, Some(c.family())).unwrap().name(), name);
         assert_eq!(detect(&shapes, Some(&name)).unwrap().name(), name);
     }
-    assert_eq!(seen, 25);
+    assert_eq!(seen, 29);
 }
 
 /// Building asks for every tensor at the shape the detected configuration implies (zeros stand
@@ -259,7 +267,7 @@ fn near_misses_name_the_nearest_new_family_issue_15() {
     s.insert("classifier.0.weight".into(), vec![4096, 512 * 36]);
     let e = err(&s);
     assert!(
-        e.contains("tried resnet, mobilenet_v2, efficientnet, vgg, mobilenet_v3, regnet"),
+        e.contains("tried resnet, mobilenet_v2, efficientnet, vgg, mobilenet_v3, regnet, convnext"),
         "{e}"
     );
     assert!(
@@ -284,4 +292,50 @@ fn near_misses_name_the_nearest_new_family_issue_15() {
         e.contains("nearest is mobilenet_v3") && e.contains("depthwise"),
         "{e}"
     );
+
+    let mut s = all["regnet_y_800mf"].clone();
+    s.insert(
+        "trunk_output.block3.block3-2.f.b.0.weight".into(),
+        vec![320, 15, 3, 3],
+    );
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is regnet: tensor trunk_output.block3.block3-2.f.b.0.weight"),
+        "{e}"
+    );
+    let e = format!(
+        "{:#}",
+        detect(&all["regnet_x_8gf"], Some("regnet_y_8gf")).unwrap_err()
+    );
+    assert!(e.contains("is a regnet_x_8gf, not a regnet_y_8gf"), "{e}");
+
+    let mut s = all["convnext_small"].clone();
+    s.remove("features.3.0.block.0.weight");
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is convnext: no tensor features.3.0.block.0.weight"),
+        "{e}"
+    );
+}
+
+/// ConvNeXt has no BatchNorm: recal-bn refuses in one line and writes nothing; the other
+/// forward commands run (eval-mode logits are checked above).
+#[test]
+fn recal_bn_refuses_a_model_without_batchnorm_issue_15() {
+    let d = TestDir::new();
+    d.run(&[
+        "-q",
+        "recal-bn",
+        &p(&fixture("zoo2/convnext_tiny_tiny.safetensors")),
+        "--data",
+        &p(&fixture("digits/train")),
+        "-o",
+        "out.safetensors",
+    ])
+    .fails_with(&[
+        "convnext_tiny_tiny.safetensors",
+        "convnext (depths",
+        "has no BatchNorm layers",
+    ]);
+    assert!(!d.path("out.safetensors").exists());
 }

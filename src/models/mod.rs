@@ -23,6 +23,7 @@
 //! the parts it trains. Inference is f32 whatever the stored dtype; everything but BN always runs
 //! as in eval (no dropout, no stochastic depth).
 
+pub mod convnext;
 pub mod cpu_conv;
 pub mod efficientnet;
 pub mod fused;
@@ -58,6 +59,7 @@ pub static FAMILIES: &[Family] = &[
     vgg::FAMILY,
     mobilenet_v3::FAMILY,
     regnet::FAMILY,
+    convnext::FAMILY,
 ];
 
 /// Tensor names and shapes: all detection looks at.
