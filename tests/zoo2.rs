@@ -67,6 +67,14 @@ const FIXTURES: &[(&str, &[&str], bool)] = &[
         ],
         false,
     ),
+    (
+        "densenet_tiny",
+        &[
+            "densenet (growth 8, blocks [2, 2, 3, 2], initial width 16)",
+            "5 classes",
+        ],
+        true,
+    ),
 ];
 
 fn logits_difference(name: &str, env: &[(&str, &str)], words: &[&str]) -> f64 {
@@ -203,7 +211,7 @@ fn real_size() -> BTreeMap<String, Shapes> {
 }
 
 /// The families of this round that are supported so far (the shape list holds them all).
-const SUPPORTED: &[&str] = &["vgg", "mobilenet_v3", "regnet", "convnext"];
+const SUPPORTED: &[&str] = &["vgg", "mobilenet_v3", "regnet", "convnext", "densenet"];
 
 #[test]
 fn real_size_configurations_are_detected_by_name_issue_15() {
@@ -220,7 +228,7 @@ fn real_size_configurations_are_detected_by_name_issue_15() {
         assert_eq!(detect(&shapes, Some(c.family())).unwrap().name(), name);
         assert_eq!(detect(&shapes, Some(&name)).unwrap().name(), name);
     }
-    assert_eq!(seen, 29);
+    assert_eq!(seen, 33);
 }
 
 /// Building asks for every tensor at the shape the detected configuration implies (zeros stand
@@ -233,6 +241,8 @@ fn real_size_models_build_against_their_shapes_issue_15() {
         "mobilenet_v3_large",
         "regnet_y_400mf",
         "regnet_x_800mf",
+        "convnext_tiny",
+        "densenet121",
     ] {
         let shapes = &all[name];
         let m = Model::build(
@@ -267,7 +277,7 @@ fn near_misses_name_the_nearest_new_family_issue_15() {
     s.insert("classifier.0.weight".into(), vec![4096, 512 * 36]);
     let e = err(&s);
     assert!(
-        e.contains("tried resnet, mobilenet_v2, efficientnet, vgg, mobilenet_v3, regnet, convnext"),
+        e.contains("tried resnet, mobilenet_v2, efficientnet, vgg, mobilenet_v3, regnet, convnext, densenet"),
         "{e}"
     );
     assert!(
@@ -314,6 +324,17 @@ fn near_misses_name_the_nearest_new_family_issue_15() {
     let e = err(&s);
     assert!(
         e.contains("nearest is convnext: no tensor features.3.0.block.0.weight"),
+        "{e}"
+    );
+
+    let mut s = all["densenet161"].clone();
+    s.insert(
+        "features.transition2.conv.weight".into(),
+        vec![1056, 1000, 1, 1],
+    );
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is densenet: tensor features.transition2.conv.weight"),
         "{e}"
     );
 }

@@ -25,6 +25,7 @@
 
 pub mod convnext;
 pub mod cpu_conv;
+pub mod densenet;
 pub mod efficientnet;
 pub mod fused;
 pub mod layers;
@@ -60,6 +61,7 @@ pub static FAMILIES: &[Family] = &[
     mobilenet_v3::FAMILY,
     regnet::FAMILY,
     convnext::FAMILY,
+    densenet::FAMILY,
 ];
 
 /// Tensor names and shapes: all detection looks at.
