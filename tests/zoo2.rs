@@ -75,6 +75,14 @@ const FIXTURES: &[(&str, &[&str], bool)] = &[
         ],
         true,
     ),
+    (
+        "efficientnet_v2_tiny",
+        &[
+            "efficientnet_v2 (depths [1, 2, 1, 2, 1, 2], widths [8, 16, 16, 24, 32, 40])",
+            "5 classes",
+        ],
+        true,
+    ),
 ];
 
 fn logits_difference(name: &str, env: &[(&str, &str)], words: &[&str]) -> f64 {
@@ -211,7 +219,14 @@ fn real_size() -> BTreeMap<String, Shapes> {
 }
 
 /// The families of this round that are supported so far (the shape list holds them all).
-const SUPPORTED: &[&str] = &["vgg", "mobilenet_v3", "regnet", "convnext", "densenet"];
+const SUPPORTED: &[&str] = &[
+    "vgg",
+    "mobilenet_v3",
+    "regnet",
+    "convnext",
+    "densenet",
+    "efficientnet_v2",
+];
 
 #[test]
 fn real_size_configurations_are_detected_by_name_issue_15() {
@@ -228,7 +243,7 @@ fn real_size_configurations_are_detected_by_name_issue_15() {
         assert_eq!(detect(&shapes, Some(c.family())).unwrap().name(), name);
         assert_eq!(detect(&shapes, Some(&name)).unwrap().name(), name);
     }
-    assert_eq!(seen, 33);
+    assert_eq!(seen, 36);
 }
 
 /// Building asks for every tensor at the shape the detected configuration implies (zeros stand
@@ -243,6 +258,7 @@ fn real_size_models_build_against_their_shapes_issue_15() {
         "regnet_x_800mf",
         "convnext_tiny",
         "densenet121",
+        "efficientnet_v2_s",
     ] {
         let shapes = &all[name];
         let m = Model::build(
@@ -277,7 +293,7 @@ fn near_misses_name_the_nearest_new_family_issue_15() {
     s.insert("classifier.0.weight".into(), vec![4096, 512 * 36]);
     let e = err(&s);
     assert!(
-        e.contains("tried resnet, mobilenet_v2, efficientnet, vgg, mobilenet_v3, regnet, convnext, densenet"),
+        e.contains("tried resnet, mobilenet_v2, efficientnet, vgg, mobilenet_v3, regnet, convnext, densenet, efficientnet_v2"),
         "{e}"
     );
     assert!(
@@ -335,6 +351,14 @@ fn near_misses_name_the_nearest_new_family_issue_15() {
     let e = err(&s);
     assert!(
         e.contains("nearest is densenet: tensor features.transition2.conv.weight"),
+        "{e}"
+    );
+
+    let mut s = all["efficientnet_v2_m"].clone();
+    s.retain(|k, _| !k.starts_with("features.8.") && !k.starts_with("features.7."));
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is efficientnet_v2: no tensor features.7.0.weight"),
         "{e}"
     );
 }

@@ -59,7 +59,7 @@ pub const FAMILY: Family = Family {
 };
 
 pub fn accepts(arch: &str) -> bool {
-    arch.starts_with("efficientnet")
+    arch.starts_with("efficientnet") && !arch.starts_with("efficientnet_v2")
 }
 
 /// torchvision's `_make_divisible(v, 8)`.
@@ -157,7 +157,8 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
     }))
 }
 
-struct MbConv {
+/// An MBConv block (also EfficientNetV2's, with its own BN eps).
+pub(super) struct MbConv {
     expand: Option<ConvBn>,
     depthwise: ConvBn,
     se_fc1: Conv2d,
@@ -167,9 +168,14 @@ struct MbConv {
 }
 
 impl MbConv {
-    fn new(c: &BlockConfig, vb: VarBuilder, reg: &mut BnRegistry) -> Result<MbConv> {
+    pub(super) fn new(
+        c: &BlockConfig,
+        vb: VarBuilder,
+        eps: f64,
+        reg: &mut BnRegistry,
+    ) -> Result<MbConv> {
         let cna = |v: VarBuilder, spec: ConvSpec, reg: &mut BnRegistry| {
-            ConvBn::new(v.pp(0), v.pp(1), spec, EPS, reg)
+            ConvBn::new(v.pp(0), v.pp(1), spec, eps, reg)
         };
         let mut k = 0;
         let expand = if c.expand {
@@ -199,7 +205,7 @@ impl MbConv {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let mut y = x.clone();
         if let Some(e) = &self.expand {
             y = e.forward_act(&y, ctx, Act::Silu)?;
@@ -236,7 +242,7 @@ impl EfficientNet {
         let mut blocks = Vec::new();
         for (s, stage) in c.stages.iter().enumerate() {
             for (j, b) in stage.iter().enumerate() {
-                blocks.push(MbConv::new(b, f.pp(s + 1).pp(j).pp("block"), reg)?);
+                blocks.push(MbConv::new(b, f.pp(s + 1).pp(j).pp("block"), EPS, reg)?);
             }
         }
         let cin = c

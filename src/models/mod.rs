@@ -27,6 +27,7 @@ pub mod convnext;
 pub mod cpu_conv;
 pub mod densenet;
 pub mod efficientnet;
+pub mod efficientnet_v2;
 pub mod fused;
 pub mod layers;
 pub mod mobilenet_v2;
@@ -62,6 +63,7 @@ pub static FAMILIES: &[Family] = &[
     regnet::FAMILY,
     convnext::FAMILY,
     densenet::FAMILY,
+    efficientnet_v2::FAMILY,
 ];
 
 /// Tensor names and shapes: all detection looks at.
