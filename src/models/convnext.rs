@@ -218,10 +218,15 @@ impl Block {
     }
 }
 
+struct Stage {
+    /// LayerNorm and 2x2 stride-2 convolution (none before the first stage).
+    down: Option<(ChannelNorm, Conv)>,
+    blocks: Vec<Block>,
+}
+
 pub struct ConvNeXt {
     stem: (Conv, ChannelNorm),
-    /// Each stage's downsampling (none before the first) and blocks.
-    stages: Vec<(Option<(ChannelNorm, Conv)>, Vec<Block>)>,
+    stages: Vec<Stage>,
     norm: ChannelNorm,
     fc: Linear,
 }
@@ -248,7 +253,7 @@ impl ConvNeXt {
             let blocks = (0..c.depths[s])
                 .map(|j| Block::new(f.pp(2 * s + 1).pp(j), w, c.hidden[s]))
                 .collect::<Result<Vec<_>>>()?;
-            stages.push((down, blocks));
+            stages.push(Stage { down, blocks });
         }
         let cl = vb.pp("classifier");
         Ok(ConvNeXt {
@@ -263,7 +268,7 @@ impl ConvNeXt {
 impl Network for ConvNeXt {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let mut x = self.stem.1.forward(&self.stem.0.forward(x, None, ctx)?)?;
-        for (down, blocks) in &self.stages {
+        for Stage { down, blocks } in &self.stages {
             if let Some((norm, conv)) = down {
                 x = conv.forward(&norm.forward(&x)?, None, ctx)?;
             }

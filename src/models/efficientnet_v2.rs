@@ -201,11 +201,11 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
 
 enum Layer {
     Fused {
-        conv: ConvBn,
-        project: Option<ConvBn>,
+        conv: Box<ConvBn>,
+        project: Option<Box<ConvBn>>,
         residual: bool,
     },
-    MbConv(MbConv),
+    MbConv(Box<MbConv>),
 }
 
 pub struct EfficientNetV2 {
@@ -228,13 +228,17 @@ impl EfficientNetV2 {
                 let v = f.pp(s + 1).pp(j).pp("block");
                 layers.push(match b {
                     Block::Fused(k) => {
-                        let conv = cna(
+                        let conv = Box::new(cna(
                             v.pp(0),
                             ConvSpec::new(k.cin, k.hidden, k.kernel).stride(k.stride),
                             reg,
-                        )?;
+                        )?);
                         let project = if k.expand {
-                            Some(cna(v.pp(1), ConvSpec::new(k.hidden, k.cout, 1), reg)?)
+                            Some(Box::new(cna(
+                                v.pp(1),
+                                ConvSpec::new(k.hidden, k.cout, 1),
+                                reg,
+                            )?))
                         } else {
                             None
                         };
@@ -244,7 +248,7 @@ impl EfficientNetV2 {
                             residual: k.stride == 1 && k.cin == k.cout,
                         }
                     }
-                    Block::MbConv(k) => Layer::MbConv(MbConv::new(k, v, EPS, reg)?),
+                    Block::MbConv(k) => Layer::MbConv(Box::new(MbConv::new(k, v, EPS, reg)?)),
                 });
             }
         }

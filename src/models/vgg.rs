@@ -157,7 +157,7 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
 
 enum Layer {
     Plain(Conv2d),
-    Bn(ConvBn),
+    Bn(Box<ConvBn>),
 }
 
 pub struct Vgg {
@@ -176,7 +176,7 @@ impl Vgg {
             for &w in widths {
                 let spec = ConvSpec::new(cin, w, 3).bias();
                 layers.push(if c.batch_norm {
-                    Layer::Bn(ConvBn::new(f.pp(i), f.pp(i + 1), spec, EPS, reg)?)
+                    Layer::Bn(Box::new(ConvBn::new(f.pp(i), f.pp(i + 1), spec, EPS, reg)?))
                 } else {
                     Layer::Plain(Conv2d::new(f.pp(i), spec)?)
                 });
