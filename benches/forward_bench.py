@@ -35,6 +35,9 @@ import torchvision.models as tvm
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
+# The families of issue 15, one configuration each.
+ZOO2 = ["vgg16_bn", "mobilenet_v3_small", "mobilenet_v3_large", "regnet_y_400mf", "regnet_x_1_6gf",
+        "convnext_tiny", "densenet121", "efficientnet_v2_s"]
 
 
 def flops_per_image(model, x):
@@ -75,6 +78,9 @@ def ckpt_steady(args, threads, tmp, name, env):
 
 def main():
     ap = argparse.ArgumentParser()
+    # Issue 15's families: vgg16_bn, mobilenet_v3_small, mobilenet_v3_large, regnet_y_400mf,
+    # regnet_x_1_6gf, convnext_tiny, densenet121, efficientnet_v2_s (any torchvision builder name
+    # works; `--models all` runs every one below).
     ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,efficientnet_b0")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--images", type=int, default=96)
@@ -92,6 +98,8 @@ def main():
     fast_env = {k: v for k, v in os.environ.items() if k != "CKPT_CPU_CONV"}
     candle_env = dict(fast_env, CKPT_CPU_CONV="candle")
     rows = []
+    if args.models == "all":
+        args.models = ",".join(["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"] + ZOO2)
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = getattr(tvm, name)().eval()

@@ -273,7 +273,7 @@ fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
                     let x = Tensor::randn(0f32, 1.0, (n, cin, hw, hw), &dev).unwrap();
                     let ho = (hw + 2 * g.padding - k) / stride + 1;
                     let r = Tensor::randn(0f32, 1.0, (n, cout, ho, ho), &dev).unwrap();
-                    for act in [Act::None, Act::Relu, Act::Relu6, Act::Silu] {
+                    for act in [Act::None, Act::Relu, Act::Relu6, Act::Silu, Act::Hardswish] {
                         for (with_shift, res) in [(false, None), (true, None), (true, Some(&r))] {
                             let what = format!(
                                 "{name}, {threads} threads, batch {n}, {hw}x{hw}, {act:?}, \
@@ -291,7 +291,7 @@ fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
             }
         });
     }
-    assert_eq!(cases, 2 * 13 * 4 * 4 * 3);
+    assert_eq!(cases, 2 * 13 * 4 * 5 * 3);
 }
 
 /// Issue 9: the ResNet stem's 3x3 stride-2 max pool (CPU kernel) against candle's pool over an

@@ -18,3 +18,4 @@ mod swa;
 mod sweep_res;
 mod trainers;
 mod writing;
+mod zoo2;

@@ -19,8 +19,9 @@ pub fn run(args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
     let (ck, model) = super::open_model(&args.model, global, &rep)?;
     if model.bn_layers.is_empty() {
         bail!(
-            "{}: the model has no BatchNorm layers",
-            args.model.model.display()
+            "{}: {} has no BatchNorm layers: nothing to recalibrate",
+            args.model.model.display(),
+            model.config.name()
         );
     }
     let dest = args.stats_out.clone().or(args.output.clone()).unwrap();

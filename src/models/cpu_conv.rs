@@ -46,6 +46,8 @@ pub enum Act {
     Relu6,
     /// x * sigmoid(x), EfficientNet's.
     Silu,
+    /// x * min(max(x + 3, 0), 6) / 6, MobileNetV3's.
+    Hardswish,
 }
 
 impl Act {
@@ -56,6 +58,7 @@ impl Act {
             Act::Relu => x.relu(),
             Act::Relu6 => x.clamp(0f32, 6f32),
             Act::Silu => x.silu(),
+            Act::Hardswish => x * ((x + 3.0)?.clamp(0f32, 6f32)? / 6.0)?,
         }
     }
 }
@@ -574,6 +577,7 @@ fn epilogue<const FMA: bool>(
         Act::Relu => each!(|v: f32| v.max(0.0)),
         Act::Relu6 => each!(|v: f32| v.clamp(0.0, 6.0)),
         Act::Silu => each!(|v: f32| v / (1.0 + exp::<FMA>(-v))),
+        Act::Hardswish => each!(|v: f32| v * ((v + 3.0).clamp(0.0, 6.0) / 6.0)),
     }
 }
 

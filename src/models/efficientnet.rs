@@ -13,7 +13,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{global_avg_pool, Act, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx, Linear};
-use super::{torchvision_naming, Architecture, Family, Head, Miss, Network, Probe, Shapes};
+use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
 const STAGE_STRIDES: [usize; 7] = [1, 2, 2, 2, 1, 2, 1];
@@ -59,7 +59,7 @@ pub const FAMILY: Family = Family {
 };
 
 pub fn accepts(arch: &str) -> bool {
-    arch.starts_with("efficientnet")
+    arch.starts_with("efficientnet") && !arch.starts_with("efficientnet_v2")
 }
 
 /// torchvision's `_make_divisible(v, 8)`.
@@ -79,10 +79,10 @@ impl Architecture for Config {
     }
 
     /// The 1x1 head's BN, and `classifier.1` (after dropout).
-    fn head(&self) -> Head {
-        Head {
+    fn head(&self) -> HeadPaths {
+        HeadPaths {
             classifier: "classifier.1".into(),
-            last_bn: "features.8.1".into(),
+            last_bn: Some("features.8.1".into()),
         }
     }
 
@@ -165,7 +165,8 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
     }))
 }
 
-struct MbConv {
+/// An MBConv block (also EfficientNetV2's, with its own BN eps).
+pub(super) struct MbConv {
     expand: Option<ConvBn>,
     depthwise: ConvBn,
     se_fc1: Conv2d,
@@ -175,9 +176,14 @@ struct MbConv {
 }
 
 impl MbConv {
-    fn new(c: &BlockConfig, vb: VarBuilder, reg: &mut BnRegistry) -> Result<MbConv> {
+    pub(super) fn new(
+        c: &BlockConfig,
+        vb: VarBuilder,
+        eps: f64,
+        reg: &mut BnRegistry,
+    ) -> Result<MbConv> {
         let cna = |v: VarBuilder, spec: ConvSpec, reg: &mut BnRegistry| {
-            ConvBn::new(v.pp(0), v.pp(1), spec, EPS, reg)
+            ConvBn::new(v.pp(0), v.pp(1), spec, eps, reg)
         };
         let mut k = 0;
         let expand = if c.expand {
@@ -207,7 +213,7 @@ impl MbConv {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let mut y = x.clone();
         if let Some(e) = &self.expand {
             y = e.forward_act(&y, ctx, Act::Silu)?;
@@ -244,7 +250,7 @@ impl EfficientNet {
         let mut blocks = Vec::new();
         for (s, stage) in c.stages.iter().enumerate() {
             for (j, b) in stage.iter().enumerate() {
-                blocks.push(MbConv::new(b, f.pp(s + 1).pp(j).pp("block"), reg)?);
+                blocks.push(MbConv::new(b, f.pp(s + 1).pp(j).pp("block"), EPS, reg)?);
             }
         }
         let cin = c

@@ -485,6 +485,34 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.mean((2, 3))
 }
 
+/// torch.nn.AdaptiveAvgPool2d((oh, ow)): output cell i averages input rows
+/// floor(i * H / oh) .. ceil((i + 1) * H / oh) (bins overlap, or repeat rows, when H is not a
+/// multiple of oh), and likewise for columns. Written as two small matrix products (pooling
+/// matrices [W, ow] and [H, oh]), so one code path serves every size, the identity included.
+pub fn adaptive_avg_pool(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if (h, w) == (oh, ow) {
+        return Ok(x.clone());
+    }
+    let pooling = |n: usize, out: usize| -> Result<Tensor> {
+        let mut m = vec![0f32; n * out];
+        for i in 0..out {
+            let (a, b) = (i * n / out, ((i + 1) * n).div_ceil(out));
+            for r in a..b {
+                m[r * out + i] = 1.0 / (b - a) as f32;
+            }
+        }
+        Tensor::from_vec(m, (n, out), x.device())?.to_dtype(x.dtype())
+    };
+    // [N, C, H, W] x [W, ow] -> [N, C, H, ow]; transposed, x [H, oh] -> [N, C, ow, oh].
+    let y = x.broadcast_matmul(&pooling(w, ow)?)?;
+    let y = y
+        .transpose(2, 3)?
+        .contiguous()?
+        .broadcast_matmul(&pooling(h, oh)?)?;
+    y.transpose(2, 3)?.contiguous()
+}
+
 /// torch.nn.MaxPool2d(3, 2, 1) on the context's kernels.
 pub fn max_pool_3x3_s2_p1(x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
     cpu_conv::max_pool_3x3_s2_p1(ctx.kernels, x)

@@ -12,7 +12,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Linear};
-use super::{torchvision_naming, Architecture, Family, Head, Miss, Network, Probe, Shapes};
+use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
 /// Stride of each of the 17 inverted residual blocks in torchvision's configuration.
@@ -54,10 +54,10 @@ impl Architecture for Config {
     }
 
     /// The 1x1 head's BN, and `classifier.1` (after dropout).
-    fn head(&self) -> Head {
-        Head {
+    fn head(&self) -> HeadPaths {
+        HeadPaths {
             classifier: "classifier.1".into(),
-            last_bn: "features.18.1".into(),
+            last_bn: Some("features.18.1".into()),
         }
     }
 

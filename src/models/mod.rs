@@ -23,13 +23,19 @@
 //! the parts it trains. Inference is f32 whatever the stored dtype; everything but BN always runs
 //! as in eval (no dropout, no stochastic depth).
 
+pub mod convnext;
 pub mod cpu_conv;
+pub mod densenet;
 pub mod efficientnet;
+pub mod efficientnet_v2;
 pub mod fused;
 pub mod layers;
 pub mod mobilenet_v2;
+pub mod mobilenet_v3;
 pub mod naming;
+pub mod regnet;
 pub mod resnet;
+pub mod vgg;
 
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
@@ -48,7 +54,17 @@ pub use layers::{BatchNorm, BatchStats, BnMode, BnObserver, BnRegistry, Ctx};
 pub use naming::Naming;
 
 /// The families ckpt recognises, tried in this order. One line per family.
-pub static FAMILIES: &[Family] = &[resnet::FAMILY, mobilenet_v2::FAMILY, efficientnet::FAMILY];
+pub static FAMILIES: &[Family] = &[
+    resnet::FAMILY,
+    mobilenet_v2::FAMILY,
+    efficientnet::FAMILY,
+    vgg::FAMILY,
+    mobilenet_v3::FAMILY,
+    regnet::FAMILY,
+    convnext::FAMILY,
+    densenet::FAMILY,
+    efficientnet_v2::FAMILY,
+];
 
 /// Tensor names and shapes: all detection looks at.
 pub type Shapes = BTreeMap<String, Vec<usize>>;
@@ -151,13 +167,20 @@ pub trait Architecture: fmt::Debug + Send + Sync + Any {
     fn build(&self, vb: VarBuilder, reg: &mut BnRegistry) -> candle_core::Result<Box<dyn Network>>;
     /// Where a fine-tune of the head looks: the classifier and the last BN before global
     /// pooling, by module path.
-    fn head(&self) -> Head;
+    fn head(&self) -> HeadPaths;
 }
 
 /// The module paths a head fine-tune (FixRes) trains: the linear classifier after global
 /// pooling (`fc`, `classifier.1`) and the last BN layer on the main path before the pool
-/// (`layer4.2.bn3` in ResNet-50, `features.18.1` in MobileNetV2). Each family names its own, so
-/// that no engine guesses from names.
+/// (`layer4.2.bn3` in ResNet-50, `features.18.1` in MobileNetV2; none in ConvNeXt or a VGG
+/// without BN). Each family names its own, so that no engine guesses from names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeadPaths {
+    pub classifier: String,
+    pub last_bn: Option<String>,
+}
+
+/// A model's [`HeadPaths`] resolved: checkpoint keys, the BN layer there.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Head {
     pub classifier: String,
@@ -204,8 +227,8 @@ impl Config {
     pub fn num_classes(&self) -> usize {
         self.arch.num_classes()
     }
-    /// The classifier and last BN, by module path (see [`Head`]).
-    pub fn head(&self) -> Head {
+    /// The classifier and last BN, by module path (see [`HeadPaths`]).
+    pub fn head(&self) -> HeadPaths {
         self.arch.head()
     }
     /// The family's own configuration type (`resnet::Config`, ...).
@@ -536,15 +559,22 @@ impl Model {
     /// index in [`Model::bn`].
     pub fn head(&self) -> Result<(Head, usize)> {
         let h = self.config.head();
-        let key = Head {
-            classifier: self.config.naming.key(&h.classifier),
-            last_bn: self.config.naming.key(&h.last_bn),
+        let Some(bn) = &h.last_bn else {
+            bail!(
+                "{} has no BatchNorm layer before its pooling, which a head fine-tune trains",
+                self.config.name()
+            );
         };
+        let last_bn = self.config.naming.key(bn);
         let index = self
             .bn_layers
             .iter()
-            .position(|p| *p == key.last_bn)
-            .with_context(|| format!("the model has no BN layer {}", key.last_bn))?;
+            .position(|p| *p == last_bn)
+            .with_context(|| format!("the model has no BN layer {last_bn}"))?;
+        let key = Head {
+            classifier: self.config.naming.key(&h.classifier),
+            last_bn,
+        };
         Ok((key, index))
     }
 

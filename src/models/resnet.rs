@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use super::layers::{
     global_avg_pool, max_pool_3x3_s2_p1, Act, BnMode, BnRegistry, ConvBn, ConvSpec, Ctx, Linear,
 };
-use super::{torchvision_naming, Architecture, Family, Head, Miss, Network, Probe, Shapes};
+use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
 
@@ -57,11 +57,11 @@ impl Architecture for Config {
 
     /// The last block's last BN on the main path (`bn3`, `bn2` in a BasicBlock), as the seed's
     /// `layer4[2].bn3`; a projection in that block (`downsample.1`) is the shortcut's.
-    fn head(&self) -> Head {
+    fn head(&self) -> HeadPaths {
         let n = if self.bottleneck { 3 } else { 2 };
-        Head {
+        HeadPaths {
             classifier: "fc".into(),
-            last_bn: format!("layer4.{}.bn{n}", self.blocks[3] - 1),
+            last_bn: Some(format!("layer4.{}.bn{n}", self.blocks[3] - 1)),
         }
     }
 

@@ -152,14 +152,21 @@ pub fn fine_tune(
     let config = detect(&shapes_of(ck), arch).with_context(|| ck.path.display().to_string())?;
     // Module paths here; the model's head below gives checkpoint keys.
     let paths = config.head();
+    let Some(last_bn) = paths.last_bn.clone() else {
+        bail!(
+            "{}: {} has no BatchNorm layer before its pooling: FixRes's recipe trains one",
+            ck.path.display(),
+            config.name()
+        );
+    };
     let affine = cfg.train_bn_affine;
     let mut picked = vec![
         format!("{}.weight", paths.classifier),
         format!("{}.bias", paths.classifier),
     ];
     if affine {
-        picked.push(format!("{}.weight", paths.last_bn));
-        picked.push(format!("{}.bias", paths.last_bn));
+        picked.push(format!("{last_bn}.weight"));
+        picked.push(format!("{last_bn}.bias"));
     }
     let pick = |p: &str| picked.iter().any(|q| q == p);
     let opts = BuildOptions {

@@ -1,0 +1,289 @@
+//! torchvision's ConvNeXt tiny/small/base/large, and any other widths, depths or class counts.
+//!
+//! `features.0` is the stem: a 4x4 stride-4 convolution with bias and a LayerNorm over channels
+//! (`LayerNorm2d`, eps 1e-6). Stages are `features.1`, `.3`, `.5`, `.7`, each a sequence of
+//! `CNBlock`s: `block.0` a 7x7 depthwise convolution with bias, `block.2` a LayerNorm over
+//! channels, `block.3` Linear(C, 4C), GELU (erf), `block.5` Linear(4C, C), multiplied by the
+//! per-channel `layer_scale` and added to the block's input. `features.2`, `.4`, `.6`
+//! downsample: LayerNorm2d, then a 2x2 stride-2 convolution with bias. The head pools, applies
+//! `classifier.0` (LayerNorm2d) and `classifier.2` (Linear). Stochastic depth is an identity in
+//! eval. There is no BatchNorm: nothing for calibrate mode or `recal-bn` to do.
+//!
+//! The block's linear layers are run as 1x1 convolutions on the channels-first tensor, so that
+//! they use the CPU's convolution kernels (bias in the epilogue); the layer scale is folded into
+//! the second one's weights and bias, and the residual add into its epilogue. The LayerNorm over
+//! channels and GELU are candle's ops (separate passes: candidates for a fused kernel).
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::cpu_conv::{conv2d, Act, Geometry};
+use super::layers::{global_avg_pool, BnRegistry, Conv2d, ConvSpec, Ctx, Linear};
+use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+
+const EPS: f64 = 1e-6;
+/// torchvision's sizes: (name, blocks per stage, stage widths).
+const STANDARD: [(&str, [usize; 4], [usize; 4]); 4] = [
+    ("convnext_tiny", [3, 3, 9, 3], [96, 192, 384, 768]),
+    ("convnext_small", [3, 3, 27, 3], [96, 192, 384, 768]),
+    ("convnext_base", [3, 3, 27, 3], [128, 256, 512, 1024]),
+    ("convnext_large", [3, 3, 27, 3], [192, 384, 768, 1536]),
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub depths: [usize; 4],
+    pub widths: [usize; 4],
+    /// Hidden width of each stage's blocks (4 x the width in torchvision's).
+    pub hidden: [usize; 4],
+    pub num_classes: usize,
+}
+
+/// The registry's entry (see `models::FAMILIES`).
+pub const FAMILY: Family = Family {
+    name: "convnext",
+    detect,
+    accepts,
+    namings: torchvision_naming,
+};
+
+pub fn accepts(arch: &str) -> bool {
+    arch.starts_with("convnext")
+}
+
+impl Architecture for Config {
+    fn head(&self) -> HeadPaths {
+        HeadPaths {
+            classifier: "classifier.2".into(),
+            last_bn: None,
+        }
+    }
+
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn build(&self, vb: VarBuilder, _reg: &mut BnRegistry) -> Result<Box<dyn Network>> {
+        Ok(Box::new(ConvNeXt::new(self, vb)?))
+    }
+
+    fn name(&self) -> String {
+        for (name, d, w) in STANDARD {
+            if self.depths == d && self.widths == w && self.hidden == w.map(|c| 4 * c) {
+                return name.into();
+            }
+        }
+        format!(
+            "convnext (depths {:?}, widths {:?})",
+            self.depths, self.widths
+        )
+    }
+}
+
+pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Miss> {
+    let mut p = Probe::new(shapes);
+    let stem = p.stem_channels("features.0.0.weight", 4)?;
+    p.expect("features.0.1.weight", &[stem])?;
+    let (mut depths, mut widths, mut hidden) = ([0; 4], [0; 4], [0; 4]);
+    let mut cin = stem;
+    for s in 0..4 {
+        let f = 2 * s + 1;
+        if s > 0 {
+            let d = p.shape(&format!("features.{}.1.weight", f - 1), 4)?;
+            if d[1..] != [cin, 2, 2] {
+                return Err(p.miss(format!(
+                    "tensor features.{}.1.weight has shape {d:?}, expected [C, {cin}, 2, 2]",
+                    f - 1
+                )));
+            }
+            cin = d[0];
+        }
+        p.expect(&format!("features.{f}.0.block.0.weight"), &[cin, 1, 7, 7])?;
+        hidden[s] = p.shape(&format!("features.{f}.0.block.3.weight"), 2)?[0];
+        while p.has(&format!("features.{f}.{}.layer_scale", depths[s])) {
+            depths[s] += 1;
+        }
+        if depths[s] == 0 {
+            return Err(p.miss(format!("no tensor features.{f}.0.layer_scale")));
+        }
+        widths[s] = cin;
+    }
+    let fc = p.shape("classifier.2.weight", 2)?;
+    if fc[1] != cin {
+        return Err(p.miss(format!(
+            "tensor classifier.2.weight has shape {fc:?}, expected [classes, {cin}]"
+        )));
+    }
+    Ok(Box::new(Config {
+        depths,
+        widths,
+        hidden,
+        num_classes: fc[0],
+    }))
+}
+
+/// LayerNorm over the channels of [N, C, H, W] (torchvision's `LayerNorm2d`, and `nn.LayerNorm`
+/// on the channels-last view inside a block): biased variance, eps 1e-6.
+struct ChannelNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl ChannelNorm {
+    fn new(vb: VarBuilder, c: usize) -> Result<ChannelNorm> {
+        Ok(ChannelNorm {
+            weight: vb.get(c, "weight")?.reshape((1, c, 1, 1))?,
+            bias: vb.get(c, "bias")?.reshape((1, c, 1, 1))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let centred = x.broadcast_sub(&x.mean_keepdim(1)?)?;
+        let var = centred.sqr()?.mean_keepdim(1)?;
+        centred
+            .broadcast_div(&(var + EPS)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// A convolution with bias and a geometry of its own (the stem's 4x4 stride 4 and the
+/// downsampling 2x2 stride 2 have no padding), or a linear layer as a 1x1 convolution.
+struct Conv {
+    weight: Tensor,
+    bias: (Vec<f32>, Tensor),
+    geometry: Geometry,
+}
+
+impl Conv {
+    fn patchify(vb: VarBuilder, cin: usize, cout: usize, k: usize) -> Result<Conv> {
+        let weight = vb.get((cout, cin, k, k), "weight")?;
+        Conv::with(weight, vb.get(cout, "bias")?, k, 0)
+    }
+
+    /// `nn.Linear(cin, cout)` at `vb`, times `scale` per output (the layer scale), if any.
+    fn linear(vb: VarBuilder, cin: usize, cout: usize, scale: Option<&Tensor>) -> Result<Conv> {
+        let mut weight = vb.get((cout, cin), "weight")?;
+        let mut bias = vb.get(cout, "bias")?;
+        if let Some(s) = scale {
+            weight = weight.broadcast_mul(&s.reshape((cout, 1))?)?;
+            bias = (bias * s)?;
+        }
+        Conv::with(weight.reshape((cout, cin, 1, 1))?, bias, 1, 0)
+    }
+
+    fn with(weight: Tensor, bias: Tensor, stride: usize, padding: usize) -> Result<Conv> {
+        Ok(Conv {
+            weight,
+            bias: (bias.to_dtype(DType::F32)?.to_vec1()?, bias),
+            geometry: Geometry {
+                stride,
+                padding,
+                groups: 1,
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, residual: Option<&Tensor>, ctx: &Ctx) -> Result<Tensor> {
+        let bias = Some((self.bias.0.as_slice(), &self.bias.1));
+        conv2d(
+            ctx.kernels,
+            x,
+            &self.weight,
+            self.geometry,
+            bias,
+            residual,
+            Act::None,
+        )
+    }
+}
+
+struct Block {
+    depthwise: Conv2d,
+    norm: ChannelNorm,
+    expand: Conv,
+    /// `block.5` with the layer scale folded in.
+    project: Conv,
+}
+
+impl Block {
+    fn new(vb: VarBuilder, c: usize, hidden: usize) -> Result<Block> {
+        let b = vb.pp("block");
+        let scale = vb.get((c, 1, 1), "layer_scale")?.reshape(c)?;
+        Ok(Block {
+            depthwise: Conv2d::new(b.pp(0), ConvSpec::new(c, c, 7).groups(c).bias())?,
+            norm: ChannelNorm::new(b.pp(2), c)?,
+            expand: Conv::linear(b.pp(3), c, hidden, None)?,
+            project: Conv::linear(b.pp(5), hidden, c, Some(&scale))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let y = self.norm.forward(&self.depthwise.forward(x, ctx)?)?;
+        let y = self.expand.forward(&y, None, ctx)?.gelu_erf()?;
+        self.project.forward(&y, Some(x), ctx)
+    }
+}
+
+struct Stage {
+    /// LayerNorm and 2x2 stride-2 convolution (none before the first stage).
+    down: Option<(ChannelNorm, Conv)>,
+    blocks: Vec<Block>,
+}
+
+pub struct ConvNeXt {
+    stem: (Conv, ChannelNorm),
+    stages: Vec<Stage>,
+    norm: ChannelNorm,
+    fc: Linear,
+}
+
+impl ConvNeXt {
+    pub fn new(c: &Config, vb: VarBuilder) -> Result<ConvNeXt> {
+        let f = vb.pp("features");
+        let stem = (
+            Conv::patchify(f.pp(0).pp(0), 3, c.widths[0], 4)?,
+            ChannelNorm::new(f.pp(0).pp(1), c.widths[0])?,
+        );
+        let mut stages = Vec::new();
+        for s in 0..4 {
+            let w = c.widths[s];
+            let down = if s > 0 {
+                let d = f.pp(2 * s);
+                Some((
+                    ChannelNorm::new(d.pp(0), c.widths[s - 1])?,
+                    Conv::patchify(d.pp(1), c.widths[s - 1], w, 2)?,
+                ))
+            } else {
+                None
+            };
+            let blocks = (0..c.depths[s])
+                .map(|j| Block::new(f.pp(2 * s + 1).pp(j), w, c.hidden[s]))
+                .collect::<Result<Vec<_>>>()?;
+            stages.push(Stage { down, blocks });
+        }
+        let cl = vb.pp("classifier");
+        Ok(ConvNeXt {
+            stem,
+            stages,
+            norm: ChannelNorm::new(cl.pp(0), c.widths[3])?,
+            fc: Linear::new(cl.pp(2), c.widths[3], c.num_classes)?,
+        })
+    }
+}
+
+impl Network for ConvNeXt {
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let mut x = self.stem.1.forward(&self.stem.0.forward(x, None, ctx)?)?;
+        for Stage { down, blocks } in &self.stages {
+            if let Some((norm, conv)) = down {
+                x = conv.forward(&norm.forward(&x)?, None, ctx)?;
+            }
+            for b in blocks {
+                x = b.forward(&x, ctx)?;
+            }
+        }
+        let x = global_avg_pool(&x)?.unsqueeze(2)?.unsqueeze(3)?;
+        self.fc.forward(&self.norm.forward(&x)?.flatten_from(1)?)
+    }
+}

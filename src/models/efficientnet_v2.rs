@@ -1,0 +1,311 @@
+//! torchvision's EfficientNetV2 S/M/L (and other widths, depths or class counts of the same
+//! stage layout).
+//!
+//! `features.0` is the stem (3x3, stride 2, BN, SiLU); `features.1` to `features.n` are stages
+//! of blocks `features.{s}.{j}.block`, either Fused-MBConv (a k x k convolution with the stride,
+//! BN, SiLU, then, when the expansion is not 1, a 1x1 projection with BN) or MBConv (as in
+//! EfficientNet: 1x1 expansion, depthwise, squeeze-excitation, projection; told apart by the
+//! squeeze-excitation's `fc1`); `features.n+1` is the 1x1 head (SiLU), `classifier.1` the
+//! linear layer. BN has torchvision's eps 0.001. Widths, kernels and depths come from the
+//! shapes; strides are torchvision's per-stage schedule, told apart by the number of stages
+//! (6 for S, 7 for M and L).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::efficientnet::{BlockConfig, MbConv};
+use super::layers::{global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Linear};
+use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+
+const EPS: f64 = 1e-3;
+/// Stride of each stage's first block: S, then M and L.
+const STRIDES_S: [usize; 6] = [1, 2, 2, 2, 1, 2];
+const STRIDES_ML: [usize; 7] = [1, 2, 2, 2, 1, 2, 1];
+/// torchvision's sizes: (name, blocks per stage, stage widths, stem); the head is 1280 wide.
+const STANDARD: [(&str, &[usize], &[usize], usize); 3] = [
+    (
+        "efficientnet_v2_s",
+        &[2, 4, 4, 6, 9, 15],
+        &[24, 48, 64, 128, 160, 256],
+        24,
+    ),
+    (
+        "efficientnet_v2_m",
+        &[3, 5, 5, 7, 14, 18, 5],
+        &[24, 48, 80, 160, 176, 304, 512],
+        24,
+    ),
+    (
+        "efficientnet_v2_l",
+        &[4, 7, 7, 10, 19, 25, 7],
+        &[32, 64, 96, 192, 224, 384, 640],
+        32,
+    ),
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Block {
+    /// Fused-MBConv: `hidden` is the k x k convolution's output, equal to `cout` without a
+    /// projection (`squeeze` unused).
+    Fused(BlockConfig),
+    MbConv(BlockConfig),
+}
+
+impl Block {
+    fn config(&self) -> &BlockConfig {
+        match self {
+            Block::Fused(c) | Block::MbConv(c) => c,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub stem: usize,
+    pub stages: Vec<Vec<Block>>,
+    pub last_channel: usize,
+    pub num_classes: usize,
+}
+
+/// The registry's entry (see `models::FAMILIES`).
+pub const FAMILY: Family = Family {
+    name: "efficientnet_v2",
+    detect,
+    accepts,
+    namings: torchvision_naming,
+};
+
+pub fn accepts(arch: &str) -> bool {
+    arch.starts_with("efficientnet_v2")
+}
+
+impl Architecture for Config {
+    fn head(&self) -> HeadPaths {
+        HeadPaths {
+            classifier: "classifier.1".into(),
+            last_bn: Some(format!("features.{}.1", self.stages.len() + 1)),
+        }
+    }
+
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn build(&self, vb: VarBuilder, reg: &mut BnRegistry) -> Result<Box<dyn Network>> {
+        Ok(Box::new(EfficientNetV2::new(self, vb, reg)?))
+    }
+
+    fn name(&self) -> String {
+        let depths: Vec<usize> = self.stages.iter().map(Vec::len).collect();
+        let widths: Vec<usize> = self
+            .stages
+            .iter()
+            .map(|s| s.last().map_or(0, |b| b.config().cout))
+            .collect();
+        for (name, d, w, stem) in STANDARD {
+            if depths == d && widths == w && self.stem == stem && self.last_channel == 1280 {
+                return name.into();
+            }
+        }
+        format!("efficientnet_v2 (depths {depths:?}, widths {widths:?})")
+    }
+}
+
+pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Miss> {
+    let mut p = Probe::new(shapes);
+    let stem = p.stem_channels("features.0.0.weight", 3)?;
+    let mut n = 0;
+    while p.has(&format!("features.{}.0.block.0.0.weight", n + 1)) {
+        n += 1;
+    }
+    let strides: &[usize] = match n {
+        6 => &STRIDES_S,
+        7 => &STRIDES_ML,
+        _ => {
+            return Err(p.miss(format!(
+                "{n} stages under features.N.0.block, expected 6 (S) or 7 (M, L)"
+            )))
+        }
+    };
+    let mut cin = stem;
+    let mut stages = Vec::new();
+    for (s, &stage_stride) in strides.iter().enumerate() {
+        let mut blocks = Vec::new();
+        loop {
+            let b = format!("features.{}.{}.block", s + 1, blocks.len());
+            if !p.has(&format!("{b}.0.0.weight")) {
+                break;
+            }
+            let stride = if blocks.is_empty() { stage_stride } else { 1 };
+            let first = p.shape(&format!("{b}.0.0.weight"), 4)?;
+            let se = (1..=2).find(|o| p.has(&format!("{b}.{o}.fc1.weight")));
+            let block = match se {
+                None => {
+                    if first[1] != cin || first[2] != first[3] || first[2] % 2 == 0 {
+                        return Err(p.miss(format!(
+                            "tensor {b}.0.0.weight has shape {first:?}, expected a Fused-MBConv [C, {cin}, k, k]"
+                        )));
+                    }
+                    let expand = p.has(&format!("{b}.1.0.weight"));
+                    let cout = if expand {
+                        p.shape(&format!("{b}.1.0.weight"), 4)?[0]
+                    } else {
+                        first[0]
+                    };
+                    Block::Fused(BlockConfig {
+                        cin,
+                        hidden: first[0],
+                        squeeze: 0,
+                        cout,
+                        kernel: first[2],
+                        stride,
+                        expand,
+                    })
+                }
+                Some(o) => {
+                    let expand = o == 2;
+                    let hidden = if expand { first[0] } else { cin };
+                    let dw = p.shape(&format!("{b}.{}.0.weight", o - 1), 4)?;
+                    if dw[0] != hidden || dw[1] != 1 || dw[2] != dw[3] || dw[2] % 2 == 0 {
+                        return Err(p.miss(format!(
+                            "tensor {b}.{}.0.weight has shape {dw:?}, expected a depthwise [{hidden}, 1, k, k]",
+                            o - 1
+                        )));
+                    }
+                    let fc1 = p.shape(&format!("{b}.{o}.fc1.weight"), 4)?;
+                    let proj = p.shape(&format!("{b}.{}.0.weight", o + 1), 4)?;
+                    Block::MbConv(BlockConfig {
+                        cin,
+                        hidden,
+                        squeeze: fc1[0],
+                        cout: proj[0],
+                        kernel: dw[2],
+                        stride,
+                        expand,
+                    })
+                }
+            };
+            cin = block.config().cout;
+            blocks.push(block);
+        }
+        stages.push(blocks);
+    }
+    let head = p.shape(&format!("features.{}.0.weight", n + 1), 4)?;
+    if head[1] != cin {
+        return Err(p.miss(format!(
+            "tensor features.{}.0.weight has shape {head:?}, expected [C, {cin}, 1, 1]",
+            n + 1
+        )));
+    }
+    let fc = p.shape("classifier.1.weight", 2)?;
+    Ok(Box::new(Config {
+        stem,
+        stages,
+        last_channel: head[0],
+        num_classes: fc[0],
+    }))
+}
+
+enum Layer {
+    Fused {
+        conv: Box<ConvBn>,
+        project: Option<Box<ConvBn>>,
+        residual: bool,
+    },
+    MbConv(Box<MbConv>),
+}
+
+pub struct EfficientNetV2 {
+    stem: ConvBn,
+    layers: Vec<Layer>,
+    head: ConvBn,
+    classifier: Linear,
+}
+
+impl EfficientNetV2 {
+    pub fn new(c: &Config, vb: VarBuilder, reg: &mut BnRegistry) -> Result<EfficientNetV2> {
+        let f = vb.pp("features");
+        let cna = |v: VarBuilder, spec: ConvSpec, reg: &mut BnRegistry| {
+            ConvBn::new(v.pp(0), v.pp(1), spec, EPS, reg)
+        };
+        let stem = cna(f.pp(0), ConvSpec::new(3, c.stem, 3).stride(2), reg)?;
+        let mut layers = Vec::new();
+        for (s, stage) in c.stages.iter().enumerate() {
+            for (j, b) in stage.iter().enumerate() {
+                let v = f.pp(s + 1).pp(j).pp("block");
+                layers.push(match b {
+                    Block::Fused(k) => {
+                        let conv = Box::new(cna(
+                            v.pp(0),
+                            ConvSpec::new(k.cin, k.hidden, k.kernel).stride(k.stride),
+                            reg,
+                        )?);
+                        let project = if k.expand {
+                            Some(Box::new(cna(
+                                v.pp(1),
+                                ConvSpec::new(k.hidden, k.cout, 1),
+                                reg,
+                            )?))
+                        } else {
+                            None
+                        };
+                        Layer::Fused {
+                            conv,
+                            project,
+                            residual: k.stride == 1 && k.cin == k.cout,
+                        }
+                    }
+                    Block::MbConv(k) => Layer::MbConv(Box::new(MbConv::new(k, v, EPS, reg)?)),
+                });
+            }
+        }
+        let cin = c
+            .stages
+            .last()
+            .and_then(|s| s.last())
+            .map_or(c.stem, |b| b.config().cout);
+        let n = c.stages.len() + 1;
+        let head = cna(f.pp(n), ConvSpec::new(cin, c.last_channel, 1), reg)?;
+        let classifier = Linear::new(vb.pp("classifier").pp(1), c.last_channel, c.num_classes)?;
+        Ok(EfficientNetV2 {
+            stem,
+            layers,
+            head,
+            classifier,
+        })
+    }
+}
+
+impl Network for EfficientNetV2 {
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let mut x = self.stem.forward_act(x, ctx, Act::Silu)?;
+        for l in &self.layers {
+            x = match l {
+                Layer::Fused {
+                    conv,
+                    project,
+                    residual,
+                } => {
+                    let r = if *residual { Some(&x) } else { None };
+                    match project {
+                        Some(p) => {
+                            let y = conv.forward_act(&x, ctx, Act::Silu)?;
+                            p.forward_add_act(&y, r, ctx, Act::None)?
+                        }
+                        // The residual comes after the activation here.
+                        None => {
+                            let y = conv.forward_act(&x, ctx, Act::Silu)?;
+                            match r {
+                                Some(r) => (y + r)?,
+                                None => y,
+                            }
+                        }
+                    }
+                }
+                Layer::MbConv(b) => b.forward(&x, ctx)?,
+            };
+        }
+        let x = self.head.forward_act(&x, ctx, Act::Silu)?;
+        self.classifier.forward(&global_avg_pool(&x)?)
+    }
+}

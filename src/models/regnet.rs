@@ -1,0 +1,288 @@
+//! torchvision's RegNetX and RegNetY: every published size (`regnet_x_400mf` ...
+//! `regnet_y_128gf`) and any other depths, widths, group widths or bottleneck widths the shapes
+//! imply.
+//!
+//! `stem` is a 3x3 stride-2 convolution, BN, ReLU. `trunk_output.block{s}` (s = 1..4) holds
+//! blocks `block{s}-{j}`, each a `ResBottleneckBlock`: an optional projection `proj` (1x1 with
+//! the block's stride, BN), and `f`: `a` (1x1, BN, ReLU), `b` (3x3 grouped with the stride, BN,
+//! ReLU), for RegNetY a squeeze-excitation `se` (`fc1`, ReLU, `fc2`, sigmoid), and `c` (1x1,
+//! BN); the block's output is ReLU(proj(x) + f(x)). Then global pooling and `fc`. Widths,
+//! groups (bottleneck width over `b`'s input channels per group) and squeeze widths are read per
+//! block; the stride is 2 in the first block of each stage, as in every torchvision RegNet.
+//!
+//! torchvision computes `proj(x)` before `f(x)`, so the projection's BN comes first in forward
+//! order (and in calibrate mode's reports).
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::layers::{global_avg_pool, Act, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx, Linear};
+use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+
+const EPS: f64 = 1e-5;
+/// torchvision's published sizes: (name, blocks per stage, stage widths); a `regnet_y` has
+/// squeeze-excitations, a `regnet_x` none. The stem is 32 wide in all.
+const STANDARD: [(&str, [usize; 4], [usize; 4]); 15] = [
+    ("regnet_x_400mf", [1, 2, 7, 12], [32, 64, 160, 400]),
+    ("regnet_x_800mf", [1, 3, 7, 5], [64, 128, 288, 672]),
+    ("regnet_x_1_6gf", [2, 4, 10, 2], [72, 168, 408, 912]),
+    ("regnet_x_3_2gf", [2, 6, 15, 2], [96, 192, 432, 1008]),
+    ("regnet_x_8gf", [2, 5, 15, 1], [80, 240, 720, 1920]),
+    ("regnet_x_16gf", [2, 6, 13, 1], [256, 512, 896, 2048]),
+    ("regnet_x_32gf", [2, 7, 13, 1], [336, 672, 1344, 2520]),
+    ("regnet_y_400mf", [1, 3, 6, 6], [48, 104, 208, 440]),
+    ("regnet_y_800mf", [1, 3, 8, 2], [64, 144, 320, 784]),
+    ("regnet_y_1_6gf", [2, 6, 17, 2], [48, 120, 336, 888]),
+    ("regnet_y_3_2gf", [2, 5, 13, 1], [72, 216, 576, 1512]),
+    ("regnet_y_8gf", [2, 4, 10, 1], [224, 448, 896, 2016]),
+    ("regnet_y_16gf", [2, 4, 11, 1], [224, 448, 1232, 3024]),
+    ("regnet_y_32gf", [2, 5, 12, 1], [232, 696, 1392, 3712]),
+    ("regnet_y_128gf", [2, 7, 17, 1], [528, 1056, 2904, 7392]),
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    pub cin: usize,
+    /// Bottleneck width (`a`'s and `b`'s output channels).
+    pub width: usize,
+    pub groups: usize,
+    /// Squeeze-excitation width (RegNetY).
+    pub squeeze: Option<usize>,
+    pub cout: usize,
+    pub stride: usize,
+    pub proj: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub stem: usize,
+    pub stages: Vec<Vec<BlockConfig>>,
+    pub num_classes: usize,
+}
+
+impl Config {
+    fn is_y(&self) -> bool {
+        self.stages.iter().flatten().any(|b| b.squeeze.is_some())
+    }
+}
+
+/// The registry's entry (see `models::FAMILIES`).
+pub const FAMILY: Family = Family {
+    name: "regnet",
+    detect,
+    accepts,
+    namings: torchvision_naming,
+};
+
+pub fn accepts(arch: &str) -> bool {
+    arch.starts_with("regnet")
+}
+
+impl Architecture for Config {
+    fn head(&self) -> HeadPaths {
+        let s = self.stages.len();
+        let j = self.stages.last().map_or(0, |b| b.len().saturating_sub(1));
+        HeadPaths {
+            classifier: "fc".into(),
+            last_bn: Some(format!("trunk_output.block{s}.block{s}-{j}.f.c.1")),
+        }
+    }
+
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn build(&self, vb: VarBuilder, reg: &mut BnRegistry) -> Result<Box<dyn Network>> {
+        Ok(Box::new(RegNet::new(self, vb, reg)?))
+    }
+
+    fn name(&self) -> String {
+        let depths: Vec<usize> = self.stages.iter().map(Vec::len).collect();
+        let widths: Vec<usize> = self
+            .stages
+            .iter()
+            .map(|s| s.last().map_or(0, |b| b.cout))
+            .collect();
+        let variant = if self.is_y() { "regnet_y" } else { "regnet_x" };
+        for (name, d, w) in STANDARD {
+            if name.starts_with(variant) && self.stem == 32 && depths == d && widths == w {
+                return name.into();
+            }
+        }
+        let group_widths: Vec<usize> = self
+            .stages
+            .iter()
+            .map(|s| s.first().map_or(0, |b| b.width / b.groups))
+            .collect();
+        format!("{variant} (depths {depths:?}, widths {widths:?}, group widths {group_widths:?})")
+    }
+}
+
+pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Miss> {
+    let mut p = Probe::new(shapes);
+    let stem = p.stem_channels("stem.0.weight", 3)?;
+    p.expect("stem.1.running_mean", &[stem])?;
+    let mut cin = stem;
+    let mut stages = Vec::new();
+    for s in 1..=4 {
+        let mut blocks = Vec::new();
+        loop {
+            let b = format!("trunk_output.block{s}.block{s}-{}", blocks.len());
+            if !p.has(&format!("{b}.f.a.0.weight")) {
+                break;
+            }
+            let a = p.shape(&format!("{b}.f.a.0.weight"), 4)?;
+            if a[1..] != [cin, 1, 1] {
+                return Err(p.miss(format!(
+                    "tensor {b}.f.a.0.weight has shape {a:?}, expected [W, {cin}, 1, 1]"
+                )));
+            }
+            let width = a[0];
+            let bw = p.shape(&format!("{b}.f.b.0.weight"), 4)?;
+            if bw[0] != width || bw[1] == 0 || width % bw[1] != 0 || bw[2..] != [3, 3] {
+                return Err(p.miss(format!(
+                    "tensor {b}.f.b.0.weight has shape {bw:?}, expected a grouped [{width}, {width} / groups, 3, 3]"
+                )));
+            }
+            let squeeze = if p.has(&format!("{b}.f.se.fc1.weight")) {
+                Some(p.shape(&format!("{b}.f.se.fc1.weight"), 4)?[0])
+            } else {
+                None
+            };
+            let c = p.shape(&format!("{b}.f.c.0.weight"), 4)?;
+            let first = blocks.is_empty();
+            blocks.push(BlockConfig {
+                cin,
+                width,
+                groups: width / bw[1],
+                squeeze,
+                cout: c[0],
+                stride: if first { 2 } else { 1 },
+                proj: p.has(&format!("{b}.proj.0.weight")),
+            });
+            cin = c[0];
+        }
+        if blocks.is_empty() {
+            return Err(p.miss(format!(
+                "no tensor trunk_output.block{s}.block{s}-0.f.a.0.weight"
+            )));
+        }
+        stages.push(blocks);
+    }
+    let fc = p.shape("fc.weight", 2)?;
+    if fc[1] != cin {
+        return Err(p.miss(format!(
+            "tensor fc.weight has shape {fc:?}, expected [classes, {cin}]"
+        )));
+    }
+    Ok(Box::new(Config {
+        stem,
+        stages,
+        num_classes: fc[0],
+    }))
+}
+
+struct Block {
+    proj: Option<ConvBn>,
+    a: ConvBn,
+    b: ConvBn,
+    se: Option<(Conv2d, Conv2d)>,
+    c: ConvBn,
+}
+
+impl Block {
+    fn new(k: &BlockConfig, vb: VarBuilder, reg: &mut BnRegistry) -> Result<Block> {
+        let cna = |v: VarBuilder, spec: ConvSpec, reg: &mut BnRegistry| {
+            ConvBn::new(v.pp(0), v.pp(1), spec, EPS, reg)
+        };
+        let proj = if k.proj {
+            Some(cna(
+                vb.pp("proj"),
+                ConvSpec::new(k.cin, k.cout, 1).stride(k.stride),
+                reg,
+            )?)
+        } else {
+            if k.stride != 1 || k.cin != k.cout {
+                candle_core::bail!("no tensor {}.proj.0.weight", vb.prefix());
+            }
+            None
+        };
+        let f = vb.pp("f");
+        let a = cna(f.pp("a"), ConvSpec::new(k.cin, k.width, 1), reg)?;
+        let b = cna(
+            f.pp("b"),
+            ConvSpec::new(k.width, k.width, 3)
+                .stride(k.stride)
+                .groups(k.groups),
+            reg,
+        )?;
+        let se = match k.squeeze {
+            Some(s) => Some((
+                Conv2d::new(f.pp("se").pp("fc1"), ConvSpec::new(k.width, s, 1).bias())?,
+                Conv2d::new(f.pp("se").pp("fc2"), ConvSpec::new(s, k.width, 1).bias())?,
+            )),
+            None => None,
+        };
+        let c = cna(f.pp("c"), ConvSpec::new(k.width, k.cout, 1), reg)?;
+        Ok(Block { proj, a, b, se, c })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        // The projection first, as torchvision computes it (BN forward order).
+        let identity = match &self.proj {
+            Some(p) => p.forward(x, ctx)?,
+            None => x.clone(),
+        };
+        let y = self.a.forward_relu(x, ctx)?;
+        let mut y = self.b.forward_relu(&y, ctx)?;
+        if let Some((fc1, fc2)) = &self.se {
+            let s = y.mean_keepdim((2, 3))?;
+            let s = fc2.forward(&fc1.forward_act(&s, ctx, Act::Relu)?, ctx)?;
+            y = y.broadcast_mul(&candle_nn::ops::sigmoid(&s)?)?;
+        }
+        self.c.forward_add_act(&y, Some(&identity), ctx, Act::Relu)
+    }
+}
+
+pub struct RegNet {
+    stem: ConvBn,
+    blocks: Vec<Block>,
+    fc: Linear,
+}
+
+impl RegNet {
+    pub fn new(c: &Config, vb: VarBuilder, reg: &mut BnRegistry) -> Result<RegNet> {
+        let stem = ConvBn::new(
+            vb.pp("stem").pp(0),
+            vb.pp("stem").pp(1),
+            ConvSpec::new(3, c.stem, 3).stride(2),
+            EPS,
+            reg,
+        )?;
+        let t = vb.pp("trunk_output");
+        let mut blocks = Vec::new();
+        for (s, stage) in c.stages.iter().enumerate() {
+            let vs = t.pp(format!("block{}", s + 1));
+            for (j, b) in stage.iter().enumerate() {
+                blocks.push(Block::new(b, vs.pp(format!("block{}-{j}", s + 1)), reg)?);
+            }
+        }
+        let cin = c
+            .stages
+            .last()
+            .and_then(|s| s.last())
+            .map_or(c.stem, |b| b.cout);
+        let fc = Linear::new(vb.pp("fc"), cin, c.num_classes)?;
+        Ok(RegNet { stem, blocks, fc })
+    }
+}
+
+impl Network for RegNet {
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let mut x = self.stem.forward_relu(x, ctx)?;
+        for b in &self.blocks {
+            x = b.forward(&x, ctx)?;
+        }
+        self.fc.forward(&global_avg_pool(&x)?)
+    }
+}

@@ -1,0 +1,402 @@
+//! Issue 15, the second round of the model zoo: each new family against torchvision on a small
+//! instance (fixtures/zoo2, made by fixtures/make_zoo2_fixtures.py: random weights, randomised
+//! BN affine, BN statistics estimated on real images), and detection on the key/shape lists of
+//! the real-size configurations (fixtures/expected/zoo2_shapes.json.gz, meta device).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use ckpt::checkpoint::Checkpoint;
+use ckpt::models::{detect, BatchStats, BnObserver, Ctx, Model, ShapeOnlyBackend, Shapes};
+
+use crate::util::*;
+
+/// Largest difference from torchvision's logits, relative to the largest logit, on both paths.
+/// The references are computed in f32 from the same f16-rounded weights and inputs, so what is
+/// left is f32 summation order (a few 1e-7 measured); 1e-4 still fails a wrong padding, a
+/// missing squeeze-excite or a wrong epsilon by orders of magnitude, since each fixture's BN
+/// statistics come from real images and its logits differ between images.
+const TOLERANCE: f64 = 1e-4;
+
+/// (fixture name, words `logits` must report about the architecture, whether it has BN)
+const FIXTURES: &[(&str, &[&str], bool)] = &[
+    (
+        "vgg_tiny",
+        &[
+            "vgg (stages [[8], [16], [16, 16], [24, 24], [24, 24]]",
+            "5 classes",
+        ],
+        false,
+    ),
+    (
+        "vgg_bn_tiny",
+        &[
+            "vgg_bn (stages [[8, 8], [16, 16], [16, 16, 16]",
+            "4 classes",
+        ],
+        true,
+    ),
+    (
+        "mobilenet_v3_small_tiny",
+        &["mobilenet_v3_small (stem 8, last channel 256)", "5 classes"],
+        true,
+    ),
+    (
+        "mobilenet_v3_large_tiny",
+        &["mobilenet_v3_large (stem 8, last channel 320)", "6 classes"],
+        true,
+    ),
+    (
+        "regnet_x_tiny",
+        &[
+            "regnet_x (depths [1, 2, 1, 2], widths [8, 16, 24, 32], group widths [8, 8, 8, 16])",
+            "6 classes",
+        ],
+        true,
+    ),
+    (
+        "regnet_y_tiny",
+        &["regnet_y (depths [1, 2, 1, 2]", "6 classes"],
+        true,
+    ),
+    (
+        "convnext_tiny_tiny",
+        &[
+            "convnext (depths [1, 1, 2, 1], widths [8, 16, 24, 32])",
+            "5 classes",
+        ],
+        false,
+    ),
+    (
+        "densenet_tiny",
+        &[
+            "densenet (growth 8, blocks [2, 2, 3, 2], initial width 16)",
+            "5 classes",
+        ],
+        true,
+    ),
+    (
+        "efficientnet_v2_tiny",
+        &[
+            "efficientnet_v2 (depths [1, 2, 1, 2, 1, 2], widths [8, 16, 16, 24, 32, 40])",
+            "5 classes",
+        ],
+        true,
+    ),
+];
+
+fn logits_difference(name: &str, env: &[(&str, &str)], words: &[&str]) -> f64 {
+    let d = TestDir::new();
+    let model = fixture(&format!("zoo2/{name}.safetensors"));
+    let io = fixture(&format!("zoo2/{name}_io.safetensors"));
+    let r = d
+        .run_env(
+            &[
+                "logits",
+                &p(&model),
+                "--input",
+                &p(&io),
+                "-o",
+                "out.safetensors",
+                "--device",
+                "cpu",
+            ],
+            env,
+        )
+        .ok();
+    for w in words {
+        assert!(
+            r.stderr.contains(w),
+            "{name}: expected {w:?} in {}",
+            r.stderr
+        );
+    }
+    let got = read_st(&d.path("out.safetensors"));
+    let want = read_st(&io);
+    assert_eq!(got["logits"].shape, want["logits"].shape, "{name}");
+    let (g, w) = (as_f64(&got["logits"]), as_f64(&want["logits"]));
+    let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+    g.iter()
+        .zip(&w)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+#[test]
+fn new_families_match_torchvision_on_both_kernels_issue_15() {
+    for (name, words, _) in FIXTURES {
+        for env in [&[][..], &[("CKPT_CPU_CONV", "candle")][..]] {
+            let worst = logits_difference(name, env, words);
+            eprintln!("{name} {env:?}: max relative logits difference {worst:e}");
+            assert!(worst < TOLERANCE, "{name} {env:?}: {worst:e}");
+        }
+    }
+}
+
+/// Calibrate mode: every BN layer's batch mean and (biased) variance and the resulting logits
+/// against torchvision with BN in train mode and everything else in eval, on both kernels.
+#[test]
+fn new_families_calibrate_like_pytorch_train_mode_issue_15() {
+    struct Record(Vec<(usize, BatchStats)>);
+    impl BnObserver for Record {
+        fn observe(&mut self, layer: usize, stats: BatchStats) -> candle_core::Result<()> {
+            self.0.push((layer, stats));
+            Ok(())
+        }
+    }
+    for (name, _, has_bn) in FIXTURES.iter().filter(|f| f.2) {
+        assert!(has_bn);
+        let ck = Checkpoint::open(
+            fixture(&format!("zoo2/{name}.safetensors")),
+            &Default::default(),
+        )
+        .unwrap();
+        let io = fixture(&format!("zoo2/{name}_io.safetensors"));
+        let reference = read_st(&io);
+        for kernels in [ckpt::models::Kernels::Fast, ckpt::models::Kernels::Candle] {
+            let m = Model::load(&ck, None, &candle_core::Device::Cpu)
+                .unwrap()
+                .with_kernels(kernels);
+            let io_ck = Checkpoint::open(&io, &Default::default()).unwrap();
+            let x = ckpt::eval::read_input_batch(&io_ck, "input", &m).unwrap();
+            let mut rec = Record(Vec::new());
+            let logits = m.forward(&x, &mut Ctx::calibrate(&mut rec)).unwrap();
+            let got: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+            let want = as_f64(&reference["logits_calibrate"]);
+            let scale = want.iter().fold(0f64, |a, b| a.max(b.abs()));
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (*g as f64 - w).abs() < TOLERANCE * scale,
+                    "{name} {kernels:?}: {g} vs {w}"
+                );
+            }
+            let in_reference = reference.keys().filter(|k| k.ends_with(".mean")).count();
+            assert_eq!(
+                rec.0.len(),
+                in_reference,
+                "{name}: every BN layer reports once"
+            );
+            assert_eq!(rec.0.len(), m.bn_layers.len(), "{name}");
+            for (i, (layer, stats)) in rec.0.iter().enumerate() {
+                assert_eq!(*layer, i, "{name}: reports come in forward order");
+                let prefix = &m.bn_layers[i];
+                let mean = as_f64(&reference[&format!("bn.{prefix}.mean")]);
+                let var = as_f64(&reference[&format!("bn.{prefix}.var")]);
+                let (ms, vs) = (
+                    mean.iter().fold(0f64, |a, b| a.max(b.abs())),
+                    var.iter().fold(0f64, |a, b| a.max(b.abs())),
+                );
+                for c in 0..mean.len() {
+                    assert!(
+                        (stats.mean[c] as f64 - mean[c]).abs() <= TOLERANCE * ms.max(1e-3),
+                        "{name} {kernels:?} {prefix} mean[{c}]: {} vs {}",
+                        stats.mean[c],
+                        mean[c]
+                    );
+                    assert!(
+                        (stats.var[c] as f64 - var[c]).abs() <= TOLERANCE * vs.max(1e-3),
+                        "{name} {kernels:?} {prefix} var[{c}]: {} vs {}",
+                        stats.var[c],
+                        var[c]
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn real_size() -> BTreeMap<String, Shapes> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(fixture("expected/zoo2_shapes.json.gz")).unwrap(),
+    )
+    .read_to_string(&mut text)
+    .unwrap();
+    let v: BTreeMap<String, Vec<(String, Vec<usize>)>> = serde_json::from_str(&text).unwrap();
+    v.into_iter()
+        .map(|(k, list)| (k, list.into_iter().collect()))
+        .collect()
+}
+
+/// The families of this round that are supported so far (the shape list holds them all).
+const SUPPORTED: &[&str] = &[
+    "vgg",
+    "mobilenet_v3",
+    "regnet",
+    "convnext",
+    "densenet",
+    "efficientnet_v2",
+];
+
+#[test]
+fn real_size_configurations_are_detected_by_name_issue_15() {
+    let mut seen = 0;
+    for (name, shapes) in real_size() {
+        if !SUPPORTED.iter().any(|f| name.starts_with(f)) {
+            continue;
+        }
+        seen += 1;
+        let c = detect(&shapes, None).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(c.name(), name);
+        assert_eq!(c.num_classes(), 1000, "{name}");
+        // --arch takes the family and torchvision's builder name.
+        assert_eq!(detect(&shapes, Some(c.family())).unwrap().name(), name);
+        assert_eq!(detect(&shapes, Some(&name)).unwrap().name(), name);
+    }
+    assert_eq!(seen, 36);
+}
+
+/// Building asks for every tensor at the shape the detected configuration implies (zeros stand
+/// in for weights), and lists every BN layer.
+#[test]
+fn real_size_models_build_against_their_shapes_issue_15() {
+    let all = real_size();
+    for name in [
+        "vgg11_bn",
+        "mobilenet_v3_large",
+        "regnet_y_400mf",
+        "regnet_x_800mf",
+        "convnext_tiny",
+        "densenet121",
+        "efficientnet_v2_s",
+    ] {
+        let shapes = &all[name];
+        let m = Model::build(
+            detect(shapes, None).unwrap(),
+            Box::new(ShapeOnlyBackend {
+                shapes: shapes.clone(),
+            }),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let want = shapes
+            .keys()
+            .filter(|k| k.ends_with(".running_mean"))
+            .count();
+        assert_eq!(m.bn_layers.len(), want, "{name}");
+        // torchvision's BN momentum for the family: 0.01 for MobileNetV3, else PyTorch's 0.1.
+        let momentum = if name.starts_with("mobilenet_v3") {
+            0.01
+        } else {
+            0.1
+        };
+        assert!(m.bn.iter().all(|l| l.momentum == momentum), "{name}");
+        // The head a FixRes fine-tune trains: the classifier's weight is there, and the BN it
+        // names is the last one before the pool (the last in forward order in these families);
+        // ConvNeXt has none and says so.
+        match m.head() {
+            Ok((head, i)) => {
+                assert!(
+                    shapes.contains_key(&format!("{}.weight", head.classifier)),
+                    "{name}"
+                );
+                assert_eq!(i, m.bn_layers.len() - 1, "{name}: {}", head.last_bn);
+            }
+            Err(e) => {
+                assert!(name.starts_with("convnext"), "{name}: {e:#}");
+                assert!(format!("{e:#}").contains("no BatchNorm layer"), "{e:#}");
+            }
+        }
+    }
+}
+
+#[test]
+fn near_misses_name_the_nearest_new_family_issue_15() {
+    let all = real_size();
+    let err = |s: &Shapes| format!("{:#}", detect(s, None).unwrap_err());
+
+    let mut s = all["vgg16_bn"].clone();
+    s.insert("classifier.0.weight".into(), vec![4096, 512 * 36]);
+    let e = err(&s);
+    assert!(
+        e.contains("tried resnet, mobilenet_v2, efficientnet, vgg, mobilenet_v3, regnet, convnext, densenet, efficientnet_v2"),
+        "{e}"
+    );
+    assert!(
+        e.contains("nearest is vgg: tensor classifier.0.weight"),
+        "{e}"
+    );
+
+    let e = format!("{:#}", detect(&all["vgg16"], Some("vgg16_bn")).unwrap_err());
+    assert!(e.contains("is a vgg16, not a vgg16_bn"), "{e}");
+
+    let mut s = all["mobilenet_v3_large"].clone();
+    s.retain(|k, _| !k.starts_with("features.16.") && !k.starts_with("features.15."));
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is mobilenet_v3: 14 inverted residual blocks"),
+        "{e}"
+    );
+    let mut s = all["mobilenet_v3_small"].clone();
+    s.insert("features.4.block.1.0.weight".into(), vec![96, 1, 4, 4]);
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is mobilenet_v3") && e.contains("depthwise"),
+        "{e}"
+    );
+
+    let mut s = all["regnet_y_800mf"].clone();
+    s.insert(
+        "trunk_output.block3.block3-2.f.b.0.weight".into(),
+        vec![320, 15, 3, 3],
+    );
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is regnet: tensor trunk_output.block3.block3-2.f.b.0.weight"),
+        "{e}"
+    );
+    let e = format!(
+        "{:#}",
+        detect(&all["regnet_x_8gf"], Some("regnet_y_8gf")).unwrap_err()
+    );
+    assert!(e.contains("is a regnet_x_8gf, not a regnet_y_8gf"), "{e}");
+
+    let mut s = all["convnext_small"].clone();
+    s.remove("features.3.0.block.0.weight");
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is convnext: no tensor features.3.0.block.0.weight"),
+        "{e}"
+    );
+
+    let mut s = all["densenet161"].clone();
+    s.insert(
+        "features.transition2.conv.weight".into(),
+        vec![1056, 1000, 1, 1],
+    );
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is densenet: tensor features.transition2.conv.weight"),
+        "{e}"
+    );
+
+    let mut s = all["efficientnet_v2_m"].clone();
+    s.retain(|k, _| !k.starts_with("features.8.") && !k.starts_with("features.7."));
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is efficientnet_v2: no tensor features.7.0.weight"),
+        "{e}"
+    );
+}
+
+/// ConvNeXt has no BatchNorm: recal-bn refuses in one line and writes nothing; the other
+/// forward commands run (eval-mode logits are checked above).
+#[test]
+fn recal_bn_refuses_a_model_without_batchnorm_issue_15() {
+    let d = TestDir::new();
+    d.run(&[
+        "-q",
+        "recal-bn",
+        &p(&fixture("zoo2/convnext_tiny_tiny.safetensors")),
+        "--data",
+        &p(&fixture("digits/train")),
+        "-o",
+        "out.safetensors",
+    ])
+    .fails_with(&[
+        "convnext_tiny_tiny.safetensors",
+        "convnext (depths",
+        "has no BatchNorm layers",
+    ]);
+    assert!(!d.path("out.safetensors").exists());
+}
