@@ -21,39 +21,7 @@ fn check_family(model: &str, io: &str, arch_words: &[&str]) {
 }
 
 fn check_family_with(model: &str, io: &str, arch_words: &[&str], env: &[(&str, &str)]) {
-    let d = TestDir::new();
-    let r = d
-        .run_env(
-            &[
-                "logits",
-                &p(&fixture(model)),
-                "--input",
-                &p(&fixture(io)),
-                "-o",
-                "out.safetensors",
-                "--device",
-                "cpu",
-            ],
-            env,
-        )
-        .ok();
-    for w in arch_words {
-        assert!(
-            r.stderr.contains(w),
-            "architecture should be reported as {w:?}: {}",
-            r.stderr
-        );
-    }
-    let got = read_st(&d.path("out.safetensors"));
-    let want = read_st(&fixture(io));
-    let (g, w) = (as_f64(&got["logits"]), as_f64(&want["logits"]));
-    assert_eq!(got["logits"].shape, want["logits"].shape);
-    let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
-    let worst = g
-        .iter()
-        .zip(&w)
-        .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
-        / scale;
+    let worst = logits_difference(&fixture(model), &fixture(io), env, arch_words);
     assert!(
         worst < LOGITS_TOLERANCE,
         "{model} {env:?}: relative difference {worst:e}"

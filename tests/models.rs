@@ -3,23 +3,13 @@
 //! ones.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 
 use ckpt::models::{detect, resnet, Model, ShapeOnlyBackend, Shapes};
 
 use crate::util::fixture;
 
 fn real_size() -> BTreeMap<String, Shapes> {
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(
-        std::fs::File::open(fixture("expected/zoo_shapes.json.gz")).unwrap(),
-    )
-    .read_to_string(&mut text)
-    .unwrap();
-    let v: BTreeMap<String, Vec<(String, Vec<usize>)>> = serde_json::from_str(&text).unwrap();
-    v.into_iter()
-        .map(|(k, list)| (k, list.into_iter().collect()))
-        .collect()
+    crate::util::real_size_shapes("zoo_shapes.json.gz")
 }
 
 #[test]

@@ -418,3 +418,64 @@ pub fn check_generated(folder: &str, files: Vec<(String, Vec<u8>)>) {
         stale.join(", ")
     );
 }
+
+/// The key/shape lists of real-size models that a fixture script wrote (on PyTorch's meta
+/// device, no weights) to `fixtures/expected/NAME`, a gzipped JSON map of model name to list.
+pub fn real_size_shapes(name: &str) -> std::collections::BTreeMap<String, ckpt::models::Shapes> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(fixture(&format!("expected/{name}"))).unwrap(),
+    )
+    .read_to_string(&mut text)
+    .unwrap();
+    let v: std::collections::BTreeMap<String, Vec<(String, Vec<usize>)>> =
+        serde_json::from_str(&text).unwrap();
+    v.into_iter()
+        .map(|(k, list)| (k, list.into_iter().collect()))
+        .collect()
+}
+
+/// Runs `ckpt logits MODEL --input IO` on the CPU (with `env`), checks that stderr names the
+/// architecture with each of `words`, and returns the largest difference from the `logits` IO
+/// holds (PyTorch's), relative to the largest of them.
+pub fn logits_difference(model: &Path, io: &Path, env: &[(&str, &str)], words: &[&str]) -> f64 {
+    let d = TestDir::new();
+    let r = d
+        .run_env(
+            &[
+                "logits",
+                &p(model),
+                "--input",
+                &p(io),
+                "-o",
+                "out.safetensors",
+                "--device",
+                "cpu",
+            ],
+            env,
+        )
+        .ok();
+    for w in words {
+        assert!(
+            r.stderr.contains(w),
+            "{}: architecture should be reported as {w:?}: {}",
+            model.display(),
+            r.stderr
+        );
+    }
+    let got = read_st(&d.path("out.safetensors"));
+    let want = read_st(io);
+    assert_eq!(
+        got["logits"].shape,
+        want["logits"].shape,
+        "{}",
+        model.display()
+    );
+    let (g, w) = (as_f64(&got["logits"]), as_f64(&want["logits"]));
+    let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+    g.iter()
+        .zip(&w)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}

@@ -4,7 +4,6 @@
 //! the real-size configurations (fixtures/expected/zoo2_shapes.json.gz, meta device).
 
 use std::collections::BTreeMap;
-use std::io::Read;
 
 use ckpt::checkpoint::Checkpoint;
 use ckpt::models::{detect, BatchStats, BnObserver, Ctx, Model, ShapeOnlyBackend, Shapes};
@@ -86,40 +85,9 @@ const FIXTURES: &[(&str, &[&str], bool)] = &[
 ];
 
 fn logits_difference(name: &str, env: &[(&str, &str)], words: &[&str]) -> f64 {
-    let d = TestDir::new();
     let model = fixture(&format!("zoo2/{name}.safetensors"));
     let io = fixture(&format!("zoo2/{name}_io.safetensors"));
-    let r = d
-        .run_env(
-            &[
-                "logits",
-                &p(&model),
-                "--input",
-                &p(&io),
-                "-o",
-                "out.safetensors",
-                "--device",
-                "cpu",
-            ],
-            env,
-        )
-        .ok();
-    for w in words {
-        assert!(
-            r.stderr.contains(w),
-            "{name}: expected {w:?} in {}",
-            r.stderr
-        );
-    }
-    let got = read_st(&d.path("out.safetensors"));
-    let want = read_st(&io);
-    assert_eq!(got["logits"].shape, want["logits"].shape, "{name}");
-    let (g, w) = (as_f64(&got["logits"]), as_f64(&want["logits"]));
-    let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
-    g.iter()
-        .zip(&w)
-        .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
-        / scale
+    crate::util::logits_difference(&model, &io, env, words)
 }
 
 #[test]
@@ -206,16 +174,7 @@ fn new_families_calibrate_like_pytorch_train_mode_issue_15() {
 }
 
 fn real_size() -> BTreeMap<String, Shapes> {
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(
-        std::fs::File::open(fixture("expected/zoo2_shapes.json.gz")).unwrap(),
-    )
-    .read_to_string(&mut text)
-    .unwrap();
-    let v: BTreeMap<String, Vec<(String, Vec<usize>)>> = serde_json::from_str(&text).unwrap();
-    v.into_iter()
-        .map(|(k, list)| (k, list.into_iter().collect()))
-        .collect()
+    real_size_shapes("zoo2_shapes.json.gz")
 }
 
 /// The families of this round that are supported so far (the shape list holds them all).

@@ -10,7 +10,8 @@
 //!   paths are the module paths (torchvision's), registering every BN layer in forward order;
 //! - the namings its checkpoints come in (torchvision's is the identity; see [`naming`]).
 //!
-//! and is listed once in [`FAMILIES`]. Adding a family is that file plus one line there:
+//! and is listed once in [`FAMILIES`]. Adding a family is that file, its `mod` line and one line
+//! there (as VGG, MobileNetV3, RegNet, ConvNeXt, DenseNet and EfficientNetV2 were added):
 //! detection, `--arch`, `inspect`, the error for an unknown checkpoint and the tests all read the
 //! registry. Adding a naming of an existing family (timm's, say) is a [`Naming`] in that family's
 //! list: detection tries each naming, and building, the BN layer list and the statistics written
