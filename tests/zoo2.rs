@@ -358,4 +358,33 @@ fn recal_bn_refuses_a_model_without_batchnorm_issue_15() {
         "has no BatchNorm layers",
     ]);
     assert!(!d.path("out.safetensors").exists());
+    // sweep-res --recal-bn says so too, instead of measuring each size without re-estimating
+    // (over the five digit classes the 5-class fixture has).
+    std::fs::create_dir(d.path("val")).unwrap();
+    for c in 0..5 {
+        std::os::unix::fs::symlink(
+            fixture(&format!("digits/val/{c}")),
+            d.path(&format!("val/{c}")),
+        )
+        .unwrap();
+    }
+    d.run(&[
+        "-q",
+        "sweep-res",
+        &p(&fixture("zoo2/convnext_tiny_tiny.safetensors")),
+        "--data",
+        "val",
+        "--sizes",
+        "32",
+        "--recal-bn",
+        &p(&fixture("digits/train")),
+        "--csv",
+        "r.csv",
+    ])
+    .fails_with(&[
+        "convnext_tiny_tiny.safetensors",
+        "has no BatchNorm layers",
+        "--recal-bn",
+    ]);
+    assert_eq!(d.listing(), ["val"], "nothing written");
 }

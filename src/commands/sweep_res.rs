@@ -99,6 +99,13 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
             None => models.push(vec![load(ck, &BuildOptions::default())?]),
             Some(dir) => {
                 let base = load(ck, &BuildOptions::default())?;
+                if base.bn_layers.is_empty() {
+                    bail!(
+                        "{}: {} has no BatchNorm layers: --recal-bn has nothing to re-estimate",
+                        ck.path.display(),
+                        base.config.name()
+                    );
+                }
                 let mut per_point = Vec::new();
                 let mut stats_per_point = Vec::new();
                 for t in &points {
