@@ -20,7 +20,7 @@ pub mod apply;
 pub mod part;
 pub mod pass;
 
-pub use pass::{pass, recalibrated, recalibrated_in_memory};
+pub use pass::{estimate_metadata, pass, recalibrated, recalibrated_in_memory};
 
 use anyhow::{bail, Context, Result};
 

@@ -108,9 +108,20 @@ pub fn recalibrated_in_memory(
     let (stats, mut meta, _) = pass(model, cfg, None, rep)?;
     let estimates = stats.estimates(est)?;
     let r = apply::replacements(ck, &stats.layers, &estimates, stats.batches)?;
-    meta.insert("ckpt.recal.estimator".into(), est.to_string());
-    meta.insert("ckpt.recal.images".into(), stats.images.to_string());
-    meta.insert("ckpt.recal.batches".into(), stats.batches.to_string());
+    meta.extend(estimate_metadata(&stats, est));
     let label = format!("{} (recalibrated)", ck.path.display());
     Ok((ck.with_replaced(&r.tensors, label.as_ref())?, meta))
+}
+
+/// What a recalibrated checkpoint's metadata says of its estimate: the estimator and the images
+/// and batches the statistics came from.
+pub fn estimate_metadata(stats: &Stats, est: Estimator) -> BTreeMap<String, String> {
+    [
+        ("ckpt.recal.estimator", est.to_string()),
+        ("ckpt.recal.images", stats.images.to_string()),
+        ("ckpt.recal.batches", stats.batches.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }

@@ -134,9 +134,7 @@ pub fn write_outputs(
             let (bn_stats, meta, _) = bn::pass(&model, data, *shard, rep)?;
             let mut m = o.metadata.clone();
             m.extend(meta);
-            m.insert("ckpt.recal.estimator".into(), recal.estimator.to_string());
-            m.insert("ckpt.recal.images".into(), bn_stats.images.to_string());
-            m.insert("ckpt.recal.batches".into(), bn_stats.batches.to_string());
+            m.extend(bn::estimate_metadata(&bn_stats, recal.estimator));
             bn::recalibrated(avg, &bn_stats, recal.estimator, layout, &m, cfg.force)?;
         }
     }

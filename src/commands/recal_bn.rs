@@ -91,9 +91,7 @@ pub fn run(args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
         )?;
         return Ok(());
     }
-    meta.insert("ckpt.recal.estimator".into(), estimator.to_string());
-    meta.insert("ckpt.recal.images".into(), stats.images.to_string());
-    meta.insert("ckpt.recal.batches".into(), stats.batches.to_string());
+    meta.extend(bn::estimate_metadata(&stats, estimator));
     let changes = bn::recalibrated(
         ck,
         &stats,

@@ -12,7 +12,9 @@ use candle_core::{Module, Result, Tensor};
 
 use candle_nn::VarBuilder;
 
-use super::layers::{global_avg_pool, Act, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx, Linear};
+use super::layers::{
+    global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Gate, Linear, SqueezeExcite,
+};
 use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
@@ -169,8 +171,7 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
 pub(super) struct MbConv {
     expand: Option<ConvBn>,
     depthwise: ConvBn,
-    se_fc1: Conv2d,
-    se_fc2: Conv2d,
+    se: SqueezeExcite,
     project: ConvBn,
     residual: bool,
 }
@@ -199,15 +200,12 @@ impl MbConv {
                 .groups(c.hidden),
             reg,
         )?;
-        let se = vb.pp(k + 1);
-        let se_fc1 = Conv2d::new(se.pp("fc1"), ConvSpec::new(c.hidden, c.squeeze, 1).bias())?;
-        let se_fc2 = Conv2d::new(se.pp("fc2"), ConvSpec::new(c.squeeze, c.hidden, 1).bias())?;
+        let se = SqueezeExcite::new(vb.pp(k + 1), c.hidden, c.squeeze, Act::Silu, Gate::Sigmoid)?;
         let project = cna(vb.pp(k + 2), ConvSpec::new(c.hidden, c.cout, 1), reg)?;
         Ok(MbConv {
             expand,
             depthwise,
-            se_fc1,
-            se_fc2,
+            se,
             project,
             residual: c.stride == 1 && c.cin == c.cout,
         })
@@ -219,12 +217,7 @@ impl MbConv {
             y = e.forward_act(&y, ctx, Act::Silu)?;
         }
         y = self.depthwise.forward_act(&y, ctx, Act::Silu)?;
-        let s = y.mean_keepdim((2, 3))?;
-        let s = self
-            .se_fc2
-            .forward(&self.se_fc1.forward_act(&s, ctx, Act::Silu)?, ctx)?;
-        let s = candle_nn::ops::sigmoid(&s)?;
-        y = y.broadcast_mul(&s)?;
+        y = self.se.forward(&y, ctx)?;
         let residual = if self.residual { Some(x) } else { None };
         self.project.forward_add_act(&y, residual, ctx, Act::None)
     }

@@ -480,6 +480,55 @@ impl Module for Linear {
     }
 }
 
+/// The gate a squeeze-excitation multiplies by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// EfficientNet's and RegNetY's.
+    Sigmoid,
+    /// min(max(x + 3, 0), 6) / 6, MobileNetV3's.
+    HardSigmoid,
+}
+
+/// torchvision's `SqueezeExcitation` at `vb` (`fc1`, `fc2`: 1x1 convolutions with biases):
+/// x * gate(fc2(act(fc1(mean over H, W of x)))). The squeezed tensor is [N, C, 1, 1], too small
+/// to need a kernel of its own: candle's ops.
+#[derive(Clone, Debug)]
+pub struct SqueezeExcite {
+    fc1: Conv2d,
+    fc2: Conv2d,
+    act: Act,
+    gate: Gate,
+}
+
+impl SqueezeExcite {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        squeeze: usize,
+        act: Act,
+        gate: Gate,
+    ) -> Result<SqueezeExcite> {
+        Ok(SqueezeExcite {
+            fc1: Conv2d::new(vb.pp("fc1"), ConvSpec::new(channels, squeeze, 1).bias())?,
+            fc2: Conv2d::new(vb.pp("fc2"), ConvSpec::new(squeeze, channels, 1).bias())?,
+            act,
+            gate,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let s = x.mean_keepdim((2, 3))?;
+        let s = self
+            .fc2
+            .forward(&self.fc1.forward_act(&s, ctx, self.act)?, ctx)?;
+        let s = match self.gate {
+            Gate::Sigmoid => candle_nn::ops::sigmoid(&s)?,
+            Gate::HardSigmoid => ((s + 3.0)?.clamp(0f32, 6f32)? / 6.0)?,
+        };
+        x.broadcast_mul(&s)
+    }
+}
+
 /// Global average pooling to [N, C].
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.mean((2, 3))

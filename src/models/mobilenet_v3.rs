@@ -14,7 +14,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{global_avg_pool, Act, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx, Linear};
+use super::layers::{
+    global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Gate, Linear, SqueezeExcite,
+};
 use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-3;
@@ -194,7 +196,7 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
 struct Block {
     expand: Option<ConvBn>,
     depthwise: ConvBn,
-    se: Option<(Conv2d, Conv2d)>,
+    se: Option<SqueezeExcite>,
     project: ConvBn,
     act: Act,
     residual: bool,
@@ -224,10 +226,13 @@ impl Block {
             Some(s) => {
                 let v = vb.pp(k);
                 k += 1;
-                Some((
-                    Conv2d::new(v.pp("fc1"), ConvSpec::new(c.hidden, s, 1).bias())?,
-                    Conv2d::new(v.pp("fc2"), ConvSpec::new(s, c.hidden, 1).bias())?,
-                ))
+                Some(SqueezeExcite::new(
+                    v,
+                    c.hidden,
+                    s,
+                    Act::Relu,
+                    Gate::HardSigmoid,
+                )?)
             }
             None => None,
         };
@@ -252,20 +257,12 @@ impl Block {
             y = e.forward_act(&y, ctx, self.act)?;
         }
         y = self.depthwise.forward_act(&y, ctx, self.act)?;
-        if let Some((fc1, fc2)) = &self.se {
-            let s = y.mean_keepdim((2, 3))?;
-            let s = fc2.forward(&fc1.forward_act(&s, ctx, Act::Relu)?, ctx)?;
-            y = y.broadcast_mul(&hard_sigmoid(&s)?)?;
+        if let Some(se) = &self.se {
+            y = se.forward(&y, ctx)?;
         }
         let residual = if self.residual { Some(x) } else { None };
         self.project.forward_add_act(&y, residual, ctx, Act::None)
     }
-}
-
-/// min(max(x + 3, 0), 6) / 6, on the squeezed [N, C, 1, 1] tensor (candle's ops: too small to
-/// need a kernel).
-fn hard_sigmoid(x: &Tensor) -> Result<Tensor> {
-    (x + 3.0)?.clamp(0f32, 6f32)? / 6.0
 }
 
 pub struct MobileNetV3 {

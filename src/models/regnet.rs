@@ -16,7 +16,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{global_avg_pool, Act, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx, Linear};
+use super::layers::{
+    global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Gate, Linear, SqueezeExcite,
+};
 use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
@@ -186,7 +188,7 @@ struct Block {
     proj: Option<ConvBn>,
     a: ConvBn,
     b: ConvBn,
-    se: Option<(Conv2d, Conv2d)>,
+    se: Option<SqueezeExcite>,
     c: ConvBn,
 }
 
@@ -217,10 +219,13 @@ impl Block {
             reg,
         )?;
         let se = match k.squeeze {
-            Some(s) => Some((
-                Conv2d::new(f.pp("se").pp("fc1"), ConvSpec::new(k.width, s, 1).bias())?,
-                Conv2d::new(f.pp("se").pp("fc2"), ConvSpec::new(s, k.width, 1).bias())?,
-            )),
+            Some(s) => Some(SqueezeExcite::new(
+                f.pp("se"),
+                k.width,
+                s,
+                Act::Relu,
+                Gate::Sigmoid,
+            )?),
             None => None,
         };
         let c = cna(f.pp("c"), ConvSpec::new(k.width, k.cout, 1), reg)?;
@@ -235,10 +240,8 @@ impl Block {
         };
         let y = self.a.forward_relu(x, ctx)?;
         let mut y = self.b.forward_relu(&y, ctx)?;
-        if let Some((fc1, fc2)) = &self.se {
-            let s = y.mean_keepdim((2, 3))?;
-            let s = fc2.forward(&fc1.forward_act(&s, ctx, Act::Relu)?, ctx)?;
-            y = y.broadcast_mul(&candle_nn::ops::sigmoid(&s)?)?;
+        if let Some(se) = &self.se {
+            y = se.forward(&y, ctx)?;
         }
         self.c.forward_add_act(&y, Some(&identity), ctx, Act::Relu)
     }
