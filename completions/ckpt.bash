@@ -40,6 +40,9 @@ _ckpt() {
             ckpt,recal-bn)
                 cmd="ckpt__subcmd__recal__subcmd__bn"
                 ;;
+            ckpt,soup)
+                cmd="ckpt__subcmd__soup"
+                ;;
             ckpt,swa)
                 cmd="ckpt__subcmd__swa"
                 ;;
@@ -70,6 +73,9 @@ _ckpt() {
             ckpt__subcmd__help,recal-bn)
                 cmd="ckpt__subcmd__help__subcmd__recal__subcmd__bn"
                 ;;
+            ckpt__subcmd__help,soup)
+                cmd="ckpt__subcmd__help__subcmd__soup"
+                ;;
             ckpt__subcmd__help,swa)
                 cmd="ckpt__subcmd__help__subcmd__swa"
                 ;;
@@ -83,7 +89,7 @@ _ckpt() {
 
     case "${cmd}" in
         ckpt)
-            opts="-q -h -V --device --threads --quiet --kernels --help --version inspect swa ema logits eval recal-bn sweep-res fixres completions help"
+            opts="-q -h -V --device --threads --quiet --kernels --help --version inspect swa ema logits eval recal-bn sweep-res fixres soup completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -505,7 +511,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__help)
-            opts="inspect swa ema logits eval recal-bn sweep-res fixres completions help"
+            opts="inspect swa ema logits eval recal-bn sweep-res fixres soup completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -617,6 +623,20 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__help__subcmd__recal__subcmd__bn)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        ckpt__subcmd__help__subcmd__soup)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -902,6 +922,156 @@ _ckpt() {
                     return 0
                     ;;
                 --shard)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --device)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --threads)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --kernels)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        ckpt__subcmd__soup)
+            opts="-o -q -h -V --no-sort --last --every --key --strip-prefix --keep-prefix --data --size --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --shard --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --method --metric --recal-bn --estimator --recal-max-images --cache-mb --int --dtype --allow-missing --allow-nonfinite --output --force --shard-size --json --arch --batch-size --device --threads --quiet --kernels --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --last)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --every)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --strip-prefix)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --data)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --crop-pct)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --interpolation)
+                    COMPREPLY=($(compgen -W "bilinear bicubic" -- "${cur}"))
+                    return 0
+                    ;;
+                --crop-mode)
+                    COMPREPLY=($(compgen -W "center squash" -- "${cur}"))
+                    return 0
+                    ;;
+                --mean)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --std)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --transform)
+                    COMPREPLY=($(compgen -W "eval train" -- "${cur}"))
+                    return 0
+                    ;;
+                --max-images)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --seed)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --shard)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --max-image-pixels)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --class-map)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --method)
+                    COMPREPLY=($(compgen -W "greedy uniform best" -- "${cur}"))
+                    return 0
+                    ;;
+                --metric)
+                    COMPREPLY=($(compgen -W "top1 loss" -- "${cur}"))
+                    return 0
+                    ;;
+                --recal-bn)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --estimator)
+                    COMPREPLY=($(compgen -W "population torch" -- "${cur}"))
+                    return 0
+                    ;;
+                --recal-max-images)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cache-mb)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --int)
+                    COMPREPLY=($(compgen -W "first last max sum error" -- "${cur}"))
+                    return 0
+                    ;;
+                --dtype)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -o)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --shard-size)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --json)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --arch)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --batch-size)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -38,6 +38,7 @@ complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "eval" -d 'Evaluate a chec
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "recal-bn" -d 'Recompute BatchNorm running statistics over images (precise BN)'
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "sweep-res" -d 'Accuracy at several test sizes (and crop fractions) in one pass over the images'
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "fixres" -d 'Fine-tune the classifier at the test resolution (FixRes)'
+complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "soup" -d 'Greedy model soups and best-of selection on a validation folder, BN-aware'
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "completions" -d 'Print a shell completion script (bash, zsh or fish) to standard output'
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
@@ -333,19 +334,75 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l train-bn-affine -d 
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -s V -l version -d 'Print version'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l last -d 'Keep only the N newest snapshots (applied after --every)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l every -d 'Keep every K-th snapshot, counted back from the newest (which is always kept)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l data -d 'Labelled folder (ImageFolder) the candidates and soups are judged on: held-out images' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l size -d 'Side of the square images fed to the model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
+train\t'Random resized crop and flip (seeded)'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l shard -d 'Read only every n-th image starting at the i-th (0-based), after --max-images: n machines with shards 0/n .. n-1/n split one pass over the images' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l max-image-pixels -d 'Refuse images whose header claims more than N pixels (decompression bombs), before decoding them; the default is PIL\'s limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no limit' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l class-map -d 'Class map in timm\'s format: one class folder name per line, the line number (from 0) being the model\'s class index; images of folders it does not name are left out (with a warning). Without it: the ImageNet-1k synset order when the model has 1000 classes and every class folder is a WordNet id (n01440764, ...), else the folders\' sorted order' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l method -d 'How the ingredients are chosen' -r -f -a "greedy\t'Greedy soup: add candidates in rank order while the soup does not get worse'
+uniform\t'The uniform average of every candidate'
+best\t'The single best candidate'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l metric -d 'What ranks the candidates and decides whether a soup got worse' -r -f -a "top1\t'Top-1 accuracy (ties: lower loss)'
+loss\t'Mean cross-entropy'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l recal-bn -d 'Recompute the BatchNorm statistics of every candidate and soup over the images in DIR (precise BN, as recal-bn; usually the training folder) before judging it; strongly suggested for BN models. The data options apply, but --max-images (see --recal-max-images)' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
+torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l recal-max-images -d 'Recalibrate over at most N images of DIR: a random subset (seeded by --seed) when it has more, kept in folder order' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l cache-mb -d 'Memory for decoded images kept between evaluations, in MB (default: a quarter of RAM); folders that do not fit are decoded again for every evaluation' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l int -d 'Integer tensors (num_batches_tracked) are never averaged: take the newest snapshot\'s value (last), the oldest\'s (first), the element-wise max or sum, or refuse them (error)' -r -f -a "first\t'Take the oldest snapshot\'s value'
+last\t'Take the newest snapshot\'s value'
+max\t'Element-wise maximum'
+sum\t'Element-wise sum (an error if it overflows the dtype)'
+error\t'Refuse integer tensors'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l dtype -d 'Output dtype of floating tensors: f32, f16, bf16 or f64 (default: as stored). The average is accumulated in f64 and rounded once' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l shard-size -d 'Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when the input was sharded, at 5GB)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l batch-size -d 'Images per batch' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l no-sort -d 'Keep the order given instead of sorting by file name'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l strict-labels -d 'Refuse, instead of warning, when the class folders cannot be the model\'s classes (a different count without a map, or folders the map does not name)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l allow-missing -d 'Average a tensor over the snapshots that have it (weights renormalised) instead of refusing snapshots with different tensors'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l allow-nonfinite -d 'Average NaN and infinite values instead of refusing them'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l force -d 'Replace an existing output (atomically)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres completions help" -f -a "inspect" -d 'Show a checkpoint\'s format, tensors, parameter count, BatchNorm layers and provenance'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres completions help" -f -a "swa" -d 'Average snapshots (stochastic weight averaging), streaming, in f64'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres completions help" -f -a "ema" -d 'Exponential moving average over saved snapshots, several decays in one pass'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres completions help" -f -a "logits" -d 'Compute a model\'s logits for a batch of images'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres completions help" -f -a "eval" -d 'Evaluate a checkpoint on an ImageFolder: top-1, top-5, loss'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres completions help" -f -a "recal-bn" -d 'Recompute BatchNorm running statistics over images (precise BN)'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres completions help" -f -a "sweep-res" -d 'Accuracy at several test sizes (and crop fractions) in one pass over the images'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres completions help" -f -a "fixres" -d 'Fine-tune the classifier at the test resolution (FixRes)'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres completions help" -f -a "completions" -d 'Print a shell completion script (bash, zsh or fish) to standard output'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "inspect" -d 'Show a checkpoint\'s format, tensors, parameter count, BatchNorm layers and provenance'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "swa" -d 'Average snapshots (stochastic weight averaging), streaming, in f64'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "ema" -d 'Exponential moving average over saved snapshots, several decays in one pass'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "logits" -d 'Compute a model\'s logits for a batch of images'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "eval" -d 'Evaluate a checkpoint on an ImageFolder: top-1, top-5, loss'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "recal-bn" -d 'Recompute BatchNorm running statistics over images (precise BN)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "sweep-res" -d 'Accuracy at several test sizes (and crop fractions) in one pass over the images'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "fixres" -d 'Fine-tune the classifier at the test resolution (FixRes)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "soup" -d 'Greedy model soups and best-of selection on a validation folder, BN-aware'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "completions" -d 'Print a shell completion script (bash, zsh or fish) to standard output'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

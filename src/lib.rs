@@ -2,7 +2,7 @@
 //!
 //! Data flows one way: [`cli`] (the one definition of the command line) <- [`commands`] (one
 //! thin file per subcommand: arguments to engine configurations, then all printing) -> the
-//! engines ([`average`], [`bn`], [`eval`], [`models`], [`data`]) -> [`checkpoint`] (I/O, which
+//! engines ([`average`], [`bn`], [`eval`], [`models`], [`data`], [`train`], [`soup`]) -> [`checkpoint`] (I/O, which
 //! knows no architecture). Engines never import the CLI or a command and never print; progress
 //! goes through the small [`report::Reporter`] a command hands them. No command imports another.
 
@@ -18,6 +18,7 @@ pub mod eval;
 pub mod models;
 pub mod plot;
 pub mod report;
+pub mod soup;
 pub mod train;
 
 #[cfg(not(target_endian = "little"))]

@@ -14,6 +14,7 @@ mod logits;
 mod man;
 mod models;
 mod recal_bn;
+mod soup;
 mod swa;
 mod sweep_res;
 mod trainers;

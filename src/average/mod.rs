@@ -12,7 +12,9 @@
 //! or memory, where it becomes an in-memory [`Checkpoint`] that a model can be built from and
 //! judged before anything is written (BN recalibration of an average, soups). The arithmetic is
 //! the same for both, so an average written later from memory is byte-identical to one written
-//! straight to a file.
+//! straight to a file. An input whose weight in an output is zero takes no part in it (it is not
+//! read for it, and integer tensors are taken from the others), so a soup of some of the inputs
+//! is their average, whatever the rest hold.
 
 pub mod select;
 pub mod weights;
@@ -307,9 +309,11 @@ pub fn run(
 
     let mut items = Vec::new();
     let mut total_read = 0u64;
+    let read_by_some = |i: usize| outputs.iter().any(|o| o.weights[i] != 0.0);
     for (ei, e) in plan.entries.iter().enumerate() {
         let n: usize = e.shape.iter().product();
-        total_read += (n * e.in_dtype.size() * e.holders.len()) as u64;
+        let read = e.holders.iter().filter(|&&i| read_by_some(i)).count();
+        total_read += (n * e.in_dtype.size() * read) as u64;
         if n == 0 {
             continue;
         }
@@ -341,6 +345,9 @@ pub fn run(
                     for (k, o) in outputs.iter().enumerate() {
                         let wsum: f64 = e.holders.iter().map(|&i| o.weights[i]).sum();
                         for &i in &e.holders {
+                            if o.weights[i] == 0.0 {
+                                continue; // takes no part in this output: not even read
+                            }
                             let ck = &inputs[i];
                             let t = ck.get(&e.name).unwrap();
                             let bytes = ck.elements(t, item.start, item.end);
@@ -355,8 +362,8 @@ pub fn run(
                                     item.start + j
                                 );
                             }
-                            if k == 0 {
-                                bar.inc(bytes.len() as u64);
+                            if outputs[..k].iter().all(|o| o.weights[i] == 0.0) {
+                                bar.inc(bytes.len() as u64); // the first output to read it
                             }
                         }
                         out.resize(n * e.out_dtype.size(), 0);
@@ -369,11 +376,20 @@ pub fn run(
                     }
                 }
                 Kind::Int => {
-                    let bytes = combine_ints(inputs, e, cfg.int_policy)?;
-                    for w in &writers {
-                        w.sink().write(item.entry, 0, &bytes)?;
+                    let mut done: Vec<(Vec<usize>, Vec<u8>)> = Vec::new();
+                    for (w, o) in writers.iter().zip(outputs) {
+                        let holders = taking_part(&e.holders, &o.weights);
+                        let k = match done.iter().position(|(h, _)| *h == holders) {
+                            Some(k) => k,
+                            None => {
+                                let bytes = combine_ints(inputs, e, &holders, cfg.int_policy)?;
+                                bar.inc((bytes.len() * holders.len()) as u64);
+                                done.push((holders, bytes));
+                                done.len() - 1
+                            }
+                        };
+                        w.sink().write(item.entry, 0, &done[k].1)?;
                     }
-                    bar.inc((bytes.len() * e.holders.len()) as u64);
                 }
             }
             Ok(())
@@ -414,17 +430,37 @@ pub fn run(
     Ok((stats, memory))
 }
 
-fn combine_ints(inputs: &[Checkpoint], e: &Entry, policy: IntPolicy) -> Result<Vec<u8>> {
+/// The holders of a tensor that take part in an output: those with a non-zero weight (all of
+/// them when every weight is zero, as for a tensor only zero-weight inputs hold).
+fn taking_part(holders: &[usize], weights: &[f64]) -> Vec<usize> {
+    let h: Vec<usize> = holders
+        .iter()
+        .copied()
+        .filter(|&i| weights[i] != 0.0)
+        .collect();
+    if h.is_empty() {
+        holders.to_vec()
+    } else {
+        h
+    }
+}
+
+fn combine_ints(
+    inputs: &[Checkpoint],
+    e: &Entry,
+    holders: &[usize],
+    policy: IntPolicy,
+) -> Result<Vec<u8>> {
     let get = |i: usize| {
         let ck = &inputs[i];
         ck.bytes(ck.get(&e.name).unwrap())
     };
     match policy {
-        IntPolicy::First => Ok(get(e.holders[0]).into_owned()),
-        IntPolicy::Last => Ok(get(*e.holders.last().unwrap()).into_owned()),
+        IntPolicy::First => Ok(get(holders[0]).into_owned()),
+        IntPolicy::Last => Ok(get(*holders.last().unwrap()).into_owned()),
         IntPolicy::Max | IntPolicy::Sum => {
             let n: usize = e.shape.iter().product();
-            let all: Vec<_> = e.holders.iter().map(|&i| get(i)).collect();
+            let all: Vec<_> = holders.iter().map(|&i| get(i)).collect();
             let mut out = vec![0u8; n * e.in_dtype.size()];
             for j in 0..n {
                 let vals = all.iter().map(|b| dtype::read_int(b, e.in_dtype, j));

@@ -297,9 +297,17 @@ pub fn from_tensors(
 
 /// Runs every batch of `loader` through `model` in calibrate mode and collects the statistics.
 pub fn calibrate(model: &crate::models::Model, loader: &mut crate::data::Loader) -> Result<Stats> {
+    calibrate_batches(model, loader.by_ref())
+}
+
+/// As [`calibrate`], over any batches (held ones, see [`crate::data::Batches`]).
+pub fn calibrate_batches<I>(model: &crate::models::Model, batches: I) -> Result<Stats>
+where
+    I: Iterator<Item = Result<crate::data::Batch>>,
+{
     use crate::eval::forward;
     let mut acc = Accumulator::new(model.bn_layers.clone());
-    forward::run(forward::single(loader.by_ref()), &[vec![model]], &mut acc)?;
+    forward::run(forward::single(batches), &[vec![model]], &mut acc)?;
     if acc.stats.batches == 0 {
         bail!("no images were read");
     }

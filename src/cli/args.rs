@@ -280,7 +280,7 @@ pub enum TransformKind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MaxImages(pub Option<usize>);
 
-fn parse_max_images(s: &str) -> Result<MaxImages, String> {
+pub(crate) fn parse_max_images(s: &str) -> Result<MaxImages, String> {
     if s.eq_ignore_ascii_case("all") {
         return Ok(MaxImages(None));
     }

@@ -310,6 +310,73 @@ pub struct FixresArgs {
     pub json: JsonArg,
 }
 
+/// Greedy model soups and best-of selection on a validation folder, BN-aware
+///
+/// Judges the candidate checkpoints (snapshots, EMA outputs, fine-tunes from one
+/// initialisation; ordered as swa orders them) and averages of them on the labelled images of
+/// --data, and writes the chosen average. greedy (the default; Wortsman et al., 2022, Algorithm
+/// 1): rank the candidates by their own top-1 (ties: lower loss), start from the best, and add
+/// each next one when the soup's top-1 with it does not drop; --metric loss ranks and keeps by
+/// mean cross-entropy. uniform: the average of all; best: the single best candidate. Soups are
+/// averaged in memory in f64 as swa does and only the result is written. For a model with
+/// BatchNorm, give --recal-bn DIR (training images): averaged running statistics do not fit
+/// averaged weights, so every candidate and every soup gets precise BN statistics from DIR
+/// before it is judged, and the result is written with them. The images of --data and DIR are
+/// decoded once for the whole command when they fit in --cache-mb.
+#[derive(Args, Debug)]
+#[command(mut_arg("batch_size", |a| a.default_value("64")))]
+pub struct SoupArgs {
+    #[command(flatten)]
+    pub candidates: SnapshotArgs,
+    /// Labelled folder (ImageFolder) the candidates and soups are judged on: held-out images
+    #[arg(long = "data", value_name = "VAL")]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub data_opts: DataOptions,
+    #[command(flatten)]
+    pub labels: LabelArgs,
+    /// How the ingredients are chosen
+    #[arg(long, value_enum, default_value = "greedy", value_name = "METHOD")]
+    pub method: crate::soup::Method,
+    /// What ranks the candidates and decides whether a soup got worse
+    #[arg(long, value_enum, default_value = "top1", value_name = "METRIC")]
+    pub metric: crate::soup::Metric,
+    /// Recompute the BatchNorm statistics of every candidate and soup over the images in DIR
+    /// (precise BN, as recal-bn; usually the training folder) before judging it; strongly
+    /// suggested for BN models. The data options apply, but --max-images (see
+    /// --recal-max-images)
+    #[arg(
+        long = "recal-bn",
+        value_name = "DIR",
+        help_heading = "BN recalibration"
+    )]
+    pub recal_bn: Option<PathBuf>,
+    /// Estimator for --recal-bn (see `ckpt recal-bn --help`)
+    #[arg(
+        long,
+        value_enum,
+        default_value = "population",
+        help_heading = "BN recalibration"
+    )]
+    pub estimator: crate::bn::Estimator,
+    /// Recalibrate over at most N images of DIR: a random subset (seeded by --seed) when it has
+    /// more, kept in folder order
+    #[arg(long, default_value = "8192", value_name = "N|all", value_parser = parse_max_images, help_heading = "BN recalibration")]
+    pub recal_max_images: MaxImages,
+    /// Memory for decoded images kept between evaluations, in MB (default: a quarter of RAM);
+    /// folders that do not fit are decoded again for every evaluation
+    #[arg(long, value_name = "MB")]
+    pub cache_mb: Option<u64>,
+    #[command(flatten)]
+    pub average: AverageArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
+    pub json: JsonArg,
+    #[command(flatten)]
+    pub arch: ArchArg,
+}
+
 /// Print a shell completion script (bash, zsh or fish) to standard output
 ///
 /// Generated from the same definitions as --help and the man pages. bash: `ckpt completions

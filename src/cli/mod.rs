@@ -26,10 +26,11 @@ const ABOUT: &str = "Make a trained image classifier better from its saved check
 const LONG_ABOUT: &str = "\
 Make a trained image classifier better from its saved checkpoints: average snapshots (SWA), \
 take an exponential moving average over saved steps (EMA), recompute BatchNorm statistics over \
-images (precise BN), measure accuracy at several test resolutions, and inspect what a \
-checkpoint holds. Checkpoints may be .safetensors files, sharded safetensors (an index or its \
-folder) or torch.save files (.pth, .pt, .bin, .pth.tar, .ckpt); the format is recognised from the \
-content, and the model (torchvision ResNets, MobileNetV2, EfficientNet) from its tensors.";
+images (precise BN), measure accuracy at several test resolutions, fine-tune at the test \
+resolution (FixRes), choose model soups on held-out images, and inspect what a checkpoint \
+holds. Checkpoints may be .safetensors files, sharded safetensors (an index or its folder) or \
+torch.save files (.pth, .pt, .bin, .pth.tar, .ckpt); the format is recognised from the content, \
+and the model (torchvision's CNN families) from its tensors.";
 
 #[derive(Parser, Debug)]
 #[command(name = "ckpt", version, about = ABOUT, long_about = LONG_ABOUT, propagate_version = true)]
@@ -76,6 +77,7 @@ pub enum Command {
     RecalBn(RecalBnArgs),
     SweepRes(SweepResArgs),
     Fixres(FixresArgs),
+    Soup(SoupArgs),
     Completions(CompletionsArgs),
 }
 

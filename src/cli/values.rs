@@ -8,6 +8,7 @@ use crate::average::IntPolicy;
 use crate::bn::Estimator;
 use crate::data::{CropMode, Interpolation};
 use crate::models::Kernels;
+use crate::soup::{Method, Metric};
 use crate::train::ScheduleKind;
 
 /// Implements `ValueEnum` for an engine enum: each variant with its spelling and help line.
@@ -95,3 +96,14 @@ impl Shell {
         }
     }
 }
+
+value_enum!(Method {
+    Method::Greedy => "greedy": "Greedy soup: add candidates in rank order while the soup does not get worse",
+    Method::Uniform => "uniform": "The uniform average of every candidate",
+    Method::Best => "best": "The single best candidate",
+});
+
+value_enum!(Metric {
+    Metric::Top1 => "top1": "Top-1 accuracy (ties: lower loss)",
+    Metric::Loss => "loss": "Mean cross-entropy",
+});

@@ -11,6 +11,7 @@ pub mod fixres;
 pub mod inspect;
 pub mod logits;
 pub mod recal_bn;
+pub mod soup;
 pub mod swa;
 pub mod sweep_res;
 
@@ -41,6 +42,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::RecalBn(a) => recal_bn::run(a, &cli.global, rep),
         Command::SweepRes(a) => sweep_res::run(a, &cli.global, rep),
         Command::Fixres(a) => fixres::run(a, &cli.global, rep),
+        Command::Soup(a) => soup::run(a, &cli.global, rep),
         Command::Completions(a) => completions::run(a),
     }
 }

@@ -167,9 +167,18 @@ fn decoder_limits(max_pixels: Option<u64>) -> Limits {
     limits
 }
 
+static DECODED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Image files this process has started to decode (read and decode attempts, failures
+/// included): what a command that promises to decode each image once reports.
+pub fn files_decoded() -> u64 {
+    DECODED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Reads and decodes one image file. Errors name the file: `<path>: cannot read: ...` or
 /// `<path>: cannot decode: ...`.
 pub fn decode_file(path: &Path, opts: &DecodeOptions) -> Result<DecodedImage> {
+    DECODED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     decode_bytes(&bytes, path, opts).with_context(|| format!("{}: cannot decode", path.display()))
 }

@@ -15,6 +15,8 @@
 //!   and `squash` crop modes), `RandomResizedCrop + RandomHorizontalFlip` for recalibration, and
 //!   one decode feeding several sizes.
 //! - [`loader`]: parallel decoding (rayon) with a bounded prefetch, batches in data-set order.
+//! - [`cache`]: a folder's batches decoded once and replayed, for commands that pass over the
+//!   same images many times.
 //!
 //! ## Fidelity (measured; `tests/data.rs` holds the bounds)
 //!
@@ -42,6 +44,7 @@
 //! libjpeg-turbo was built without `nasm` (its C code); with `nasm` present at build time its
 //! SIMD code decodes faster still.
 
+pub mod cache;
 pub mod dataset;
 pub mod decode;
 pub mod labels;
@@ -53,6 +56,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+pub use cache::Batches;
 pub use dataset::{Dataset, DatasetOptions, Item, ScanSkipped, Shard, IMAGE_EXTENSIONS};
 pub use decode::{decode_file, DecodeOptions, DecodedImage};
 pub use labels::{LabelOptions, Labelling, Labels};

@@ -99,6 +99,17 @@ pub struct Pass {
 /// Runs the model in eval mode over every batch of `loader`, measuring accuracy when the folder
 /// is labelled and keeping the logits when `keep_logits`.
 pub fn eval_pass(model: &Model, loader: &mut Loader, keep_logits: bool) -> Result<Pass> {
+    let mut pass = eval_batches(model, loader.by_ref(), keep_logits)?;
+    pass.summary = loader.summary().clone();
+    Ok(pass)
+}
+
+/// As [`eval_pass`], over any batches (held ones, see [`crate::data::Batches`]); the pass's
+/// load summary is left empty.
+pub fn eval_batches<I>(model: &Model, batches: I, keep_logits: bool) -> Result<Pass>
+where
+    I: Iterator<Item = Result<Batch>>,
+{
     struct Collect {
         pass: Pass,
         keep_logits: bool,
@@ -133,8 +144,7 @@ pub fn eval_pass(model: &Model, loader: &mut Loader, keep_logits: bool) -> Resul
         },
         keep_logits,
     };
-    forward::run(forward::single(loader.by_ref()), &[vec![model]], &mut c)?;
-    c.pass.summary = loader.summary().clone();
+    forward::run(forward::single(batches), &[vec![model]], &mut c)?;
     Ok(c.pass)
 }
 
