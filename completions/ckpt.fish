@@ -39,6 +39,7 @@ complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "recal-bn" -d 'Recompute B
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "sweep-res" -d 'Accuracy at several test sizes (and crop fractions) in one pass over the images'
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "fixres" -d 'Fine-tune the classifier at the test resolution (FixRes)'
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "soup" -d 'Greedy model soups and best-of selection on a validation folder, BN-aware'
+complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "distill" -d 'Distil one or more teachers into a student checkpoint (knowledge distillation)'
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "completions" -d 'Print a shell completion script (bash, zsh or fish) to standard output'
 complete -c ckpt -n "__fish_ckpt_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand inspect" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
@@ -389,20 +390,67 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l force -d 'Replace an 
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s V -l version -d 'Print version'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l teacher -d 'Teacher checkpoint; repeat for an ensemble (logits averaged)' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l data -d 'Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class indices as torchvision\'s, unless --class-map) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l size -d 'Side of the square images fed to the model' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l shard -d 'Read only every n-th image starting at the i-th (0-based), after --max-images: n machines with shards 0/n .. n-1/n split one pass over the images' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l max-image-pixels -d 'Refuse images whose header claims more than N pixels (decompression bombs), before decoding them; the default is PIL\'s limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no limit' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l class-map -d 'Class map in timm\'s format: one class folder name per line, the line number (from 0) being the model\'s class index; images of folders it does not name are left out (with a warning). Without it: the ImageNet-1k synset order when the model has 1000 classes and every class folder is a WordNet id (n01440764, ...), else the folders\' sorted order' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -s o -l output -d 'Output file (safetensors)' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l alpha -d 'Weight of the distillation loss: (1 - A) CE + A KD (default: CE + KD, the seed\'s sum); 1 needs no labels' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l temperature -d 'Softening temperature T of both softmaxes' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l epochs -d 'Passes over the training images' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l lr -d 'Learning rate' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l momentum -d 'SGD momentum' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l weight-decay -d 'L2 weight decay of the weights (added to the gradient, as torch.optim.SGD)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l schedule -d 'Learning-rate schedule over the steps' -r -f -a "constant\t'The same learning rate every step'
+cosine\t'Half a cosine from --lr to 0 over the steps (after any warm-up)'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l warmup-epochs -d 'Epochs of linear warm-up to --lr before the schedule' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
+train\t'Random resized crop and flip (seeded)'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l batch-size -d 'Images per batch' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l max-images -d 'Train on at most N images of --data: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l threads -d 'Worker threads (default: one per core)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l strict-labels -d 'Refuse, instead of warning, when the class folders cannot be the model\'s classes (a different count without a map, or folders the map does not name)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l force -d 'Replace an existing output (atomically)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l nesterov -d 'Nesterov momentum'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l decay-all -d 'Also decay biases and one-dimensional parameters (BN\'s weight and bias)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l no-shuffle -d 'Keep the folder\'s order every epoch instead of a shuffle seeded by --seed'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -l threads -d 'Worker threads (default: one per core)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -l kernels -d 'Kernels of the forward passes on the CPU: fast (ckpt\'s own) or candle (candle\'s ops, the path CUDA takes; for comparisons)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "inspect" -d 'Show a checkpoint\'s format, tensors, parameter count, BatchNorm layers and provenance'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "swa" -d 'Average snapshots (stochastic weight averaging), streaming, in f64'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "ema" -d 'Exponential moving average over saved snapshots, several decays in one pass'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "logits" -d 'Compute a model\'s logits for a batch of images'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "eval" -d 'Evaluate a checkpoint on an ImageFolder: top-1, top-5, loss'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "recal-bn" -d 'Recompute BatchNorm running statistics over images (precise BN)'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "sweep-res" -d 'Accuracy at several test sizes (and crop fractions) in one pass over the images'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "fixres" -d 'Fine-tune the classifier at the test resolution (FixRes)'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "soup" -d 'Greedy model soups and best-of selection on a validation folder, BN-aware'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "completions" -d 'Print a shell completion script (bash, zsh or fish) to standard output'
-complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup distill completions help" -f -a "inspect" -d 'Show a checkpoint\'s format, tensors, parameter count, BatchNorm layers and provenance'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup distill completions help" -f -a "swa" -d 'Average snapshots (stochastic weight averaging), streaming, in f64'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup distill completions help" -f -a "ema" -d 'Exponential moving average over saved snapshots, several decays in one pass'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup distill completions help" -f -a "logits" -d 'Compute a model\'s logits for a batch of images'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup distill completions help" -f -a "eval" -d 'Evaluate a checkpoint on an ImageFolder: top-1, top-5, loss'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup distill completions help" -f -a "recal-bn" -d 'Recompute BatchNorm running statistics over images (precise BN)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup distill completions help" -f -a "sweep-res" -d 'Accuracy at several test sizes (and crop fractions) in one pass over the images'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup distill completions help" -f -a "fixres" -d 'Fine-tune the classifier at the test resolution (FixRes)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup distill completions help" -f -a "soup" -d 'Greedy model soups and best-of selection on a validation folder, BN-aware'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup distill completions help" -f -a "distill" -d 'Distil one or more teachers into a student checkpoint (knowledge distillation)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup distill completions help" -f -a "completions" -d 'Print a shell completion script (bash, zsh or fish) to standard output'
+complete -c ckpt -n "__fish_ckpt_using_subcommand help; and not __fish_seen_subcommand_from inspect swa ema logits eval recal-bn sweep-res fixres soup distill completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

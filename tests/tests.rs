@@ -5,6 +5,7 @@ mod util;
 mod bad_inputs;
 mod completions;
 mod data;
+mod distill;
 mod ema;
 mod eval;
 mod fixres;

@@ -377,6 +377,70 @@ pub struct SoupArgs {
     pub arch: ArchArg,
 }
 
+/// Distil one or more teachers into a student checkpoint (knowledge distillation)
+///
+/// Fine-tunes every parameter of STUDENT on CE(s, y) + KD(s, t), or (1 - A) CE + A KD with
+/// --alpha A, where KD is the seed's KLSoftLoss: KL(softmax(t / T) || softmax(s / T)) averaged
+/// over the batch, times T^2. The student trains in train mode (BN batch statistics, running
+/// statistics moved with the family's momentum); the teachers run in eval mode, forward only,
+/// on the same batch, and several teachers' logits are averaged. Teacher and student may be of
+/// different families and sizes but must have the same classes. SGD as torch.optim.SGD, weight
+/// decay on weights only (not biases and one-dimensional parameters) unless --decay-all. The
+/// output holds every student tensor after the run, in its stored dtype.
+#[derive(Args, Debug)]
+#[command(
+    mut_arg("transform", |a| a.default_value("train")),
+    mut_arg("batch_size", |a| a.default_value("64")),
+    mut_arg("max_images", |a| a.help("Train on at most N images of --data: a random subset (seeded by --seed) when the folder has more, kept in folder order"))
+)]
+pub struct DistillArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Teacher checkpoint; repeat for an ensemble (logits averaged)
+    #[arg(long = "teacher", value_name = "T", required = true)]
+    pub teachers: Vec<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub out: OutFile,
+    /// Weight of the distillation loss: (1 - A) CE + A KD (default: CE + KD, the seed's sum);
+    /// 1 needs no labels
+    #[arg(long, value_name = "A")]
+    pub alpha: Option<f64>,
+    /// Softening temperature T of both softmaxes
+    #[arg(long, default_value_t = 5.0, value_name = "T")]
+    pub temperature: f64,
+    /// Passes over the training images
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub epochs: usize,
+    /// Learning rate
+    #[arg(long, default_value_t = 0.01, value_name = "LR")]
+    pub lr: f64,
+    /// SGD momentum
+    #[arg(long, default_value_t = 0.9, value_name = "M")]
+    pub momentum: f64,
+    /// Nesterov momentum
+    #[arg(long)]
+    pub nesterov: bool,
+    /// L2 weight decay of the weights (added to the gradient, as torch.optim.SGD)
+    #[arg(long, default_value_t = 1e-4, value_name = "WD")]
+    pub weight_decay: f64,
+    /// Also decay biases and one-dimensional parameters (BN's weight and bias)
+    #[arg(long)]
+    pub decay_all: bool,
+    /// Learning-rate schedule over the steps
+    #[arg(long, value_enum, default_value = "cosine", value_name = "KIND")]
+    pub schedule: crate::train::ScheduleKind,
+    /// Epochs of linear warm-up to --lr before the schedule
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub warmup_epochs: usize,
+    /// Keep the folder's order every epoch instead of a shuffle seeded by --seed
+    #[arg(long)]
+    pub no_shuffle: bool,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
 /// Print a shell completion script (bash, zsh or fish) to standard output
 ///
 /// Generated from the same definitions as --help and the man pages. bash: `ckpt completions

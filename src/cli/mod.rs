@@ -27,10 +27,11 @@ const LONG_ABOUT: &str = "\
 Make a trained image classifier better from its saved checkpoints: average snapshots (SWA), \
 take an exponential moving average over saved steps (EMA), recompute BatchNorm statistics over \
 images (precise BN), measure accuracy at several test resolutions, fine-tune at the test \
-resolution (FixRes), choose model soups on held-out images, and inspect what a checkpoint \
-holds. Checkpoints may be .safetensors files, sharded safetensors (an index or its folder) or \
-torch.save files (.pth, .pt, .bin, .pth.tar, .ckpt); the format is recognised from the content, \
-and the model (torchvision's CNN families) from its tensors.";
+resolution (FixRes), choose model soups on held-out images, distil teachers into a student, \
+and inspect what a checkpoint holds. Checkpoints may be .safetensors files, sharded \
+safetensors (an index or its folder) or torch.save files (.pth, .pt, .bin, .pth.tar, .ckpt); the \
+format is recognised from the content, and the model (torchvision's CNN families) from its \
+tensors.";
 
 #[derive(Parser, Debug)]
 #[command(name = "ckpt", version, about = ABOUT, long_about = LONG_ABOUT, propagate_version = true)]
@@ -78,6 +79,7 @@ pub enum Command {
     SweepRes(SweepResArgs),
     Fixres(FixresArgs),
     Soup(SoupArgs),
+    Distill(DistillArgs),
     Completions(CompletionsArgs),
 }
 

@@ -5,6 +5,7 @@
 
 pub mod common;
 pub mod completions;
+pub mod distill;
 pub mod ema;
 pub mod eval;
 pub mod fixres;
@@ -43,6 +44,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::SweepRes(a) => sweep_res::run(a, &cli.global, rep),
         Command::Fixres(a) => fixres::run(a, &cli.global, rep),
         Command::Soup(a) => soup::run(a, &cli.global, rep),
+        Command::Distill(a) => distill::run(a, &cli.global, rep),
         Command::Completions(a) => completions::run(a),
     }
 }

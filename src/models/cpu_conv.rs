@@ -745,13 +745,48 @@ impl CustomOp3 for ConvOp<'_> {
 /// the CPU in f32 one pass per plane (a row maximum of three input rows, then of three columns);
 /// elsewhere candle's pool over an edge-replicated copy, which is exact for a maximum since the
 /// replicated value is already in the window.
+///
+/// When `x` carries an autograd graph (a layer upstream is trained), the pool is composed of
+/// differentiable ops instead (candle's pool has no backward for a window larger than its
+/// stride): the maximum of the nine strided views of the edge-replicated input. A tie splits
+/// the gradient where PyTorch gives it to the first maximum; the ties that occur (an edge and
+/// its replicated copy, zeros after a ReLU, which passes no gradient) do not change the result.
 pub fn max_pool_3x3_s2_p1(k: Kernels, x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        return max_pool_3x3_s2_p1_differentiable(x);
+    }
     if cpu_kernels_for(x, k) && x.rank() == 4 {
         return x.contiguous()?.apply_op1_no_bwd(&MaxPool3x3S2);
     }
     x.pad_with_same(2, 1, 1)?
         .pad_with_same(3, 1, 1)?
         .max_pool2d_with_stride(3, 2)
+}
+
+fn max_pool_3x3_s2_p1_differentiable(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+    // One replicated row (column) before, and after as many as make 2 * ho + 2 in all.
+    let p = x
+        .pad_with_same(2, 1, 2 * ho + 1 - h)?
+        .pad_with_same(3, 1, 2 * wo + 1 - w)?;
+    let mut out: Option<Tensor> = None;
+    for dy in 0..3 {
+        for dx in 0..3 {
+            let view = p
+                .narrow(2, dy, 2 * ho)?
+                .narrow(3, dx, 2 * wo)?
+                .reshape((n, c, ho, 2, wo, 2))?
+                .narrow(3, 0, 1)?
+                .narrow(5, 0, 1)?
+                .reshape((n, c, ho, wo))?;
+            out = Some(match out {
+                None => view,
+                Some(o) => o.maximum(&view)?,
+            });
+        }
+    }
+    Ok(out.expect("nine views"))
 }
 
 struct MaxPool3x3S2;
@@ -810,5 +845,58 @@ mod tests {
         assert!(worst < 4e-7, "worst relative error {worst:e}");
         // Saturates instead of overflowing: SiLU of a large negative input is -0, not NaN.
         assert!(exp::<false>(200.0).is_finite() && exp::<false>(-200.0) >= 0.0);
+    }
+
+    /// The differentiable pool gives the fast pool's values, and its gradient reaches each
+    /// window's maximum once (by brute force), for even and odd sides.
+    #[test]
+    fn differentiable_max_pool_is_the_pool_and_routes_gradients_to_the_maxima() {
+        let dev = candle_core::Device::Cpu;
+        for (h, w) in [(6, 6), (7, 5)] {
+            let n = 2 * 3 * h * w;
+            // Distinct values (no ties), in a scrambled order.
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % n) as f32 * 0.01 - 1.0)
+                .collect();
+            let var = candle_core::Var::from_vec(v.clone(), (2, 3, h, w), &dev).unwrap();
+            let y = max_pool_3x3_s2_p1(Kernels::Candle, var.as_tensor()).unwrap();
+            let fast = max_pool_3x3_s2_p1(Kernels::Fast, &var.as_tensor().detach()).unwrap();
+            let (yv, fv): (Vec<f32>, Vec<f32>) = (
+                y.flatten_all().unwrap().to_vec1().unwrap(),
+                fast.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(yv, fv, "{h}x{w}");
+            let r: Vec<f32> = (0..yv.len()).map(|i| 1.0 + i as f32).collect();
+            let rt = Tensor::from_vec(r.clone(), y.shape(), &dev).unwrap();
+            let g = (y * rt).unwrap().sum_all().unwrap().backward().unwrap();
+            let gv: Vec<f32> = g
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+            let mut want = vec![0f32; n];
+            for plane in 0..6 {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut best = (f32::NEG_INFINITY, 0);
+                        for y in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h) {
+                            for x in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
+                                let i = plane * h * w + y * w + x;
+                                if v[i] > best.0 {
+                                    best = (v[i], i);
+                                }
+                            }
+                        }
+                        want[best.1] += r[plane * ho * wo + oy * wo + ox];
+                    }
+                }
+            }
+            for (i, (a, b)) in gv.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() < 1e-3, "{h}x{w} [{i}]: {a} vs {b}");
+            }
+        }
     }
 }

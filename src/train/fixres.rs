@@ -19,8 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
-use super::{cross_entropy, epoch_order, Schedule, Sgd, SgdConfig};
-use crate::checkpoint::dtype;
+use super::{counted_up, cross_entropy, epoch_order, stored, Schedule, Sgd, SgdConfig};
 use crate::checkpoint::Checkpoint;
 use crate::data::{DataConfig, Loader, Transform};
 use crate::eval::forward::{self, Feed};
@@ -254,18 +253,7 @@ pub fn fine_tune(
         tensors.insert(key.clone(), stored(ck, &key, v)?);
     }
     let nbt = format!("{}.num_batches_tracked", head.last_bn);
-    if let Some(ti) = ck.get(&nbt) {
-        if !ti.dtype.is_integer() || ti.numel() != 1 {
-            bail!(
-                "tensor {nbt} is {} {:?}, expected an integer scalar",
-                ti.dtype,
-                ti.shape
-            );
-        }
-        let old = dtype::read_int(&ck.bytes(ti), ti.dtype, 0);
-        let mut bytes = vec![0u8; ti.dtype.size()];
-        dtype::write_int(&mut bytes, ti.dtype, 0, old + r.batches as i128)
-            .with_context(|| format!("tensor {nbt}: the count does not fit {}", ti.dtype))?;
+    if let Some(bytes) = counted_up(ck, &nbt, r.batches)? {
         tensors.insert(nbt, bytes);
     }
     let steps = t.losses.len();
@@ -279,23 +267,6 @@ pub fn fine_tune(
         steps,
         metadata,
     })
-}
-
-/// `values` in the stored dtype of `key`.
-fn stored(ck: &Checkpoint, key: &str, values: &[f32]) -> Result<Vec<u8>> {
-    let t = ck.get(key).with_context(|| format!("no tensor {key}"))?;
-    if t.numel() != values.len() || !t.dtype.is_arithmetic_float() {
-        bail!(
-            "tensor {key} is {} {:?}, expected {} floats",
-            t.dtype,
-            t.shape,
-            values.len()
-        );
-    }
-    let v: Vec<f64> = values.iter().map(|&x| x as f64).collect();
-    let mut bytes = vec![0u8; t.nbytes()];
-    dtype::store(&v, t.dtype, &mut bytes);
-    Ok(bytes)
 }
 
 fn metadata(

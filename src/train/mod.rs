@@ -5,6 +5,7 @@
 //!   defines them, and learning-rate schedules (constant, cosine, linear warm-up).
 //! - [`cross_entropy`]: the loss on class indices, as `F.cross_entropy` (mean over the batch).
 //! - [`fixres`]: the FixRes fine-tune of a model's head at the test resolution.
+//! - [`distill`]: knowledge distillation of a whole student from teachers' softened logits.
 //!
 //! Gradients come from candle's autograd over the parameters a model was built with as `Var`s
 //! (`models::BuildOptions::trainable`). What is frozen runs on the model's own kernels: the
@@ -14,12 +15,14 @@
 //! differentiated. Data comes in the loader's order: the folder's, or a seeded shuffle per epoch
 //! ([`epoch_order`]).
 
+pub mod distill;
 pub mod fixres;
 pub mod optim;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
+use crate::checkpoint::{dtype, Checkpoint};
 use crate::data::Dataset;
 
 pub use optim::{Schedule, ScheduleKind, Sgd, SgdConfig};
@@ -38,6 +41,43 @@ pub fn cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
     let idx: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
     let target = Tensor::from_vec(idx, n, logits.device())?;
     Ok(candle_nn::loss::cross_entropy(logits, &target)?)
+}
+
+/// `values` in the stored dtype of `key`.
+pub fn stored(ck: &Checkpoint, key: &str, values: &[f32]) -> Result<Vec<u8>> {
+    let t = ck.get(key).with_context(|| format!("no tensor {key}"))?;
+    if t.numel() != values.len() || !t.dtype.is_arithmetic_float() {
+        bail!(
+            "tensor {key} is {} {:?}, expected {} floats",
+            t.dtype,
+            t.shape,
+            values.len()
+        );
+    }
+    let v: Vec<f64> = values.iter().map(|&x| x as f64).collect();
+    let mut bytes = vec![0u8; t.nbytes()];
+    dtype::store(&v, t.dtype, &mut bytes);
+    Ok(bytes)
+}
+
+/// The bytes of integer scalar `key` (a BN layer's `num_batches_tracked`) advanced by `add`, in
+/// its own dtype; `None` when the checkpoint has no such tensor.
+pub fn counted_up(ck: &Checkpoint, key: &str, add: u64) -> Result<Option<Vec<u8>>> {
+    let Some(ti) = ck.get(key) else {
+        return Ok(None);
+    };
+    if !ti.dtype.is_integer() || ti.numel() != 1 {
+        bail!(
+            "tensor {key} is {} {:?}, expected an integer scalar",
+            ti.dtype,
+            ti.shape
+        );
+    }
+    let old = dtype::read_int(&ck.bytes(ti), ti.dtype, 0);
+    let mut bytes = vec![0u8; ti.dtype.size()];
+    dtype::write_int(&mut bytes, ti.dtype, 0, old + add as i128)
+        .with_context(|| format!("tensor {key}: the count does not fit {}", ti.dtype))?;
+    Ok(Some(bytes))
 }
 
 /// The images of epoch `epoch` (0-based): the folder's order, or with `seed` a shuffle seeded

@@ -1,0 +1,124 @@
+//! `ckpt distill`: knowledge distillation of teachers into a student checkpoint (the engine is
+//! `train::distill`).
+
+use std::io::Write;
+
+use anyhow::Result;
+
+use crate::bn::apply;
+use crate::checkpoint::write::{check_outputs, OutputLayout};
+use crate::checkpoint::{provenance, Checkpoint};
+use crate::cli::{DistillArgs, GlobalArgs};
+use crate::commands::common;
+use crate::report::Reporter;
+use crate::train::{self, Schedule, SgdConfig};
+
+pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
+    let ck = Checkpoint::open(&args.model.model, &args.model.open.options())?;
+    if let Some(n) = ck.origin_note() {
+        rep.note(n);
+    }
+    let force = args.out.force;
+    let teacher_cks = args
+        .teachers
+        .iter()
+        .map(|t| super::open_for_model(t, &args.model.open, None))
+        .collect::<Result<Vec<_>>>()?;
+    let mut inputs = ck.files.clone();
+    inputs.extend(teacher_cks.iter().flat_map(|t| t.files.clone()));
+    check_outputs(std::slice::from_ref(&args.out.output), &inputs, force)?;
+    common::check_json(&args.json, &inputs, force)?;
+    let data = args.data.config(global.threads)?;
+    let ds = data.scan()?;
+    let steps_per_epoch = ds.len().div_ceil(data.loader.batch_size.max(1));
+    let cfg = train::distill::Config {
+        data,
+        epochs: args.epochs,
+        shuffle_seed: (!args.no_shuffle).then_some(args.data.opts.seed),
+        sgd: SgdConfig {
+            momentum: args.momentum,
+            dampening: 0.0,
+            weight_decay: args.weight_decay,
+            nesterov: args.nesterov,
+        },
+        decay_all: args.decay_all,
+        schedule: Schedule {
+            lr: args.lr,
+            kind: args.schedule,
+            warmup_steps: args.warmup_epochs * steps_per_epoch,
+        },
+        temperature: args.temperature,
+        alpha: args.alpha,
+    };
+    cfg.check()?;
+    let teachers = teacher_cks
+        .iter()
+        .zip(&args.teachers)
+        .map(|(t, path)| {
+            let m = super::load_model(t, None, global, &rep)?;
+            rep.note(format!("teacher {}: {}", path.display(), m.config));
+            Ok(m)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let dev = super::device(global, &rep)?;
+    let refs: Vec<&crate::models::Model> = teachers.iter().collect();
+    let t0 = std::time::Instant::now();
+    let out = train::distill::distill(&ck, args.model.arch.get(), &refs, &dev, &cfg, &rep)?;
+    let secs = t0.elapsed().as_secs_f64();
+
+    let mut meta = provenance::metadata(&provenance::command_line(), std::slice::from_ref(&ck))?;
+    meta.extend(out.metadata.clone());
+    meta.insert(
+        "ckpt.distill.teacher_files".into(),
+        serde_json::to_string(
+            &args
+                .teachers
+                .iter()
+                .map(|t| t.display().to_string())
+                .collect::<Vec<_>>(),
+        )?,
+    );
+    let replacement = apply::Replacement {
+        tensors: out.tensors.clone(),
+        changes: Vec::new(),
+    };
+    apply::write(
+        &ck,
+        &replacement,
+        &OutputLayout::new(&args.out.output, None),
+        &meta,
+        force,
+    )?;
+
+    let images: usize = out.steps.iter().map(|s| s.images).sum();
+    let agree: usize = out.steps.iter().map(|s| s.agree).sum();
+    let report = serde_json::json!({
+        "output": args.out.output.display().to_string(),
+        "teachers": args.teachers.iter().map(|t| t.display().to_string()).collect::<Vec<_>>(),
+        "images": out.images,
+        "epochs": args.epochs,
+        "temperature": args.temperature,
+        "alpha": args.alpha,
+        "steps": out.steps,
+        "agreement": 100.0 * agree as f64 / images.max(1) as f64,
+        "seconds": secs,
+        "images_per_second": images as f64 / secs.max(1e-9),
+    });
+    common::emit_json(&args.json, &report, force)?;
+    if !args.json.to_stdout() {
+        let last = out.steps.last();
+        writeln!(
+            std::io::stdout().lock(),
+            "wrote {}: {} steps over {} images x {} epoch(s); last step loss {:.4} (KD {:.4}); student agreed with the teacher(s) on {:.1} % of the images seen ({:.1} images/s)",
+            args.out.output.display(),
+            out.steps.len(),
+            out.images,
+            args.epochs,
+            last.map_or(f64::NAN, |s| s.loss),
+            last.map_or(f64::NAN, |s| s.kd),
+            100.0 * agree as f64 / images.max(1) as f64,
+            images as f64 / secs.max(1e-9)
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! Knowledge distillation (Hinton et al., 2015), as the seed does it: a student fine-tuned on
+//! `CE(s, y) + KD(s, t)`, or `(1 - alpha) CE + alpha KD`, where KD is the seed's KLSoftLoss,
+//! `KL(softmax(t / T) || softmax(s / T))` averaged over the batch ("batchmean") times `T^2`.
+//!
+//! Every student parameter trains, with the student in train mode (BN batch statistics, running
+//! statistics moved with the family's momentum) on candle's differentiable ops; the teachers run
+//! in eval mode, forward only, on their own kernels, on the same batch, and several teachers'
+//! logits are averaged (an ensemble teacher). SGD as `torch.optim.SGD` in two parameter groups:
+//! weight decay on the weights, none on biases and one-dimensional parameters (BN's) unless
+//! `decay_all`. The result is every trained parameter and every BN layer's statistics
+//! (`num_batches_tracked` advanced by the steps), each in its stored dtype.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+use super::{counted_up, cross_entropy, epoch_order, stored, Schedule, Sgd, SgdConfig};
+use crate::checkpoint::Checkpoint;
+use crate::data::{DataConfig, Loader};
+use crate::eval::forward::{self, Feed};
+use crate::models::{BuildOptions, Ctx, Kernels, Model};
+use crate::report::Reporter;
+
+/// A distillation run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The training folder and its transform.
+    pub data: DataConfig,
+    pub epochs: usize,
+    /// `None`: the folder's order every epoch; else a shuffle per epoch from this seed.
+    pub shuffle_seed: Option<u64>,
+    pub sgd: SgdConfig,
+    /// Weight decay on biases and one-dimensional parameters too.
+    pub decay_all: bool,
+    pub schedule: Schedule,
+    /// The softening temperature T.
+    pub temperature: f64,
+    /// `None`: CE + KD (the seed's sum); `Some(a)`: (1 - a) CE + a KD.
+    pub alpha: Option<f64>,
+}
+
+impl Config {
+    /// Refuses settings that cannot train, before any pass over the images.
+    pub fn check(&self) -> Result<()> {
+        if self.epochs == 0 {
+            bail!("--epochs must be at least 1");
+        }
+        if !(self.schedule.lr.is_finite() && self.schedule.lr > 0.0) {
+            bail!("--lr must be a positive number, not {}", self.schedule.lr);
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            bail!(
+                "--temperature must be a positive number, not {}",
+                self.temperature
+            );
+        }
+        if let Some(a) = self.alpha.filter(|a| !(0.0..=1.0).contains(a)) {
+            bail!("--alpha must be between 0 and 1, not {a}");
+        }
+        self.sgd.check()
+    }
+
+    /// Whether the loss needs labels (any weight on the cross-entropy).
+    pub fn needs_labels(&self) -> bool {
+        self.alpha != Some(1.0)
+    }
+}
+
+/// The seed's KLSoftLoss: `KL(softmax(teacher / T) || softmax(student / T))` summed over classes,
+/// averaged over the batch, times `T^2`; differentiable in `student` only.
+pub fn kd_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    let n = student.dim(0)?;
+    let log_ps = candle_nn::ops::log_softmax(&(student / temperature)?, D::Minus1)?;
+    let log_pt = candle_nn::ops::log_softmax(&(teacher.detach() / temperature)?, D::Minus1)?;
+    let kl = (log_pt.exp()? * (log_pt - log_ps)?)?.sum_all()?;
+    Ok((kl * (temperature * temperature / n as f64))?)
+}
+
+/// One step's losses.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepLoss {
+    pub loss: f64,
+    /// The cross-entropy (NaN without labels).
+    pub ce: f64,
+    pub kd: f64,
+    /// Images of the batch on which the student's top-1 agrees with the teachers'.
+    pub agree: usize,
+    pub images: usize,
+}
+
+/// What a run changed, and how it went.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// New bytes of each replaced tensor, by checkpoint key, in its stored dtype.
+    pub tensors: HashMap<String, Vec<u8>>,
+    pub steps: Vec<StepLoss>,
+    pub images: usize,
+    /// `ckpt.distill.*` entries describing the run, for the output's metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+struct Trainer<'a> {
+    teachers: usize,
+    teacher_sum: Option<Tensor>,
+    cfg: &'a Config,
+    groups: Vec<Sgd>,
+    total_steps: usize,
+    steps: Vec<StepLoss>,
+    classes: usize,
+    bar: &'a indicatif::ProgressBar,
+}
+
+fn argmax_rows(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.argmax(D::Minus1)?.to_vec1()?)
+}
+
+impl forward::Visitor for Trainer<'_> {
+    fn ctx(&mut self, model: usize, _: usize) -> Ctx<'_> {
+        if model < self.teachers {
+            Ctx::eval()
+        } else {
+            Ctx::train()
+        }
+    }
+
+    fn output(&mut self, model: usize, _: usize, feed: &Feed, y: &Tensor, _: f64) -> Result<()> {
+        if model < self.teachers {
+            let y = y.detach();
+            self.teacher_sum = Some(match self.teacher_sum.take() {
+                None => y,
+                Some(s) => (s + y)?,
+            });
+            return Ok(());
+        }
+        let b = feed.batch().context("distillation over a tensor")?;
+        let teacher = (self
+            .teacher_sum
+            .take()
+            .context("internal error: no teacher logits")?
+            / self.teachers as f64)?;
+        let kd = kd_loss(y, &teacher, self.cfg.temperature)?;
+        let (loss, ce) = if self.cfg.needs_labels() {
+            let labels = b
+                .labels
+                .as_deref()
+                .context("the training folder has no labels (--alpha 1 needs none)")?;
+            if let Some((i, l)) = labels
+                .iter()
+                .enumerate()
+                .find(|(_, &l)| l < 0 || l as usize >= self.classes)
+            {
+                bail!(
+                    "{}: class index {l}, but the student has {} classes",
+                    b.paths[i].display(),
+                    self.classes
+                );
+            }
+            let ce = cross_entropy(y, labels)?;
+            let loss = match self.cfg.alpha {
+                None => (&ce + &kd)?,
+                Some(a) => ((&ce * (1.0 - a))? + (&kd * a)?)?,
+            };
+            (loss, Some(ce))
+        } else {
+            (kd.clone(), None)
+        };
+        let grads = loss.backward()?;
+        let lr = self.cfg.schedule.at(self.steps.len(), self.total_steps);
+        for g in &mut self.groups {
+            g.step(&grads, lr)?;
+        }
+        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar()?) };
+        let l = scalar(&loss)?;
+        if !l.is_finite() {
+            bail!(
+                "the loss became {l} at step {} (learning rate {lr}); try a smaller --lr",
+                self.steps.len() + 1
+            );
+        }
+        let agree = argmax_rows(y)?
+            .iter()
+            .zip(argmax_rows(&teacher)?)
+            .filter(|(a, b)| **a == *b)
+            .count();
+        self.steps.push(StepLoss {
+            loss: l,
+            ce: ce.as_ref().map_or(Ok(f64::NAN), scalar)?,
+            kd: scalar(&kd)?,
+            agree,
+            images: b.n,
+        });
+        self.bar.inc(b.n as u64);
+        self.bar.set_message(format!("distilling, loss {l:.4}"));
+        Ok(())
+    }
+}
+
+/// Distils `teachers` into the student `ck`; returns the replaced tensors without writing.
+/// `teachers` are built models (any family, the student's class count); the student is built
+/// here, every parameter trainable, on candle's ops.
+pub fn distill(
+    ck: &Checkpoint,
+    arch: Option<&str>,
+    teachers: &[&Model],
+    device: &Device,
+    cfg: &Config,
+    rep: &Reporter,
+) -> Result<Outcome> {
+    cfg.check()?;
+    let pick = |p: &str| {
+        !(p.ends_with(".running_mean")
+            || p.ends_with(".running_var")
+            || p.ends_with(".num_batches_tracked"))
+    };
+    let opts = BuildOptions {
+        trainable: Some(&pick),
+        overrides: None,
+    };
+    // Autograd needs candle's ops: ckpt's fast CPU kernels keep no graph.
+    let student = Model::load_with(ck, arch, device, &opts)?.with_kernels(Kernels::Candle);
+    let classes = student.config.num_classes();
+    if teachers.is_empty() {
+        bail!("no teacher given");
+    }
+    for t in teachers {
+        let n = t.config.num_classes();
+        if n != classes {
+            bail!(
+                "a teacher ({}) has {n} classes, the student ({}) {classes}: distillation needs the same classes",
+                t.config.name(),
+                student.config.name()
+            );
+        }
+    }
+    let ds = cfg.data.scan()?;
+    if cfg.needs_labels() && !ds.is_labelled() {
+        bail!(
+            "{}: no class folders; the cross-entropy needs labels (ImageFolder layout), or --alpha 1 distils without them",
+            ds.root.display()
+        );
+    }
+    let (mut decay, mut no_decay) = (Vec::new(), Vec::new());
+    for (name, var) in student.trainable() {
+        if cfg.decay_all || var.as_tensor().rank() > 1 {
+            decay.push((name.clone(), var.clone()));
+        } else {
+            no_decay.push((name.clone(), var.clone()));
+        }
+    }
+    let trained = decay.len() + no_decay.len();
+    let groups = vec![
+        Sgd::new(decay, cfg.sgd)?,
+        Sgd::new(
+            no_decay,
+            SgdConfig {
+                weight_decay: 0.0,
+                ..cfg.sgd
+            },
+        )?,
+    ];
+    let bs = cfg.data.loader.batch_size.max(1);
+    let steps_per_epoch = ds.len().div_ceil(bs);
+    rep.note(format!(
+        "distilling {} teacher(s) into {} ({trained} parameters trained) over {} images of {}, {} epoch(s) of {steps_per_epoch} steps, T = {}",
+        teachers.len(),
+        student.config,
+        ds.len(),
+        ds.root.display(),
+        cfg.epochs,
+        cfg.temperature
+    ));
+    let bar = rep.images_bar((ds.len() * cfg.epochs) as u64, "distilling");
+    let mut t = Trainer {
+        teachers: teachers.len(),
+        teacher_sum: None,
+        cfg,
+        groups,
+        total_steps: steps_per_epoch * cfg.epochs,
+        steps: Vec::new(),
+        classes,
+        bar: &bar,
+    };
+    let mut models: Vec<Vec<&Model>> = teachers.iter().map(|m| vec![*m]).collect();
+    models.push(vec![&student]);
+    for epoch in 0..cfg.epochs {
+        let order = epoch_order(&ds, cfg.shuffle_seed, epoch);
+        let quiet = Reporter::new(true);
+        let mut loader = Loader::new(&order, cfg.data.transform, &cfg.data.loader, &quiet)?;
+        let before = t.steps.len();
+        forward::run(forward::single(loader.by_ref()), &models, &mut t)?;
+        for s in &loader.summary().skipped {
+            bar.suspend(|| rep.note(format!("skipped {}", s.error)));
+        }
+        if t.steps.len() == before {
+            bail!("{}: no images were read", ds.root.display());
+        }
+    }
+    bar.finish_and_clear();
+
+    let mut tensors = HashMap::new();
+    for g in &t.groups {
+        for (key, var) in g.params() {
+            let v: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+            tensors.insert(key.clone(), stored(ck, key, &v)?);
+        }
+    }
+    for (prefix, bn) in student.bn_layers.iter().zip(&student.bn) {
+        let r = bn.running();
+        for (what, v) in [("running_mean", &r.mean), ("running_var", &r.var)] {
+            let key = format!("{prefix}.{what}");
+            tensors.insert(key.clone(), stored(ck, &key, v)?);
+        }
+        let nbt = format!("{prefix}.num_batches_tracked");
+        if let Some(bytes) = counted_up(ck, &nbt, r.batches)? {
+            tensors.insert(nbt, bytes);
+        }
+    }
+    let metadata = metadata(cfg, teachers, &t.steps);
+    Ok(Outcome {
+        tensors,
+        steps: t.steps,
+        images: ds.len(),
+        metadata,
+    })
+}
+
+fn metadata(cfg: &Config, teachers: &[&Model], steps: &[StepLoss]) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    let mut put = |k: &str, v: String| {
+        m.insert(format!("ckpt.distill.{k}"), v);
+    };
+    put(
+        "teachers",
+        teachers
+            .iter()
+            .map(|t| t.config.name())
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    put("temperature", cfg.temperature.to_string());
+    put(
+        "alpha",
+        cfg.alpha.map_or("none (CE + KD)".into(), |a| a.to_string()),
+    );
+    put("transform", format!("{:?}", cfg.data.transform));
+    put("data", cfg.data.dir.display().to_string());
+    put("dataset", format!("{:?}", cfg.data.dataset));
+    put("epochs", cfg.epochs.to_string());
+    put("steps", steps.len().to_string());
+    put("batch_size", cfg.data.loader.batch_size.to_string());
+    put(
+        "shuffle",
+        cfg.shuffle_seed
+            .map_or("none".into(), |s| format!("seed {s}")),
+    );
+    put("lr", cfg.schedule.lr.to_string());
+    put("lr_schedule", cfg.schedule.kind.to_string());
+    put("warmup_steps", cfg.schedule.warmup_steps.to_string());
+    put("momentum", cfg.sgd.momentum.to_string());
+    put("weight_decay", cfg.sgd.weight_decay.to_string());
+    put("nesterov", cfg.sgd.nesterov.to_string());
+    put("decay_all", cfg.decay_all.to_string());
+    put(
+        "losses",
+        steps
+            .iter()
+            .map(|s| format!("{:.6}", s.loss))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The KL divergence written out by hand for a batch of two, three classes.
+    #[test]
+    fn kd_loss_is_klsoftloss() {
+        let dev = Device::Cpu;
+        let s = Tensor::new(&[[1.0f32, 2.0, 0.5], [0.0, -1.0, 3.0]], &dev).unwrap();
+        let t = Tensor::new(&[[2.0f32, 1.0, 0.0], [0.5, 0.5, 1.0]], &dev).unwrap();
+        let temp = 2.0;
+        let got: f32 = kd_loss(&s, &t, temp).unwrap().to_scalar().unwrap();
+        let softmax = |r: [f64; 3]| {
+            let z: f64 = r.iter().map(|x| (x / temp).exp()).sum();
+            r.map(|x| (x / temp).exp() / z)
+        };
+        let rows = [
+            ([1.0, 2.0, 0.5], [2.0, 1.0, 0.0]),
+            ([0.0, -1.0, 3.0], [0.5, 0.5, 1.0]),
+        ];
+        let want: f64 = rows
+            .iter()
+            .map(|(s, t)| {
+                let (ps, pt) = (softmax(*s), softmax(*t));
+                (0..3).map(|c| pt[c] * (pt[c] / ps[c]).ln()).sum::<f64>()
+            })
+            .sum::<f64>()
+            / 2.0
+            * temp
+            * temp;
+        assert!((got as f64 - want).abs() < 1e-6 * want, "{got} vs {want}");
+        assert!(
+            kd_loss(&s, &s, temp)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .abs()
+                < 1e-6
+        );
+    }
+}

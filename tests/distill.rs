@@ -1,0 +1,180 @@
+//! `ckpt distill` against the PyTorch reference of fixtures/make_distill_fixtures.py: the weak
+//! student (epoch 1) distilled from epoch 10 (and an ensemble with a fine-tune), the seed's
+//! KLSoftLoss, SGD momentum 0.9, weight decay 1e-4 on weights only, lr 0.01, one epoch of 4
+//! steps in folder order through the eval transform.
+//!
+//! Tolerances: every student tensor within 1e-4 relative of PyTorch's (plus 1e-6 of the
+//! tensor's largest entry, for entries near zero: f32 arithmetic in a different order in both);
+//! the KD loss of the first batch (before any update) within 1e-6 relative of KLSoftLoss.
+
+use std::collections::HashMap;
+
+use crate::util::*;
+
+fn distill(d: &TestDir, teachers: &[&str], extra: &[&str]) -> Run {
+    let mut args: Vec<String> = vec!["distill".into(), p(&fixture("tiny/epoch_1.safetensors"))];
+    for t in teachers {
+        args.extend(["--teacher".into(), p(&fixture(t))]);
+    }
+    args.extend(
+        [
+            "--data",
+            &p(&fixture("digits/train")),
+            "--transform",
+            "eval",
+            "--no-shuffle",
+            "--size",
+            "32",
+            "--crop-pct",
+            "1",
+            "--mean",
+            "0.5",
+            "--std",
+            "0.5",
+            "--lr",
+            "0.01",
+            "--schedule",
+            "constant",
+            "--batch-size",
+            "64",
+            "-o",
+            "student.safetensors",
+            "--json=distill.json",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    args.extend(extra.iter().map(|s| s.to_string()));
+    d.run(&args)
+}
+
+fn assert_student_close(got: &HashMap<String, T>, want: &HashMap<String, T>) -> f64 {
+    assert_eq!(sorted_keys(got), sorted_keys(want));
+    let mut worst = 0f64;
+    for (k, w) in want {
+        let g = &got[k];
+        if k.ends_with(".num_batches_tracked") {
+            assert_eq!(as_i64(g), as_i64(w), "{k}");
+            continue;
+        }
+        let (gv, wv) = (as_f64(g), as_f64(w));
+        let scale = wv.iter().fold(0f64, |m, x| m.max(x.abs()));
+        for (i, (a, b)) in gv.iter().zip(&wv).enumerate() {
+            let err = (a - b).abs();
+            assert!(
+                err <= 1e-4 * b.abs() + 1e-6 * scale,
+                "{k}[{i}]: {a} vs PyTorch's {b}"
+            );
+            worst = worst.max(err / (b.abs() + 1e-2 * scale));
+        }
+    }
+    worst
+}
+
+/// Runs a case and holds every tensor, and the first batch's KD loss, to PyTorch's.
+fn case(name: &str, teachers: &[&str], extra: &[&str]) -> (TestDir, Run) {
+    let d = TestDir::new();
+    let run = distill(&d, teachers, extra).ok();
+    let reference = fixture(&format!("distill/{name}.safetensors"));
+    assert_student_close(
+        &read_st(&d.path("student.safetensors")),
+        &read_st(&reference),
+    );
+    let want: serde_json::Value =
+        serde_json::from_str(&read_metadata(&reference)["losses"]).unwrap();
+    let got: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("distill.json")).unwrap()).unwrap();
+    let steps = got["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), want.as_array().unwrap().len());
+    let (g, w) = (
+        steps[0]["kd"].as_f64().unwrap(),
+        want[0]["kd"].as_f64().unwrap(),
+    );
+    assert!(
+        (g - w).abs() <= 1e-6 * w.abs(),
+        "{name}: first KD loss {g} vs KLSoftLoss {w}"
+    );
+    for (i, (gs, ws)) in steps.iter().zip(want.as_array().unwrap()).enumerate() {
+        let (g, w) = (gs["loss"].as_f64().unwrap(), ws["loss"].as_f64().unwrap());
+        assert!(
+            (g - w).abs() <= 1e-4 * w.abs(),
+            "{name}: step {i} loss {g} vs {w}"
+        );
+    }
+    (d, run)
+}
+
+#[test]
+fn distillation_is_pytorchs_step_for_step() {
+    let (d, _) = case("kd", &["tiny/epoch_10.safetensors"], &[]);
+    let meta = read_metadata(&d.path("student.safetensors"));
+    assert_eq!(meta["ckpt.distill.temperature"], "5");
+    assert!(meta.contains_key("ckpt.inputs"), "{meta:?}");
+}
+
+#[test]
+fn alpha_weighs_the_two_losses_as_pytorch() {
+    case(
+        "alpha_half",
+        &["tiny/epoch_10.safetensors"],
+        &["--alpha", "0.5"],
+    );
+}
+
+#[test]
+fn an_ensemble_teacher_averages_logits_as_pytorch() {
+    case(
+        "ensemble_t2",
+        &["tiny/epoch_10.safetensors", "soup/finetune_b.safetensors"],
+        &["--temperature", "2"],
+    );
+}
+
+#[test]
+fn bad_distillations_fail_in_one_line_and_write_nothing() {
+    let d = TestDir::new();
+    let student = p(&fixture("tiny/epoch_1.safetensors"));
+    let train = p(&fixture("digits/train"));
+    // A teacher with other classes.
+    d.run(&[
+        "-q",
+        "distill",
+        &student,
+        "--teacher",
+        &p(&fixture("zoo2/vgg_tiny.safetensors")),
+        "--data",
+        &train,
+        "-o",
+        "x.safetensors",
+    ])
+    .fails_with(&["classes"]);
+    d.run(&[
+        "-q",
+        "distill",
+        &student,
+        "--teacher",
+        &student,
+        "--data",
+        &train,
+        "--alpha",
+        "2",
+        "-o",
+        "x.safetensors",
+    ])
+    .fails_with(&["--alpha"]);
+    d.run(&[
+        "-q",
+        "distill",
+        &student,
+        "--teacher",
+        &student,
+        "--data",
+        &train,
+        "--temperature",
+        "0",
+        "-o",
+        "x.safetensors",
+    ])
+    .fails_with(&["--temperature"]);
+    assert!(!d.path("x.safetensors").exists());
+}
