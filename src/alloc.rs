@@ -425,7 +425,10 @@ mod tests {
             pass(&a, 8 * MIB, 4);
         }
         let before = a.stats().cached;
-        assert!(before >= 32 * MIB, "the passes' blocks are cached: {before}");
+        assert!(
+            before >= 32 * MIB,
+            "the passes' blocks are cached: {before}"
+        );
         // A smaller input size: blocks under half the old ones, which cannot use them.
         for _ in 0..30 {
             pass(&a, 3 * MIB / 2, 4);
