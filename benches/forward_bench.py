@@ -18,6 +18,10 @@ and the given batch size, with the same number of threads for both (all cores), 
   second, and that as a share of the machine's f32 peak, measured by
   `cargo bench --bench cpu_conv -- --peak` (FMA chains on every core).
 
+- Peak RSS: ckpt's own VmHWM over the whole `logits` run (`CKPT_REPORT_PEAK_RSS`), and that of
+  a separate PyTorch process doing the same job (load the weights and the input file, every
+  batch forward), which reads its own /proc/self/status.
+
 Prints a table (markdown) with the PyTorch version.
 """
 
@@ -58,7 +62,28 @@ def flops_per_image(model, x):
     return 2 * macs
 
 
-def ckpt_forward_seconds(args, threads, weights, inputs, out, env):
+TORCH_PEAK = r'''
+import sys, torch, torchvision
+from safetensors.torch import load_file
+name, weights, inputs, batch, threads = sys.argv[1:6]
+torch.set_num_threads(int(threads))
+m = getattr(torchvision.models, name)().eval()
+m.load_state_dict(load_file(weights))
+x = load_file(inputs)["input"]
+with torch.no_grad():
+    for i in range(0, len(x), int(batch)):
+        m(x[i : i + int(batch)])
+print(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+'''
+
+
+def torch_peak_bytes(name, weights, inputs, batch, threads):
+    r = subprocess.run([sys.executable, "-c", TORCH_PEAK, name, str(weights), str(inputs), str(batch), str(threads)],
+                       capture_output=True, text=True, check=True)
+    return int(r.stdout.split()[-1]) * 1024
+
+
+def ckpt_forward_seconds(args, threads, weights, inputs, out, env, peaks=None):
     r = subprocess.run(
         [args.ckpt, "--threads", str(threads), "--device", "cpu", "logits", str(weights), "--input", str(inputs),
          "--batch-size", str(args.batch), "-o", str(out), "--force"],
@@ -66,12 +91,15 @@ def ckpt_forward_seconds(args, threads, weights, inputs, out, env):
     )
     if r.returncode != 0:
         sys.exit(f"ckpt failed: {r.stderr}")
+    if peaks is not None:
+        peaks.append(int(re.search(r"peak resident memory (\d+) kB", r.stderr).group(1)) * 1024)
     return float(re.search(r"forward: (\d+) images in ([0-9.]+) s", r.stderr).group(2))
 
 
-def ckpt_steady(args, threads, tmp, name, env):
+def ckpt_steady(args, threads, tmp, name, env, peaks=None):
     w = tmp / f"{name}.safetensors"
-    t_all = ckpt_forward_seconds(args, threads, w, tmp / "input_all.safetensors", tmp / "l.safetensors", env)
+    t_all = ckpt_forward_seconds(args, threads, w, tmp / "input_all.safetensors", tmp / "l.safetensors",
+                                 dict(env, CKPT_REPORT_PEAK_RSS="1"), peaks)
     t_warm = ckpt_forward_seconds(args, threads, w, tmp / "input_warm.safetensors", tmp / "l.safetensors", env)
     return args.images / (t_all - t_warm)
 
@@ -111,19 +139,24 @@ def main():
             for i in range(args.batch, args.batch + args.images, args.batch):
                 model(x[i : i + args.batch])
             torch_ips = args.images / (time.perf_counter() - t0)
-        ckpt_ips = ckpt_steady(args, threads, tmp, name, fast_env)
+        peaks = []
+        ckpt_ips = ckpt_steady(args, threads, tmp, name, fast_env, peaks)
         candle_ips = ckpt_steady(args, threads, tmp, name, candle_env) if args.candle else None
-        rows.append((name, flops, torch_ips, ckpt_ips, candle_ips))
+        torch_rss = torch_peak_bytes(name, tmp / f"{name}.safetensors", tmp / "input_all.safetensors", args.batch,
+                                     threads)
+        rows.append((name, flops, torch_ips, ckpt_ips, candle_ips, peaks[0], torch_rss))
         print(f"  {name}: torch {torch_ips:.2f} img/s, ckpt {ckpt_ips:.2f} img/s", file=sys.stderr)
     print(f"\neval at 224, batch {args.batch}, {args.images} images after a warm-up batch, {threads} threads, "
           f"f32; torch {torch.__version__}; machine f32 peak {peak:.0f} GFLOP/s (measured)\n")
-    head = "| model | GFLOP/image | PyTorch img/s | ckpt img/s | ckpt / PyTorch | ckpt GFLOP/s | % of peak |"
+    head = ("| model | GFLOP/image | PyTorch img/s | ckpt img/s | ckpt / PyTorch | ckpt GFLOP/s | % of peak |"
+            " PyTorch peak RSS GB | ckpt peak RSS GB |")
     if args.candle:
         head += " candle conv img/s | ckpt / candle |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
-    for name, flops, a, b, c in rows:
-        line = f"| {name} | {flops / 1e9:.2f} | {a:.1f} | {b:.1f} | {b / a:.2f} | {b * flops / 1e9:.0f} | {100 * b * flops / 1e9 / peak:.0f} % |"
+    for name, flops, a, b, c, rss, torch_rss in rows:
+        line = (f"| {name} | {flops / 1e9:.2f} | {a:.1f} | {b:.1f} | {b / a:.2f} | {b * flops / 1e9:.0f} |"
+                f" {100 * b * flops / 1e9 / peak:.0f} % | {torch_rss / 1e9:.2f} | {rss / 1e9:.2f} |")
         if c is not None:
             line += f" {c:.1f} | {b / c:.2f} |"
         print(line)

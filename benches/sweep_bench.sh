@@ -14,6 +14,11 @@
 # they are hard-linked into an ImageFolder of 10 classes (labels are arbitrary: this measures
 # time, not accuracy). MODEL defaults to the fixture ResNet, so that decoding dominates, which
 # is what a sweep saves; a larger model shrinks the ratio towards the share of decoding.
+#
+# Peak RSS (each ckpt process's own VmHWM, `CKPT_REPORT_PEAK_RSS`) is printed for the sweep and
+# the largest of the evals. With TORCHVISION=NAME (MODEL then a torchvision NAME's state dict,
+# e.g. saved by benches/memory_bench.py), PyTorch's same sweep (a 2-worker DataLoader, one pass
+# per size) is run too and its main process's peak printed next to ckpt's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-fixtures/tiny/epoch_10.safetensors}
@@ -27,14 +32,27 @@ for f in "$src"/*.jpg; do
 done
 cat "$folder"/*/*.jpg > /dev/null
 sizes=${SIZES:-160,192,224,256,288,320}
+peak() { sed -n 's/^ckpt: peak resident memory \([0-9]*\) kB$/\1/p' "$1" | sort -n | tail -1; }
+log=$(dirname "$folder")/log
+export CKPT_REPORT_PEAK_RSS=1
 t0=$(date +%s.%N)
-"$ckpt" -q sweep-res "$model" --data "$folder" --sizes $sizes > /dev/null
+"$ckpt" -q sweep-res "$model" --data "$folder" --sizes $sizes 2> "$log.sweep" > /dev/null
 t1=$(date +%s.%N)
-for s in ${sizes//,/ }; do "$ckpt" -q eval "$model" --data "$folder" --size "$s" > /dev/null; done
+for s in ${sizes//,/ }; do "$ckpt" -q eval "$model" --data "$folder" --size "$s" 2>> "$log.evals" > /dev/null; done
 t2=$(date +%s.%N)
-python3 - "$t0" "$t1" "$t2" "$i" "$sizes" <<'PY'
+torch_kb=
+if [ -n "${TORCHVISION:-}" ]; then
+  py=${CKPT_REF_PYTHON:-../ref-venv/bin/python}
+  torch_kb=$("$py" -c 'import sys; sys.path.insert(0, "benches"); import memory_bench as m; exec(m.TORCH_JOB)' \
+    sweep-res "$TORCHVISION" "$model" "$folder" /dev/null "$(nproc)" | sed -n 's/^peak \([0-9]*\) kB.*/\1/p')
+fi
+python3 - "$t0" "$t1" "$t2" "$i" "$sizes" "$(peak "$log.sweep")" "$(peak "$log.evals")" "$torch_kb" <<'PY'
 import sys
 t0, t1, t2, n = map(float, sys.argv[1:5])
 sweep, evals = t1 - t0, t2 - t1
 print(f"{int(n)} images, sizes {sys.argv[5]}: sweep-res {sweep:.2f} s, 6 x eval {evals:.2f} s, ratio {sweep / evals:.2f}")
+line = f"peak RSS: sweep-res {int(sys.argv[6]) / 1e6:.2f} GB, largest eval {int(sys.argv[7]) / 1e6:.2f} GB"
+if sys.argv[8]:
+    line += f", PyTorch sweep (main process) {int(sys.argv[8]) / 1e6:.2f} GB"
+print(line)
 PY

@@ -6,19 +6,47 @@
 //! pages again on first touch and shoots down TLBs on every core when they are unmapped:
 //! measured with perf on EfficientNet-B0 at batch 32, about a third of the forward pass was page
 //! faults, page zeroing and TLB-shootdown IPIs. A pass allocates the same sizes batch after
-//! batch, so keeping freed blocks of 1 MiB and more (up to [`cache_limit`] bytes in all, at most
-//! [`SLOTS`] blocks) and handing one back for an allocation of exactly the same size and
-//! alignment removes that cost. The oldest cached block is released when the cache is full.
-//! Memory returned this way is not zeroed; `alloc_zeroed` zeroes a cached block itself.
+//! batch, so freed blocks of 1 MiB and more are kept (at most [`SLOTS`]) and handed back for
+//! later allocations. Memory returned this way is not zeroed; `alloc_zeroed` zeroes a cached
+//! block itself.
+//!
+//! The cache must stay a speed-up without becoming the process's peak (issue 21: an earlier
+//! policy, exact sizes only and up to an eighth of RAM, held 5.8 GB in a 6-size resolution sweep
+//! whose live memory was under 3 GB, because no size ever reused another's blocks). So:
+//!
+//! - **Reuse across sizes.** An allocation takes the smallest cached block that is large enough
+//!   and at most [`MAX_SLACK`] times its size (on Linux, where `malloc_usable_size` tells a
+//!   block's true size when it comes back; elsewhere exact sizes only). A sweep's smaller sizes
+//!   run in the blocks its larger ones freed.
+//! - **A cap tied to the working set.** Live large blocks plus the cache may hold at most
+//!   [`HEADROOM`] times the peak of what the program has asked for at once (the high-water mark
+//!   of live large requests), never more than [`cache_limit`]; the oldest blocks go first.
+//! - **Stale blocks go.** A block is released once it has waited, unused, [`STALE`] times as
+//!   many allocated bytes as the longest wait after which a block was recently reused: a block of
+//!   a size the program has moved away from (a new input size, a new model) is not coming back,
+//!   and a pass's own blocks come back within one pass.
+//!
+//! [`CachingAllocator::stats`] reports the cache's bytes (the binary prints them with its peak
+//! memory under `CKPT_REPORT_PEAK_RSS`).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Mutex;
 
 /// Blocks below this size are left to the system allocator, which already reuses them.
 const MIN_BYTES: usize = 1 << 20;
-/// Most bytes held in freed blocks: an eighth of physical memory, between 1 and 8 GiB. A batch
-/// of 64 at 224 px through EfficientNet-B0 in calibrate mode frees blocks of up to 300 MB, so a
-/// fixed 1 GiB evicted (and refaulted) every batch there.
+/// A cached block serves a request of at least 1 / MAX_SLACK of its size. Adjacent sizes of a
+/// sweep (160, 192, ..., 320 px) differ by 1.2-1.5x in area, within reach of each other.
+pub const MAX_SLACK: usize = 2;
+/// Held bytes (live large blocks plus the cache) may exceed the peak of live requests by this
+/// fraction, in eighths: 10 / 8 = a quarter more.
+pub const HEADROOM_EIGHTHS: usize = 10;
+/// See the module doc.
+pub const HEADROOM: f64 = HEADROOM_EIGHTHS as f64 / 8.0;
+/// A cached block unused for this many times the recent longest reuse wait is released.
+pub const STALE: u64 = 2;
+
+/// Most bytes ever held in freed blocks, whatever the working set: an eighth of physical memory,
+/// between 1 and 8 GiB.
 pub fn cache_limit() -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static LIMIT: AtomicUsize = AtomicUsize::new(0);
@@ -43,21 +71,55 @@ pub fn cache_limit() -> usize {
     l
 }
 /// Most blocks held.
-pub const SLOTS: usize = 48;
+pub const SLOTS: usize = 64;
+
+/// A block's true size: what it can hold, which a block handed out for a smaller request keeps.
+#[cfg(target_os = "linux")]
+fn usable_size(ptr: *mut u8, _requested: usize) -> usize {
+    // SAFETY: `ptr` is a live block from System, i.e. from glibc's malloc or posix_memalign.
+    unsafe { libc::malloc_usable_size(ptr.cast()) }
+}
+#[cfg(not(target_os = "linux"))]
+fn usable_size(_ptr: *mut u8, requested: usize) -> usize {
+    requested
+}
+const BEST_FIT: bool = cfg!(target_os = "linux");
 
 #[derive(Clone, Copy)]
 struct Slot {
     ptr: usize,
+    /// True size (see [`usable_size`]).
     size: usize,
+    /// The alignment it was freed with (System may need it back).
     align: usize,
-    /// Insertion order, to release the oldest first.
-    age: u64,
+    /// The allocation clock when it was freed.
+    freed_at: u64,
 }
 
 struct Cache {
     slots: [Option<Slot>; SLOTS],
-    bytes: usize,
+    /// Bytes in the cache.
+    cached: usize,
+    /// Bytes requested by the live large blocks, and the most ever at once.
+    live_requested: usize,
+    peak_requested: usize,
+    /// True sizes of the live large blocks.
+    live_held: usize,
+    /// Bytes of large allocations so far.
     clock: u64,
+    /// The longest recent wait (in clock bytes) of a block that was reused, decaying.
+    reuse_wait: u64,
+}
+
+/// What the allocator holds, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Freed blocks kept for reuse.
+    pub cached: usize,
+    /// Live large blocks (true sizes).
+    pub live: usize,
+    /// The most live large requests at once.
+    pub peak_requested: usize,
 }
 
 /// The system allocator with a cache of large freed blocks (see the module doc).
@@ -65,73 +127,164 @@ pub struct CachingAllocator {
     cache: Mutex<Cache>,
 }
 
+impl Cache {
+    /// Most bytes live blocks plus cache may hold.
+    fn budget(&self) -> usize {
+        (self.peak_requested / 8 * HEADROOM_EIGHTHS).max(self.peak_requested)
+    }
+
+    /// Releases stale blocks, then the oldest ones until `extra` more bytes fit the budget and
+    /// the cache's own limit (System never calls back into this allocator, so freeing under the
+    /// lock cannot deadlock).
+    fn trim(&mut self, extra: usize, want_slot: bool) {
+        let stale_after = self.reuse_wait.saturating_mul(STALE);
+        for i in 0..SLOTS {
+            if let Some(s) = self.slots[i] {
+                if self.reuse_wait > 0 && self.clock - s.freed_at > stale_after {
+                    self.release(i);
+                }
+            }
+        }
+        let limit = cache_limit();
+        loop {
+            let over = self.live_held + self.cached + extra > self.budget()
+                || self.cached + extra > limit
+                || (want_slot && self.slots.iter().all(Option::is_some));
+            if !over {
+                break;
+            }
+            let Some(i) = (0..SLOTS)
+                .filter(|&i| self.slots[i].is_some())
+                .min_by_key(|&i| self.slots[i].map_or(u64::MAX, |s| s.freed_at))
+            else {
+                break;
+            };
+            self.release(i);
+        }
+    }
+
+    fn release(&mut self, i: usize) {
+        let s = self.slots[i].take().expect("an occupied slot");
+        self.cached -= s.size;
+        // SAFETY: the block came from System and is owned by the cache; System's blocks are
+        // freed whatever the size in the layout (`free`), and this is a size it can hold.
+        unsafe {
+            System.dealloc(
+                s.ptr as *mut u8,
+                Layout::from_size_align_unchecked(s.size, s.align),
+            )
+        };
+    }
+}
+
 impl CachingAllocator {
     pub const fn new() -> CachingAllocator {
         CachingAllocator {
             cache: Mutex::new(Cache {
                 slots: [None; SLOTS],
-                bytes: 0,
+                cached: 0,
+                live_requested: 0,
+                peak_requested: 0,
+                live_held: 0,
                 clock: 0,
+                reuse_wait: 0,
             }),
         }
     }
 
-    /// A cached block of exactly this layout, taken out of the cache.
-    fn take(&self, layout: Layout) -> Option<*mut u8> {
-        let mut c = self.cache.lock().ok()?;
-        let i = c.slots.iter().position(|s| {
-            s.is_some_and(|s| s.size == layout.size() && s.align == layout.align())
-        })?;
-        let s = c.slots[i].take()?;
-        c.bytes -= s.size;
-        Some(s.ptr as *mut u8)
+    /// What the allocator holds now.
+    pub fn stats(&self) -> Stats {
+        match self.cache.lock() {
+            Ok(c) => Stats {
+                cached: c.cached,
+                live: c.live_held,
+                peak_requested: c.peak_requested,
+            },
+            Err(_) => Stats::default(),
+        }
     }
 
-    /// Keeps a freed block; false when it is not kept (the caller frees it).
-    fn put(&self, ptr: *mut u8, layout: Layout) -> bool {
-        let limit = cache_limit();
-        if layout.size() > limit {
-            return false;
-        }
+    /// A large block for `layout`: the best-fitting cached one, or a fresh one from System (after
+    /// making room for it in the budget). Null when System has none.
+    fn alloc_large(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         let Ok(mut c) = self.cache.lock() else {
-            return false;
+            // SAFETY: forwarded as given.
+            return unsafe { fresh(layout, zeroed) };
         };
-        // Room: release the oldest blocks until this one fits and a slot is free (System never
-        // calls back into this allocator, so freeing under the lock cannot deadlock).
-        loop {
-            let full = c.slots.iter().all(Option::is_some);
-            if !full && c.bytes + layout.size() <= limit {
-                break;
+        let want = layout.size();
+        c.clock += want as u64;
+        c.live_requested += want;
+        c.peak_requested = c.peak_requested.max(c.live_requested);
+        let fits = |s: &Slot| {
+            s.ptr % layout.align() == 0
+                && if BEST_FIT {
+                    s.size >= want && s.size / MAX_SLACK <= want
+                } else {
+                    s.size == want && s.align == layout.align()
+                }
+        };
+        let best = (0..SLOTS)
+            .filter(|&i| c.slots[i].as_ref().is_some_and(fits))
+            .min_by_key(|&i| c.slots[i].map_or(usize::MAX, |s| s.size));
+        if let Some(i) = best {
+            let s = c.slots[i].take().expect("an occupied slot");
+            c.cached -= s.size;
+            c.live_held += s.size;
+            let wait = c.clock - s.freed_at;
+            c.reuse_wait = wait.max(c.reuse_wait - c.reuse_wait / 8192);
+            drop(c);
+            let p = s.ptr as *mut u8;
+            if zeroed {
+                // SAFETY: the block holds at least `want` bytes and is ours to hand out.
+                unsafe { std::ptr::write_bytes(p, 0, want) };
             }
-            let Some(i) = (0..SLOTS)
-                .filter(|&i| c.slots[i].is_some())
-                .min_by_key(|&i| c.slots[i].map_or(u64::MAX, |s| s.age))
-            else {
-                break;
-            };
-            let old = c.slots[i].take().expect("slot chosen as occupied");
-            c.bytes -= old.size;
-            // SAFETY: `old` was allocated by System with this layout and is owned by the cache.
-            unsafe {
-                System.dealloc(
-                    old.ptr as *mut u8,
-                    Layout::from_size_align_unchecked(old.size, old.align),
-                )
-            };
+            return p;
         }
-        let Some(free) = c.slots.iter().position(Option::is_none) else {
-            return false;
+        c.trim(want, false);
+        // SAFETY: forwarded as given.
+        let p = unsafe { fresh(layout, zeroed) };
+        if p.is_null() {
+            c.live_requested -= want;
+        } else {
+            c.live_held += usable_size(p, want);
+        }
+        p
+    }
+
+    /// Takes back a large block: into the cache if the budget allows, else to System.
+    fn dealloc_large(&self, ptr: *mut u8, layout: Layout) {
+        let size = usable_size(ptr, layout.size());
+        let Ok(mut c) = self.cache.lock() else {
+            // SAFETY: a block of ours, with its layout.
+            return unsafe { System.dealloc(ptr, layout) };
         };
-        c.clock += 1;
-        let age = c.clock;
-        c.slots[free] = Some(Slot {
-            ptr: ptr as usize,
-            size: layout.size(),
-            align: layout.align(),
-            age,
-        });
-        c.bytes += layout.size();
-        true
+        c.live_requested -= layout.size();
+        c.live_held -= size;
+        c.trim(size, true);
+        let fits = c.live_held + c.cached + size <= c.budget() && c.cached + size <= cache_limit();
+        match c.slots.iter().position(Option::is_none) {
+            Some(free) if fits => {
+                let freed_at = c.clock;
+                c.slots[free] = Some(Slot {
+                    ptr: ptr as usize,
+                    size,
+                    align: layout.align(),
+                    freed_at,
+                });
+                c.cached += size;
+            }
+            // SAFETY: a block of ours, with its layout.
+            _ => unsafe { System.dealloc(ptr, layout) },
+        }
+    }
+}
+
+/// A block from System.
+unsafe fn fresh(layout: Layout, zeroed: bool) -> *mut u8 {
+    if zeroed {
+        System.alloc_zeroed(layout)
+    } else {
+        System.alloc(layout)
     }
 }
 
@@ -141,32 +294,27 @@ impl Default for CachingAllocator {
     }
 }
 
-// SAFETY: every block handed out is either fresh from System or a block System allocated with
-// the same size and alignment that was freed to us and not handed out since; blocks are
-// returned to System with the layout they were allocated with.
+// SAFETY: every block handed out is either fresh from System or a System block at least as
+// large, suitably aligned, that was freed to us and not handed out since; System frees blocks
+// whatever size the layout says (glibc's `free`; off Linux only exact layouts are reused).
 unsafe impl GlobalAlloc for CachingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if layout.size() >= MIN_BYTES {
-            if let Some(p) = self.take(layout) {
-                return p;
-            }
+            return self.alloc_large(layout, false);
         }
         System.alloc(layout)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if layout.size() >= MIN_BYTES {
-            if let Some(p) = self.take(layout) {
-                std::ptr::write_bytes(p, 0, layout.size());
-                return p;
-            }
+            return self.alloc_large(layout, true);
         }
         System.alloc_zeroed(layout)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if layout.size() >= MIN_BYTES && self.put(ptr, layout) {
-            return;
+        if layout.size() >= MIN_BYTES {
+            return self.dealloc_large(ptr, layout);
         }
         System.dealloc(ptr, layout)
     }
@@ -190,14 +338,32 @@ unsafe impl GlobalAlloc for CachingAllocator {
 mod tests {
     use super::*;
 
+    const MIB: usize = 1 << 20;
+
+    /// One "forward pass": `n` blocks of `size` alive at once, then all freed.
+    fn pass(a: &CachingAllocator, size: usize, n: usize) {
+        let l = Layout::from_size_align(size, 64).unwrap();
+        unsafe {
+            let ps: Vec<_> = (0..n).map(|_| a.alloc(l)).collect();
+            for &p in &ps {
+                assert!(!p.is_null());
+                p.write_bytes(1, size);
+            }
+            for p in ps {
+                a.dealloc(p, l);
+            }
+        }
+    }
+
     #[test]
-    fn reuses_exact_sizes_and_stays_within_its_limits() {
+    fn reuses_blocks_of_the_same_or_a_near_size_and_zeroes_them() {
         let a = CachingAllocator::new();
-        let big = Layout::from_size_align(4 << 20, 64).unwrap();
+        let big = Layout::from_size_align(4 * MIB, 64).unwrap();
         unsafe {
             let p = a.alloc(big);
             p.write_bytes(7, big.size());
             a.dealloc(p, big);
+            assert_eq!(a.stats().cached, usable_size(p, big.size()));
             assert_eq!(a.alloc(big), p, "same layout: the cached block");
             a.dealloc(p, big);
             let z = a.alloc_zeroed(big);
@@ -206,18 +372,72 @@ mod tests {
                 .iter()
                 .all(|&b| b == 0));
             a.dealloc(z, big);
-            let other = Layout::from_size_align(5 << 20, 64).unwrap();
-            let q = a.alloc(other);
-            assert_ne!(q, p, "another size is not served from the cache");
-            a.dealloc(q, other);
-            // Fill past the slot count: the oldest go, the count and bytes stay bounded.
-            let ptrs: Vec<_> = (0..SLOTS + 8).map(|_| a.alloc(big)).collect();
-            for p in ptrs {
-                a.dealloc(p, big);
+            let near = Layout::from_size_align(3 * MIB, 64).unwrap();
+            let q = a.alloc(near);
+            if BEST_FIT {
+                assert_eq!(q, p, "a smaller size within the slack: the cached block");
+                assert_eq!(a.stats().cached, 0);
             }
-            let c = a.cache.lock().unwrap();
-            assert_eq!(c.slots.iter().flatten().count(), SLOTS);
-            assert!(c.bytes <= cache_limit());
+            a.dealloc(q, near);
+            let far = Layout::from_size_align(MIB + MIB / 2, 64).unwrap();
+            let r = a.alloc(far);
+            assert!(
+                a.stats().live < 2 * MIB,
+                "a block over twice the size is not lent: {:?}",
+                a.stats()
+            );
+            a.dealloc(r, far);
         }
+    }
+
+    #[test]
+    fn holds_no_more_than_the_working_set_allows_however_the_sizes_change() {
+        let a = CachingAllocator::new();
+        // A sweep: passes of four sizes in turn, each several blocks at once.
+        for _ in 0..6 {
+            for size in [2 * MIB, 3 * MIB, 4 * MIB, 6 * MIB] {
+                pass(&a, size, 5);
+                let s = a.stats();
+                assert_eq!(s.live, 0);
+                assert!(
+                    s.cached <= s.peak_requested / 8 * HEADROOM_EIGHTHS,
+                    "{s:?} over the budget"
+                );
+            }
+        }
+        let s = a.stats();
+        assert_eq!(s.peak_requested, 30 * MIB);
+        assert!(s.cached > 0, "the cache keeps blocks for the next step");
+        // Never more slots than there are.
+        for _ in 0..3 {
+            pass(&a, MIB, SLOTS + 8);
+        }
+        assert!(a.stats().cached <= SLOTS * 2 * MIB);
+    }
+
+    /// Issue 21: after the input size changes, the blocks of the old size are not kept for ever.
+    /// (The policy before kept every freed block by exact size up to an eighth of RAM: 32 MiB
+    /// of 8 MiB blocks sat in its cache through any number of passes at a smaller size.)
+    #[test]
+    fn regression_21_releases_blocks_a_new_size_cannot_use() {
+        let a = CachingAllocator::new();
+        for _ in 0..5 {
+            pass(&a, 8 * MIB, 4);
+        }
+        let before = a.stats().cached;
+        assert!(
+            before >= 32 * MIB,
+            "the passes' blocks are cached: {before}"
+        );
+        // A smaller input size: blocks under half the old ones, which cannot use them.
+        for _ in 0..30 {
+            pass(&a, 3 * MIB / 2, 4);
+        }
+        let after = a.stats().cached;
+        assert!(
+            after <= 4 * (3 * MIB / 2 + MIB / 8),
+            "cached {after} bytes after the size change (before {before}): only the new size's blocks should stay"
+        );
+        assert!(after > 0, "the new size's own blocks are cached");
     }
 }

@@ -20,6 +20,13 @@ fn main() -> ExitCode {
         if let Some(kb) = ckpt::report::peak_rss_kb() {
             eprintln!("ckpt: peak resident memory {kb} kB");
         }
+        let s = ALLOC.stats();
+        eprintln!(
+            "ckpt: allocator cache {} kB, live {} kB, peak requested {} kB",
+            s.cached / 1024,
+            s.live / 1024,
+            s.peak_requested / 1024
+        );
     }
     code
 }

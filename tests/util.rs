@@ -206,6 +206,7 @@ impl TestDir {
         run.stderr = run
             .stderr
             .lines()
+            .filter(|l| !l.starts_with("ckpt: allocator cache "))
             .filter(|l| match l.strip_prefix("ckpt: peak resident memory ") {
                 Some(rest) => {
                     kb = rest.strip_suffix(" kB").and_then(|n| n.parse::<u64>().ok());
