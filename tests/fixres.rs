@@ -461,8 +461,8 @@ fn sweep_res_fixres_is_fixres_at_each_size_issue_18() {
         assert_eq!(meta.contains_key("ckpt.recal.estimator"), recal);
     }
 
-    // Two sizes: each fine-tuned at its own size; the fine-tune lifts top-1 at 48 as in the
-    // README's table (11.0 % before, well above after).
+    // Two sizes: each fine-tuned at its own size; the fine-tune lifts top-1 at 48 well above
+    // the 11.0 % before it (measured: 52.5 % after 6 epochs).
     let mut a: Vec<String> = vec!["sweep-res".into(), tiny()];
     a.extend(
         [
@@ -474,11 +474,23 @@ fn sweep_res_fixres_is_fixres_at_each_size_issue_18() {
             "40,48",
             "--fixres",
             &train,
+            "--crop-pct",
+            "1",
+            "--mean",
+            "0.5",
+            "--std",
+            "0.5",
+            "--epochs",
+            "6",
+            "--batch-size",
+            "64",
+            "--lr",
+            "0.05",
+            "--train-bn-affine",
+            "--json",
         ]
         .map(String::from),
     );
-    a.extend(common.iter().map(|s| s.to_string()));
-    a.extend(["--epochs", "4", "--json"].map(String::from));
     let rows = d.run(&a).ok().json();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 2);

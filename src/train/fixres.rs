@@ -274,9 +274,9 @@ pub fn fine_tune(
                 if epoch == 0 && cfg.epochs > 1 {
                     match cache.offer(&b.indices, &input)? {
                         Some(Decision::Keep { bytes }) => rep.note(format!(
-                            "keeping the backbone's output in memory ({}) for epochs 2-{}",
+                            "keeping the backbone's output in memory ({}) for the {} epoch(s) after the first",
                             human_bytes(bytes as u64),
-                            cfg.epochs
+                            cfg.epochs - 1
                         )),
                         Some(Decision::TooBig { bytes, budget }) => rep.note(format!(
                             "the backbone's output ({} for {} images) is over --cache-mb ({}): it is recomputed every epoch",
