@@ -513,7 +513,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__fixres)
-            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --data --crop-pct --interpolation --crop-mode --mean --std --transform --seed --shard --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --output --force --epochs --lr --momentum --weight-decay --nesterov --lr-schedule --warmup-steps --no-shuffle --bn-momentum --train-bn-affine --recal-bn --estimator --val --json --size --batch-size --max-images --device --threads --quiet --kernels --help --version"
+            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --data --crop-pct --interpolation --crop-mode --mean --std --transform --seed --shard --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --output --force --epochs --opt --lr --momentum --weight-decay --nesterov --lr-schedule --warmup-steps --no-shuffle --bn-momentum --train-bn-affine --cache-mb --recal-bn --estimator --val --json --size --batch-size --max-images --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -587,6 +587,10 @@ _ckpt() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --opt)
+                    COMPREPLY=($(compgen -W "sgd adamw" -- "${cur}"))
+                    return 0
+                    ;;
                 --lr)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -608,6 +612,10 @@ _ckpt() {
                     return 0
                     ;;
                 --bn-momentum)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cache-mb)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -1383,7 +1391,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__sweep__subcmd__res)
-            opts="-q -h -V --data --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --sizes --recal-bn --estimator --save-best --csv --json --plot --force --arch --key --strip-prefix --keep-prefix --train-size --batch-size --shard --device --threads --quiet --kernels --help --version"
+            opts="-q -h -V --data --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --sizes --recal-bn --estimator --fixres --epochs --opt --lr --momentum --weight-decay --nesterov --lr-schedule --warmup-steps --no-shuffle --bn-momentum --train-bn-affine --cache-mb --save-best --csv --json --plot --force --arch --key --strip-prefix --keep-prefix --train-size --batch-size --shard --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1443,6 +1451,46 @@ _ckpt() {
                     ;;
                 --estimator)
                     COMPREPLY=($(compgen -W "population torch" -- "${cur}"))
+                    return 0
+                    ;;
+                --fixres)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --epochs)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --opt)
+                    COMPREPLY=($(compgen -W "sgd adamw" -- "${cur}"))
+                    return 0
+                    ;;
+                --lr)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --momentum)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --weight-decay)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --lr-schedule)
+                    COMPREPLY=($(compgen -W "constant cosine" -- "${cur}"))
+                    return 0
+                    ;;
+                --warmup-steps)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --bn-momentum)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cache-mb)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --save-best)

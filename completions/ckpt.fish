@@ -266,7 +266,19 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l sizes -d 'Test s
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l recal-bn -d 'Re-estimate BN statistics at each size over the images in DIR before evaluating it' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l save-best -d 'Write the checkpoint recalibrated at the best size (needs --recal-bn and one MODEL)' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l fixres -d 'Fine-tune each model at each size over the labelled images in TRAIN before evaluating it (FixRes, as `ckpt fixres`; after --recal-bn when both are given), with the training options below' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l epochs -d 'Passes over the training images' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l opt -d 'Optimiser: torch.optim.SGD, or torch.optim.AdamW (betas 0.9, 0.999, eps 1e-8; its decoupled weight decay is --weight-decay)' -r -f -a "sgd\t'torch.optim.SGD: --momentum, --nesterov, --weight-decay'
+adamw\t'torch.optim.AdamW: betas (0.9, 0.999), eps 1e-8, decoupled --weight-decay'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l lr -d 'Learning rate (the seed\'s 1e-3)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l momentum -d 'SGD momentum' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l weight-decay -d 'Weight decay of the trained parameters (SGD: added to the gradient, as torch.optim.SGD; AdamW: decoupled, as torch.optim.AdamW)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l lr-schedule -d 'Learning-rate schedule over the steps' -r -f -a "constant\t'The same learning rate every step'
+cosine\t'Half a cosine from --lr to 0 over the steps (after any warm-up)'"
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l warmup-steps -d 'Steps of linear warm-up to --lr before the schedule' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l bn-momentum -d 'Momentum of the trained BN\'s running statistics (default: the family\'s, PyTorch\'s 0.1)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l cache-mb -d 'Keep the frozen backbone\'s output in memory after the first epoch when all of it fits in this many MiB, so that later epochs neither decode images nor rerun the backbone (default: a quarter of the machine\'s memory); otherwise it is recomputed every epoch' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l save-best -d 'Write the checkpoint of the best size: recalibrated (--recal-bn) and fine-tuned (--fixres) there; needs one of them and one MODEL' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l csv -d 'Write the results as CSV in the column layout of timm\'s results-imagenet.csv' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l plot -d 'Plot top-1 against test size, one line per model and crop_pct (.png or .svg)' -r -F
@@ -282,6 +294,9 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l kernels -d 'Kern
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l skip-bad -d 'Skip images that cannot be read or decoded (counted in the summary) instead of stopping'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l strict-labels -d 'Refuse, instead of warning, when the class folders cannot be the model\'s classes (a different count without a map, or folders the map does not name)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l nesterov -d 'Nesterov momentum (SGD)'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l no-shuffle -d 'Keep the folder\'s order every epoch instead of a shuffle seeded by --seed'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l train-bn-affine -d 'Also train the last BN\'s weight and bias (the FixRes paper\'s variant)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l force -d 'Replace existing output files'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l keep-prefix -d 'Keep the names as stored: wrapper prefixes (module. of DDP and AveragedModel, whose n_averaged then stays a tensor; _orig_mod. of torch.compile; a Lightning module\'s attribute) are otherwise removed when every key carries them, and commands that run the model also remove a prefix that makes the names fit an architecture'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
@@ -306,13 +321,16 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l max-image-pixels -d
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l class-map -d 'Class map in timm\'s format: one class folder name per line, the line number (from 0) being the model\'s class index; images of folders it does not name are left out (with a warning). Without it: the ImageNet-1k synset order when the model has 1000 classes and every class folder is a WordNet id (n01440764, ...), else the folders\' sorted order' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -s o -l output -d 'Output file (safetensors)' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l epochs -d 'Passes over the training images' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l opt -d 'Optimiser: torch.optim.SGD, or torch.optim.AdamW (betas 0.9, 0.999, eps 1e-8; its decoupled weight decay is --weight-decay)' -r -f -a "sgd\t'torch.optim.SGD: --momentum, --nesterov, --weight-decay'
+adamw\t'torch.optim.AdamW: betas (0.9, 0.999), eps 1e-8, decoupled --weight-decay'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l lr -d 'Learning rate (the seed\'s 1e-3)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l momentum -d 'SGD momentum' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l weight-decay -d 'L2 weight decay of the trained parameters (added to the gradient, as torch.optim.SGD)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l weight-decay -d 'Weight decay of the trained parameters (SGD: added to the gradient, as torch.optim.SGD; AdamW: decoupled, as torch.optim.AdamW)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l lr-schedule -d 'Learning-rate schedule over the steps' -r -f -a "constant\t'The same learning rate every step'
 cosine\t'Half a cosine from --lr to 0 over the steps (after any warm-up)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l warmup-steps -d 'Steps of linear warm-up to --lr before the schedule' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l bn-momentum -d 'Momentum of the trained BN\'s running statistics (default: the family\'s, PyTorch\'s 0.1)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l cache-mb -d 'Keep the frozen backbone\'s output in memory after the first epoch when all of it fits in this many MiB, so that later epochs neither decode images nor rerun the backbone (default: a quarter of the machine\'s memory); otherwise it is recomputed every epoch' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l recal-bn -d 'Re-estimate every BN layer\'s statistics at --size over DIR before fine-tuning (usually the training folder; the data options apply)' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
@@ -329,7 +347,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l skip-bad -d 'Skip i
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l strict-labels -d 'Refuse, instead of warning, when the class folders cannot be the model\'s classes (a different count without a map, or folders the map does not name)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l force -d 'Replace an existing output (atomically)'
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l nesterov -d 'Nesterov momentum'
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l nesterov -d 'Nesterov momentum (SGD)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l no-shuffle -d 'Keep the folder\'s order every epoch instead of a shuffle seeded by --seed'
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l train-bn-affine -d 'Also train the last BN\'s weight and bias (the FixRes paper\'s variant)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'

@@ -54,6 +54,12 @@ pub fn cache_limit() -> usize {
     if l != 0 {
         return l;
     }
+    let l = (physical_memory() / 8).clamp(1 << 30, 8 << 30);
+    LIMIT.store(l, Ordering::Relaxed);
+    l
+}
+/// The machine's physical memory in bytes (0 when the system does not say).
+pub fn physical_memory() -> usize {
     // SAFETY: sysconf has no preconditions and does not allocate.
     let (pages, page) = unsafe {
         (
@@ -61,15 +67,13 @@ pub fn cache_limit() -> usize {
             libc::sysconf(libc::_SC_PAGESIZE),
         )
     };
-    let ram = if pages > 0 && page > 0 {
+    if pages > 0 && page > 0 {
         pages as usize * page as usize
     } else {
         0
-    };
-    let l = (ram / 8).clamp(1 << 30, 8 << 30);
-    LIMIT.store(l, Ordering::Relaxed);
-    l
+    }
 }
+
 /// Most blocks held.
 pub const SLOTS: usize = 64;
 

@@ -477,3 +477,49 @@ pub struct RecalArgs {
     #[command(flatten)]
     pub data: DataOptions,
 }
+
+/// The training options of a head fine-tune (FixRes): `fixres`, and `sweep-res --fixres`.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Fine-tune")]
+pub struct FineTuneArgs {
+    /// Passes over the training images
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub epochs: usize,
+    /// Optimiser: torch.optim.SGD, or torch.optim.AdamW (betas 0.9, 0.999, eps 1e-8; its
+    /// decoupled weight decay is --weight-decay)
+    #[arg(long = "opt", value_enum, default_value = "sgd", value_name = "OPT")]
+    pub optimizer: super::values::OptimizerKind,
+    /// Learning rate (the seed's 1e-3)
+    #[arg(long, default_value_t = 1e-3, value_name = "LR")]
+    pub lr: f64,
+    /// SGD momentum
+    #[arg(long, default_value_t = 0.9, value_name = "M")]
+    pub momentum: f64,
+    /// Weight decay of the trained parameters (SGD: added to the gradient, as torch.optim.SGD;
+    /// AdamW: decoupled, as torch.optim.AdamW)
+    #[arg(long, default_value_t = 0.0, value_name = "WD")]
+    pub weight_decay: f64,
+    /// Nesterov momentum (SGD)
+    #[arg(long)]
+    pub nesterov: bool,
+    /// Learning-rate schedule over the steps
+    #[arg(long, value_enum, default_value = "constant", value_name = "KIND")]
+    pub lr_schedule: crate::train::ScheduleKind,
+    /// Steps of linear warm-up to --lr before the schedule
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub warmup_steps: usize,
+    /// Keep the folder's order every epoch instead of a shuffle seeded by --seed
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Momentum of the trained BN's running statistics (default: the family's, PyTorch's 0.1)
+    #[arg(long, value_name = "M")]
+    pub bn_momentum: Option<f64>,
+    /// Also train the last BN's weight and bias (the FixRes paper's variant)
+    #[arg(long)]
+    pub train_bn_affine: bool,
+    /// Keep the frozen backbone's output in memory after the first epoch when all of it fits
+    /// in this many MiB, so that later epochs neither decode images nor rerun the backbone
+    /// (default: a quarter of the machine's memory); otherwise it is recomputed every epoch
+    #[arg(long, value_name = "MB")]
+    pub cache_mb: Option<u64>,
+}

@@ -191,9 +191,11 @@ pub struct RecalBnArgs {
 /// Each image is decoded once and resized to every size (resize = floor(size / crop_pct), centre
 /// crop). Several checkpoints are compared in the same pass. With --recal-bn DIR, the BN
 /// statistics are re-estimated at each size over DIR first (FixRes-lite), so that each size is
-/// measured with statistics that fit it; --save-best writes that checkpoint for the best size.
-/// The recalibration passes use the same data options as the evaluation (batch size 64 by
-/// default, as recal-bn's), over DIR.
+/// measured with statistics that fit it. With --fixres TRAIN, each model is fine-tuned at each
+/// size first (FixRes, as `ckpt fixres`; after the recalibration when both are given).
+/// --save-best writes the checkpoint of the best size. The recalibration and fine-tune passes
+/// use the same data options as the evaluation (batch size 64 by default, as recal-bn's), over
+/// their own folders.
 #[derive(Args, Debug)]
 #[command(
     mut_arg("size", |a| a.long("train-size").help("Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it, and deltas are against it")),
@@ -220,8 +222,16 @@ pub struct SweepResArgs {
     /// Estimator for --recal-bn (see `ckpt recal-bn --help`)
     #[arg(long, value_enum, default_value = "population")]
     pub estimator: crate::bn::Estimator,
-    /// Write the checkpoint recalibrated at the best size (needs --recal-bn and one MODEL)
-    #[arg(long, value_name = "OUT", requires = "recal_bn")]
+    /// Fine-tune each model at each size over the labelled images in TRAIN before evaluating it
+    /// (FixRes, as `ckpt fixres`; after --recal-bn when both are given), with the training
+    /// options below
+    #[arg(long, value_name = "TRAIN")]
+    pub fixres: Option<PathBuf>,
+    #[command(flatten)]
+    pub train: FineTuneArgs,
+    /// Write the checkpoint of the best size: recalibrated (--recal-bn) and fine-tuned
+    /// (--fixres) there; needs one of them and one MODEL
+    #[arg(long, value_name = "OUT")]
     pub save_best: Option<PathBuf>,
     /// Write the results as CSV in the column layout of timm's results-imagenet.csv
     #[arg(long, value_name = "FILE")]
@@ -248,7 +258,8 @@ pub struct SweepResArgs {
 /// statistics; running statistics updated with the family's momentum, or --bn-momentum), the
 /// rest in eval mode, as `model.eval(); bn.train()`. Images go through the eval transform at
 /// --size (resize to floor(S / crop_pct), centre crop), in folder order with --no-shuffle, else
-/// shuffled per epoch by --seed. SGD on cross-entropy. The output holds the new classifier,
+/// shuffled per epoch by --seed. SGD (or AdamW) on cross-entropy. The frozen part's output is
+/// kept in memory after the first epoch when it fits --cache-mb. The output holds the new classifier,
 /// that BN's statistics (and affine, with --train-bn-affine); every other tensor is copied byte
 /// for byte. With --recal-bn DIR every BN layer's statistics are first re-estimated at --size
 /// (as recal-bn) and the fine-tune starts from them.
@@ -265,36 +276,8 @@ pub struct FixresArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub out: OutFile,
-    /// Passes over the training images
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub epochs: usize,
-    /// Learning rate (the seed's 1e-3)
-    #[arg(long, default_value_t = 1e-3, value_name = "LR")]
-    pub lr: f64,
-    /// SGD momentum
-    #[arg(long, default_value_t = 0.9, value_name = "M")]
-    pub momentum: f64,
-    /// L2 weight decay of the trained parameters (added to the gradient, as torch.optim.SGD)
-    #[arg(long, default_value_t = 0.0, value_name = "WD")]
-    pub weight_decay: f64,
-    /// Nesterov momentum
-    #[arg(long)]
-    pub nesterov: bool,
-    /// Learning-rate schedule over the steps
-    #[arg(long, value_enum, default_value = "constant", value_name = "KIND")]
-    pub lr_schedule: crate::train::ScheduleKind,
-    /// Steps of linear warm-up to --lr before the schedule
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub warmup_steps: usize,
-    /// Keep the folder's order every epoch instead of a shuffle seeded by --seed
-    #[arg(long)]
-    pub no_shuffle: bool,
-    /// Momentum of the trained BN's running statistics (default: the family's, PyTorch's 0.1)
-    #[arg(long, value_name = "M")]
-    pub bn_momentum: Option<f64>,
-    /// Also train the last BN's weight and bias (the FixRes paper's variant)
-    #[arg(long)]
-    pub train_bn_affine: bool,
+    #[command(flatten)]
+    pub train: FineTuneArgs,
     /// Re-estimate every BN layer's statistics at --size over DIR before fine-tuning (usually
     /// the training folder; the data options apply)
     #[arg(long = "recal-bn", value_name = "DIR")]

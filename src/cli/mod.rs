@@ -16,7 +16,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 pub use args::*;
 pub use commands::*;
-pub use values::Shell;
+pub use values::{OptimizerKind, Shell};
 
 use crate::device::DeviceSpec;
 use crate::models::Kernels;

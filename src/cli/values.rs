@@ -57,6 +57,18 @@ value_enum!(ScheduleKind {
     ScheduleKind::Cosine => "cosine": "Half a cosine from --lr to 0 over the steps (after any warm-up)",
 });
 
+/// `--opt`: which optimiser a fine-tune uses (its hyper-parameters come from other flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimizerKind {
+    Sgd,
+    AdamW,
+}
+
+value_enum!(OptimizerKind {
+    OptimizerKind::Sgd => "sgd": "torch.optim.SGD: --momentum, --nesterov, --weight-decay",
+    OptimizerKind::AdamW => "adamw": "torch.optim.AdamW: betas (0.9, 0.999), eps 1e-8, decoupled --weight-decay",
+});
+
 /// `--kernels` / `CKPT_CPU_CONV`: `candle` selects candle's ops; anything else (as before the
 /// flag existed, when only the variable did) ckpt's fast kernels.
 pub fn parse_kernels(s: &str) -> Result<Kernels, String> {

@@ -1,6 +1,7 @@
-//! What `swa` and `ema` share: choosing and opening the snapshots, checking the outputs,
-//! recalibrating BN in memory before anything is written, and the closing summary. Not a
-//! command: the averaging commands call it.
+//! What several commands share. `swa` and `ema`: choosing and opening the snapshots, checking
+//! the outputs, recalibrating BN in memory before anything is written, and the closing summary.
+//! `fixres` and `sweep-res --fixres`: the fine-tune's configuration from its flags. Not a
+//! command: commands call it.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,9 +12,14 @@ use crate::average::{self, select, Config, OutputSpec, Plan, Target};
 use crate::bn;
 use crate::checkpoint::write::{check_outputs, destinations, write_file, OutputLayout};
 use crate::checkpoint::{bn_layers, provenance, Checkpoint, Format};
-use crate::cli::{AverageArgs, GlobalArgs, JsonArg, OutputArgs, RecalArgs, SnapshotArgs};
+use crate::cli::{
+    AverageArgs, FineTuneArgs, GlobalArgs, JsonArg, OptimizerKind, OutputArgs, RecalArgs,
+    SnapshotArgs,
+};
+use crate::data::DataConfig;
 use crate::models::{self, Model};
 use crate::report::{human_bytes, Reporter};
+use crate::train::{self, AdamWConfig, OptimizerConfig, Schedule, SgdConfig};
 
 /// Chooses, orders and opens the snapshots, printing the list before any work.
 pub fn open_snapshots(
@@ -201,4 +207,53 @@ pub fn emit_json(json: &JsonArg, value: &impl serde::Serialize, force: bool) -> 
         write_file(f, &bytes, force)?;
     }
     Ok(())
+}
+
+/// The fine-tune engine's configuration from the training flags, over `data` (a labelled
+/// folder through the eval transform at the fine-tune's size); `seed` shuffles the epochs
+/// unless `--no-shuffle`.
+pub fn fine_tune_config(
+    args: &FineTuneArgs,
+    data: DataConfig,
+    seed: u64,
+    global: &GlobalArgs,
+) -> Result<train::fixres::Config> {
+    let optimizer = match args.optimizer {
+        OptimizerKind::Sgd => OptimizerConfig::Sgd(SgdConfig {
+            momentum: args.momentum,
+            dampening: 0.0,
+            weight_decay: args.weight_decay,
+            nesterov: args.nesterov,
+        }),
+        OptimizerKind::AdamW => {
+            if args.nesterov {
+                anyhow::bail!("--nesterov is an SGD option, not AdamW's");
+            }
+            OptimizerConfig::AdamW(AdamWConfig {
+                weight_decay: args.weight_decay,
+                ..AdamWConfig::default()
+            })
+        }
+    };
+    let cache_bytes = match args.cache_mb {
+        Some(mb) => usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+        None => crate::alloc::physical_memory() / 4,
+    };
+    let cfg = train::fixres::Config {
+        data,
+        epochs: args.epochs,
+        shuffle_seed: (!args.no_shuffle).then_some(seed),
+        optimizer,
+        schedule: Schedule {
+            lr: args.lr,
+            kind: args.lr_schedule,
+            warmup_steps: args.warmup_steps,
+        },
+        bn_momentum: args.bn_momentum,
+        train_bn_affine: args.train_bn_affine,
+        kernels: global.kernels,
+        cache_bytes,
+    };
+    cfg.check()?;
+    Ok(cfg)
 }

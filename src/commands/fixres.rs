@@ -15,7 +15,7 @@ use crate::data::{DataConfig, DatasetOptions};
 use crate::eval;
 use crate::models::Model;
 use crate::report::Reporter;
-use crate::train::{self, Schedule, SgdConfig};
+use crate::train;
 
 pub fn run(args: FixresArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let ck = Checkpoint::open(&args.model.model, &args.model.open.options())?;
@@ -48,26 +48,7 @@ pub fn run(args: FixresArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         }
         None => None,
     };
-    let cfg = train::fixres::Config {
-        data,
-        epochs: args.epochs,
-        shuffle_seed: (!args.no_shuffle).then_some(args.data.opts.seed),
-        sgd: SgdConfig {
-            momentum: args.momentum,
-            dampening: 0.0,
-            weight_decay: args.weight_decay,
-            nesterov: args.nesterov,
-        },
-        schedule: Schedule {
-            lr: args.lr,
-            kind: args.lr_schedule,
-            warmup_steps: args.warmup_steps,
-        },
-        bn_momentum: args.bn_momentum,
-        train_bn_affine: args.train_bn_affine,
-        kernels: global.kernels,
-    };
-    cfg.check()?;
+    let cfg = common::fine_tune_config(&args.train, data, args.data.opts.seed, global)?;
     let dev = super::device(global, &rep)?;
     let arch = args.model.arch.get();
     let load = |c: &Checkpoint| -> Result<Model> {
@@ -125,7 +106,7 @@ pub fn run(args: FixresArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         "classifier": out.head.classifier,
         "last_bn": out.head.last_bn,
         "images": out.images,
-        "epochs": args.epochs,
+        "epochs": args.train.epochs,
         "steps": out.steps,
         "losses": out.losses,
         "epoch_losses": out.epoch_losses,
@@ -150,7 +131,7 @@ pub fn run(args: FixresArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         out.head.last_bn,
         args.data.opts.size,
         out.images,
-        args.epochs,
+        args.train.epochs,
         out.steps
     )?;
     for (s, t1, t5) in &stages {

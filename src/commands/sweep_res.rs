@@ -1,13 +1,14 @@
 //! `ckpt sweep-res`: accuracy at many test resolutions in one pass, optionally with BN
-//! statistics re-estimated at each size (FixRes-lite).
+//! statistics re-estimated at each size (FixRes-lite), the head fine-tuned at each size
+//! (FixRes, the `train::fixres` engine), or both.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use crate::bn;
+use crate::bn::{self, apply};
 use crate::checkpoint::write::{check_outputs, write_file, OutputLayout};
 use crate::checkpoint::{num_params, provenance, Checkpoint};
 use crate::cli::{GlobalArgs, SweepResArgs};
@@ -16,6 +17,7 @@ use crate::data::{sweep_loader, EvalTransform, Transform};
 use crate::eval::sweep::{self, Row};
 use crate::models::{BuildOptions, Model};
 use crate::report::Reporter;
+use crate::train;
 
 pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let sizes = args
@@ -50,6 +52,9 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
         .collect::<Result<Vec<_>>>()?;
     if args.save_best.is_some() && cks.len() != 1 {
         bail!("--save-best needs exactly one MODEL");
+    }
+    if args.save_best.is_some() && args.recal_bn.is_none() && args.fixres.is_none() {
+        bail!("--save-best writes the checkpoint recalibrated or fine-tuned at the best size: it needs --recal-bn or --fixres");
     }
     let inputs: Vec<PathBuf> = cks.iter().flat_map(|c| c.files.clone()).collect();
     let json = args.json.file().map(|p| p.to_path_buf());
@@ -91,35 +96,32 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
     // Models per checkpoint and point; recalibrated per point with --recal-bn.
     let mut models: Vec<Vec<Model>> = Vec::new();
     let mut best_stats = Vec::new();
+    let mut best_tuned: Vec<Vec<Tuned>> = Vec::new();
     for ck in &cks {
         if let Some(n) = ck.origin_note() {
             rep.note(n);
+        }
+        if let Some(train_dir) = &args.fixres {
+            let mut per_point = Vec::new();
+            let mut tuned_per_point = Vec::new();
+            for t in &points {
+                let (model, tuned) = fine_tuned_at(ck, t, train_dir, &args, global, &dev, &rep)?;
+                per_point.push(model);
+                tuned_per_point.push(tuned);
+            }
+            models.push(per_point);
+            best_tuned.push(tuned_per_point);
+            continue;
         }
         match &args.recal_bn {
             None => models.push(vec![load(ck, &BuildOptions::default())?]),
             Some(dir) => {
                 let base = load(ck, &BuildOptions::default())?;
-                if base.bn_layers.is_empty() {
-                    bail!(
-                        "{}: {} has no BatchNorm layers: --recal-bn has nothing to re-estimate",
-                        ck.path.display(),
-                        base.config.name()
-                    );
-                }
+                check_has_bn(ck, &base)?;
                 let mut per_point = Vec::new();
                 let mut stats_per_point = Vec::new();
                 for t in &points {
-                    let mut cfg = args.data_opts.config_at(dir, global.threads, t.crop_pct)?;
-                    cfg.transform = Transform::Eval(*t);
-                    // --shard selects images of --data; every recalibration reads all of DIR.
-                    cfg.dataset.shard = None;
-                    rep.note(format!(
-                        "{}: BN statistics at {} (crop_pct {})",
-                        ck.path.display(),
-                        t.size,
-                        t.crop_pct
-                    ));
-                    let (stats, _, _) = bn::pass(&base, &cfg, None, &rep)?;
+                    let stats = recal_stats(&base, ck, t, dir, &args, global, &rep)?;
                     let mut overrides = HashMap::new();
                     for (prefix, (m, v)) in
                         stats.layers.iter().zip(stats.estimates(args.estimator)?)
@@ -185,6 +187,7 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
         &results,
         train,
         args.recal_bn.is_some(),
+        args.fixres.is_some(),
         labels.labelling.kind(),
     );
 
@@ -204,30 +207,149 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
     if let Some(p) = &args.plot {
         write(&args.plot, sweep::chart(&rows, train).encode_for(p)?)?;
     }
-    if let (Some(out), Some(stats)) = (&args.save_best, best_stats.first()) {
+    if let Some(out) = &args.save_best {
         let best = rows.iter().position(|r| r.best).unwrap_or(0);
         let mut meta = provenance::metadata(&provenance::command_line(), &cks)?;
-        meta.insert("ckpt.recal.estimator".into(), args.estimator.to_string());
-        meta.insert("ckpt.recal.size".into(), points[best].size.to_string());
-        meta.insert(
-            "ckpt.recal.crop_pct".into(),
-            points[best].crop_pct.to_string(),
-        );
-        bn::recalibrated(
-            &cks[0],
-            &stats[best],
-            args.estimator,
-            &OutputLayout::new(out, None),
-            &meta,
-            args.force,
-        )?;
-        rep.note(format!(
-            "wrote {} (BN statistics at {})",
-            out.display(),
-            points[best].size
-        ));
+        let layout = OutputLayout::new(out, None);
+        if let Some(tuned) = best_tuned.first() {
+            let tuned = &tuned[best];
+            meta.extend(tuned.metadata.clone());
+            let replacement = apply::Replacement {
+                tensors: tuned.tensors.clone(),
+                changes: Vec::new(),
+            };
+            apply::write(&cks[0], &replacement, &layout, &meta, args.force)?;
+            rep.note(format!(
+                "wrote {} (fine-tuned at {}{})",
+                out.display(),
+                points[best].size,
+                if args.recal_bn.is_some() {
+                    ", BN statistics recalibrated there first"
+                } else {
+                    ""
+                }
+            ));
+        } else if let Some(stats) = best_stats.first() {
+            meta.insert("ckpt.recal.estimator".into(), args.estimator.to_string());
+            meta.insert("ckpt.recal.size".into(), points[best].size.to_string());
+            meta.insert(
+                "ckpt.recal.crop_pct".into(),
+                points[best].crop_pct.to_string(),
+            );
+            bn::recalibrated(
+                &cks[0],
+                &stats[best],
+                args.estimator,
+                &layout,
+                &meta,
+                args.force,
+            )?;
+            rep.note(format!(
+                "wrote {} (BN statistics at {})",
+                out.display(),
+                points[best].size
+            ));
+        }
     }
     Ok(())
+}
+
+/// A checkpoint fine-tuned at one point, as the tensors that differ from the input (BN
+/// statistics recalibrated there, then the fine-tune's) and the metadata saying how.
+struct Tuned {
+    tensors: HashMap<String, Vec<u8>>,
+    metadata: BTreeMap<String, String>,
+}
+
+/// Refuses `--recal-bn` for a model without BN layers.
+fn check_has_bn(ck: &Checkpoint, model: &Model) -> Result<()> {
+    if model.bn_layers.is_empty() {
+        bail!(
+            "{}: {} has no BatchNorm layers: --recal-bn has nothing to re-estimate",
+            ck.path.display(),
+            model.config.name()
+        );
+    }
+    Ok(())
+}
+
+/// The BN statistics of `model` at point `t` over `dir` (all of it: --shard selects images of
+/// --data only).
+fn recal_stats(
+    model: &Model,
+    ck: &Checkpoint,
+    t: &EvalTransform,
+    dir: &std::path::Path,
+    args: &SweepResArgs,
+    global: &GlobalArgs,
+    rep: &Reporter,
+) -> Result<bn::Stats> {
+    let mut cfg = args.data_opts.config_at(dir, global.threads, t.crop_pct)?;
+    cfg.transform = Transform::Eval(*t);
+    cfg.dataset.shard = None;
+    rep.note(format!(
+        "{}: BN statistics at {} (crop_pct {})",
+        ck.path.display(),
+        t.size,
+        t.crop_pct
+    ));
+    let (stats, _, _) = bn::pass(model, &cfg, None, rep)?;
+    Ok(stats)
+}
+
+/// `ck` fine-tuned at point `t` over `train_dir` (after recalibrating its BN statistics there
+/// with --recal-bn), as `ckpt fixres --size` does: the model to evaluate, and what to write if
+/// this point is the best.
+fn fine_tuned_at(
+    ck: &Checkpoint,
+    t: &EvalTransform,
+    train_dir: &std::path::Path,
+    args: &SweepResArgs,
+    global: &GlobalArgs,
+    dev: &candle_core::Device,
+    rep: &Reporter,
+) -> Result<(Model, Tuned)> {
+    let arch = args.arch.get();
+    let load = |c: &Checkpoint| -> Result<Model> {
+        Ok(Model::load(c, arch, dev)?.with_kernels(global.kernels))
+    };
+    let mut tensors = HashMap::new();
+    let mut metadata = BTreeMap::new();
+    let recalibrated = match &args.recal_bn {
+        Some(dir) => {
+            let model = load(ck)?;
+            check_has_bn(ck, &model)?;
+            let stats = recal_stats(&model, ck, t, dir, args, global, rep)?;
+            let estimates = stats.estimates(args.estimator)?;
+            let r = apply::replacements(ck, &stats.layers, &estimates, stats.batches)?;
+            metadata.insert("ckpt.recal.data".into(), dir.display().to_string());
+            metadata.extend(bn::estimate_metadata(&stats, args.estimator));
+            let label = format!("{} (recalibrated at {})", ck.path.display(), t.size);
+            let c = ck.with_replaced(&r.tensors, label.as_ref())?;
+            tensors = r.tensors;
+            Some(c)
+        }
+        None => None,
+    };
+    let base = recalibrated.as_ref().unwrap_or(ck);
+    let mut data = args
+        .data_opts
+        .config_at(train_dir, global.threads, t.crop_pct)?;
+    data.transform = Transform::Eval(*t);
+    data.dataset.shard = None;
+    let cfg = common::fine_tune_config(&args.train, data, args.data_opts.seed, global)?;
+    rep.note(format!(
+        "{}: fine-tuning at {} (crop_pct {})",
+        ck.path.display(),
+        t.size,
+        t.crop_pct
+    ));
+    let out = train::fixres::fine_tune(base, arch, dev, &cfg, rep)?;
+    let label = format!("{} (fine-tuned at {})", ck.path.display(), t.size);
+    let model = load(&base.with_replaced(&out.tensors, label.as_ref())?)?;
+    metadata.extend(out.metadata);
+    tensors.extend(out.tensors);
+    Ok((model, Tuned { tensors, metadata }))
 }
 
 fn print_table(rows: &[Row]) -> Result<()> {

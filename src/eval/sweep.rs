@@ -74,6 +74,8 @@ pub struct Row {
     pub param_count: f64,
     pub best: bool,
     pub recal_bn: bool,
+    /// Whether the model was fine-tuned at this point (`--fixres`).
+    pub fixres: bool,
     /// Where the labels came from (`folder-order`, `class-map`, `imagenet-1k-synsets`).
     pub labelling: &'static str,
 }
@@ -120,13 +122,14 @@ fn label(p: &Path, all: &[PathBuf]) -> String {
 /// best point marked (highest top-1, then top-5, then the smaller size).
 ///
 /// `models` are the checkpoints' paths as given and their parameter counts; `recal_bn` says
-/// whether each point had its own BN statistics, `labelling` where the labels came from.
+/// whether each point had its own BN statistics, `fixres` its own fine-tuned head, `labelling` where the labels came from.
 pub fn rows(
     models: &[(PathBuf, usize)],
     points: &[EvalTransform],
     results: &[Vec<PointResult>],
     train: u32,
     recal_bn: bool,
+    fixres: bool,
     labelling: &'static str,
 ) -> Vec<Row> {
     let paths: Vec<PathBuf> = models.iter().map(|(p, _)| p.clone()).collect();
@@ -151,6 +154,7 @@ pub fn rows(
                 param_count: params,
                 best: false,
                 recal_bn,
+                fixres,
                 labelling,
             });
         }

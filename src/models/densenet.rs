@@ -19,7 +19,9 @@ use super::layers::{
     global_avg_pool, max_pool_3x3_s2_p1, Act, BatchNorm, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx,
     Linear,
 };
-use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+use super::{
+    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
+};
 
 const EPS: f64 = 1e-5;
 /// torchvision's sizes: (name, growth rate, layers per block, initial width).
@@ -215,6 +217,13 @@ impl DenseNet {
 
 impl Network for DenseNet {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let input = self.forward_trunk(x, ctx)?;
+        self.forward_head(&input, ctx)
+    }
+
+    /// Everything before `norm5`, which has no convolution to fold into: `forward` is the two
+    /// halves in every mode.
+    fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
         let x = self.stem.forward_relu(x, ctx)?;
         let mut x = max_pool_3x3_s2_p1(&x, ctx)?;
         for (layers, transition) in &self.blocks {
@@ -229,7 +238,11 @@ impl Network for DenseNet {
                 x = t.conv.forward(&y, ctx)?.avg_pool2d(2)?;
             }
         }
-        let x = self.norm5.forward_add_act(&x, None, ctx, Act::Relu)?;
+        Ok(HeadInput { x, residual: None })
+    }
+
+    fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self.norm5.forward_add_act(&input.x, None, ctx, Act::Relu)?;
         self.classifier.forward(&global_avg_pool(&x)?)
     }
 }

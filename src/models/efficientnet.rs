@@ -15,7 +15,9 @@ use candle_nn::VarBuilder;
 use super::layers::{
     global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Gate, Linear, SqueezeExcite,
 };
-use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+use super::{
+    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
+};
 
 const EPS: f64 = 1e-5;
 const STAGE_STRIDES: [usize; 7] = [1, 2, 2, 2, 1, 2, 1];
@@ -270,12 +272,36 @@ impl EfficientNet {
 
 impl Network for EfficientNet {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self.blocks(x, ctx)?;
+        let x = self.head.forward_act(&x, ctx, Act::Silu)?;
+        self.classifier.forward(&global_avg_pool(&x)?)
+    }
+
+    fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
+        let x = self.blocks(x, ctx)?;
+        Ok(HeadInput {
+            x: self.head.conv.forward(&x, ctx)?,
+            residual: None,
+        })
+    }
+
+    fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self
+            .head
+            .bn
+            .forward_add_act(&input.x, None, ctx, Act::Silu)?;
+        self.classifier.forward(&global_avg_pool(&x)?)
+    }
+}
+
+impl EfficientNet {
+    /// The stem and the MBConv blocks.
+    fn blocks(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let mut x = self.stem.forward_act(x, ctx, Act::Silu)?;
         for b in &self.blocks {
             x = b.forward(&x, ctx)?;
         }
-        let x = self.head.forward_act(&x, ctx, Act::Silu)?;
-        self.classifier.forward(&global_avg_pool(&x)?)
+        Ok(x)
     }
 }
 

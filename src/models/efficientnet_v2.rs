@@ -15,7 +15,9 @@ use candle_nn::VarBuilder;
 
 use super::efficientnet::{BlockConfig, MbConv};
 use super::layers::{global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Linear};
-use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+use super::{
+    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
+};
 
 const EPS: f64 = 1e-3;
 /// Stride of each stage's first block: S, then M and L.
@@ -278,6 +280,31 @@ impl EfficientNetV2 {
 
 impl Network for EfficientNetV2 {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self.blocks(x, ctx)?;
+        let x = self.head.forward_act(&x, ctx, Act::Silu)?;
+        self.classifier.forward(&global_avg_pool(&x)?)
+    }
+
+    fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
+        let x = self.blocks(x, ctx)?;
+        Ok(HeadInput {
+            x: self.head.conv.forward(&x, ctx)?,
+            residual: None,
+        })
+    }
+
+    fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self
+            .head
+            .bn
+            .forward_add_act(&input.x, None, ctx, Act::Silu)?;
+        self.classifier.forward(&global_avg_pool(&x)?)
+    }
+}
+
+impl EfficientNetV2 {
+    /// The stem and the Fused-MBConv and MBConv blocks.
+    fn blocks(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let mut x = self.stem.forward_act(x, ctx, Act::Silu)?;
         for l in &self.layers {
             x = match l {
@@ -305,7 +332,6 @@ impl Network for EfficientNetV2 {
                 Layer::MbConv(b) => b.forward(&x, ctx)?,
             };
         }
-        let x = self.head.forward_act(&x, ctx, Act::Silu)?;
-        self.classifier.forward(&global_avg_pool(&x)?)
+        Ok(x)
     }
 }

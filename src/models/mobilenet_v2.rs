@@ -12,7 +12,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Linear};
-use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+use super::{
+    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
+};
 
 const EPS: f64 = 1e-5;
 /// Stride of each of the 17 inverted residual blocks in torchvision's configuration.
@@ -178,6 +180,31 @@ impl MobileNetV2 {
 
 impl Network for MobileNetV2 {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self.blocks(x, ctx)?;
+        let x = self.head.forward_act(&x, ctx, Act::Relu6)?;
+        self.classifier.forward(&global_avg_pool(&x)?)
+    }
+
+    fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
+        let x = self.blocks(x, ctx)?;
+        Ok(HeadInput {
+            x: self.head.conv.forward(&x, ctx)?,
+            residual: None,
+        })
+    }
+
+    fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self
+            .head
+            .bn
+            .forward_add_act(&input.x, None, ctx, Act::Relu6)?;
+        self.classifier.forward(&global_avg_pool(&x)?)
+    }
+}
+
+impl MobileNetV2 {
+    /// The stem and the inverted residual blocks.
+    fn blocks(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let mut x = self.stem.forward_act(x, ctx, Act::Relu6)?;
         for b in &self.blocks {
             let (last, inner) = b.layers.split_last().expect("a block has layers");
@@ -188,7 +215,6 @@ impl Network for MobileNetV2 {
             let residual = if b.residual { Some(&x) } else { None };
             x = last.forward_add_act(&y, residual, ctx, Act::None)?;
         }
-        let x = self.head.forward_act(&x, ctx, Act::Relu6)?;
-        self.classifier.forward(&global_avg_pool(&x)?)
+        Ok(x)
     }
 }

@@ -17,7 +17,9 @@ use candle_nn::VarBuilder;
 use super::layers::{
     global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Gate, Linear, SqueezeExcite,
 };
-use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+use super::{
+    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
+};
 
 const EPS: f64 = 1e-3;
 const MOMENTUM: f64 = 0.01;
@@ -312,12 +314,41 @@ impl MobileNetV3 {
 
 impl Network for MobileNetV3 {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self.blocks(x, ctx)?;
+        let x = self.head.forward_act(&x, ctx, Act::Hardswish)?;
+        self.classify(&x)
+    }
+
+    fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
+        let x = self.blocks(x, ctx)?;
+        Ok(HeadInput {
+            x: self.head.conv.forward(&x, ctx)?,
+            residual: None,
+        })
+    }
+
+    fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self
+            .head
+            .bn
+            .forward_add_act(&input.x, None, ctx, Act::Hardswish)?;
+        self.classify(&x)
+    }
+}
+
+impl MobileNetV3 {
+    /// The stem and the inverted residual blocks.
+    fn blocks(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let mut x = self.stem.forward_act(x, ctx, Act::Hardswish)?;
         for b in &self.blocks {
             x = b.forward(&x, ctx)?;
         }
-        let x = self.head.forward_act(&x, ctx, Act::Hardswish)?;
-        let x = self.classifier[0].forward(&global_avg_pool(&x)?)?;
+        Ok(x)
+    }
+
+    /// Pool, `classifier.0`, hard-swish, `classifier.3`.
+    fn classify(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.classifier[0].forward(&global_avg_pool(x)?)?;
         self.classifier[1].forward(&Act::Hardswish.tensor(&x)?)
     }
 }

@@ -188,9 +188,75 @@ pub struct Head {
     pub last_bn: String,
 }
 
+/// What the frozen part of a head fine-tune hands to the trained part: the input of the head BN
+/// (the last BN before the pool, [`Architecture::head`]) and, in a residual block, the shortcut
+/// added after that BN. With the backbone frozen and the transform deterministic it is the same
+/// every epoch, which is what lets a fine-tune keep it instead of recomputing it.
+#[derive(Clone, Debug)]
+pub struct HeadInput {
+    pub x: Tensor,
+    pub residual: Option<Tensor>,
+}
+
+impl HeadInput {
+    /// Images held.
+    pub fn len(&self) -> usize {
+        self.x.dims().first().copied().unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes of the tensors' elements.
+    pub fn bytes(&self) -> usize {
+        let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        b(&self.x) + self.residual.as_ref().map_or(0, b)
+    }
+    /// Image `i` alone: a view sharing the batch's storage, not a copy.
+    pub fn row(&self, i: usize) -> candle_core::Result<HeadInput> {
+        Ok(HeadInput {
+            x: self.x.narrow(0, i, 1)?,
+            residual: self
+                .residual
+                .as_ref()
+                .map(|r| r.narrow(0, i, 1))
+                .transpose()?,
+        })
+    }
+    /// Rows stacked into one batch, in order.
+    pub fn stack(rows: &[&HeadInput]) -> candle_core::Result<HeadInput> {
+        let xs: Vec<&Tensor> = rows.iter().map(|r| &r.x).collect();
+        let residual = match rows
+            .iter()
+            .map(|r| r.residual.as_ref())
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(rs) if !rs.is_empty() => Some(Tensor::cat(&rs, 0)?),
+            _ => None,
+        };
+        Ok(HeadInput {
+            x: Tensor::cat(&xs, 0)?,
+            residual,
+        })
+    }
+}
+
 /// A built network: logits from a normalised batch.
+///
+/// A network with a head BN also runs in two parts, for a head fine-tune: [`Network::forward_trunk`]
+/// (everything before that BN, frozen: no autograd graph on the CPU's kernels) and
+/// [`Network::forward_head`] (the BN, the shortcut, the activation, the pool and the
+/// classifier). Chained, they compute what `forward` does in a context where the head BN is
+/// the only one not in eval mode (`tests/models.rs` holds every family to that, bit for bit).
 pub trait Network: Send + Sync {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> candle_core::Result<Tensor>;
+    /// Everything before the head BN: its input, and the shortcut added after it.
+    fn forward_trunk(&self, _x: &Tensor, _ctx: &mut Ctx) -> candle_core::Result<HeadInput> {
+        candle_core::bail!("this network has no BatchNorm layer before its pooling")
+    }
+    /// Logits from [`Network::forward_trunk`]'s output.
+    fn forward_head(&self, _input: &HeadInput, _ctx: &mut Ctx) -> candle_core::Result<Tensor> {
+        candle_core::bail!("this network has no BatchNorm layer before its pooling")
+    }
 }
 
 /// A family: its name, the `--arch` names it answers to, its detector and its namings.
@@ -554,6 +620,22 @@ impl Model {
         }
         ctx.kernels = self.kernels;
         Ok(self.net.forward(x, ctx)?)
+    }
+
+    /// The part of [`Model::forward`] before the head BN (see [`Network::forward_trunk`]).
+    pub fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
+        let (_, c, _, _) = x.dims4().context("input must be [N, 3, H, W]")?;
+        if c != 3 {
+            bail!("input has {c} channels, expected 3");
+        }
+        ctx.kernels = self.kernels;
+        Ok(self.net.forward_trunk(x, ctx)?)
+    }
+
+    /// Logits from the trunk's output (see [`Network::forward_head`]).
+    pub fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
+        ctx.kernels = self.kernels;
+        Ok(self.net.forward_head(input, ctx)?)
     }
 
     /// The head a fine-tune trains, by checkpoint key (through the naming), and the last BN's

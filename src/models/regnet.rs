@@ -19,7 +19,9 @@ use candle_nn::VarBuilder;
 use super::layers::{
     global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Gate, Linear, SqueezeExcite,
 };
-use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+use super::{
+    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
+};
 
 const EPS: f64 = 1e-5;
 /// torchvision's published sizes: (name, blocks per stage, stage widths); a `regnet_y` has
@@ -245,6 +247,23 @@ impl Block {
         }
         self.c.forward_add_act(&y, Some(&identity), ctx, Act::Relu)
     }
+
+    /// `forward` up to `c`'s BN: its input and the shortcut.
+    fn trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
+        let identity = match &self.proj {
+            Some(p) => p.forward(x, ctx)?,
+            None => x.clone(),
+        };
+        let y = self.a.forward_relu(x, ctx)?;
+        let mut y = self.b.forward_relu(&y, ctx)?;
+        if let Some(se) = &self.se {
+            y = se.forward(&y, ctx)?;
+        }
+        Ok(HeadInput {
+            x: self.c.conv.forward(&y, ctx)?,
+            residual: Some(identity),
+        })
+    }
 }
 
 pub struct RegNet {
@@ -286,6 +305,25 @@ impl Network for RegNet {
         for b in &self.blocks {
             x = b.forward(&x, ctx)?;
         }
+        self.fc.forward(&global_avg_pool(&x)?)
+    }
+
+    fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
+        let (last, rest) = self
+            .blocks
+            .split_last()
+            .expect("detection requires a block");
+        let mut x = self.stem.forward_relu(x, ctx)?;
+        for b in rest {
+            x = b.forward(&x, ctx)?;
+        }
+        last.trunk(&x, ctx)
+    }
+
+    fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
+        let last = self.blocks.last().expect("detection requires a block");
+        let r = input.residual.as_ref();
+        let x = last.c.bn.forward_add_act(&input.x, r, ctx, Act::Relu)?;
         self.fc.forward(&global_avg_pool(&x)?)
     }
 }

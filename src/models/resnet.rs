@@ -14,7 +14,9 @@ use candle_nn::VarBuilder;
 use super::layers::{
     global_avg_pool, max_pool_3x3_s2_p1, Act, BnMode, BnRegistry, ConvBn, ConvSpec, Ctx, Linear,
 };
-use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+use super::{
+    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
+};
 
 const EPS: f64 = 1e-5;
 
@@ -193,6 +195,30 @@ impl Block {
         let identity = identity(ctx)?;
         last.forward_add_act(&y, Some(&identity), ctx, Act::Relu)
     }
+
+    /// The block up to its last BN: that BN's input (the last convolution's output) and the
+    /// shortcut. The projection's BN, if any, runs before the last BN here, unlike in
+    /// `forward`: only the head BN is out of eval mode where this runs, so the order changes
+    /// nothing.
+    fn trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
+        let (last, inner) = self.convs.split_last().expect("a block has convolutions");
+        let mut y = x.clone();
+        for c in inner {
+            y = c.forward_relu(&y, ctx)?;
+        }
+        let residual = match &self.downsample {
+            Some(d) => d.forward(x, ctx)?,
+            None => x.clone(),
+        };
+        Ok(HeadInput {
+            x: last.conv.forward(&y, ctx)?,
+            residual: Some(residual),
+        })
+    }
+
+    fn head_bn(&self) -> &ConvBn {
+        self.convs.last().expect("a block has convolutions")
+    }
 }
 
 pub struct ResNet {
@@ -276,5 +302,33 @@ impl Network for ResNet {
             }
         }
         self.fc.forward(&global_avg_pool(&x)?)
+    }
+
+    fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
+        let x = self.stem.forward_relu(x, ctx)?;
+        let mut x = max_pool_3x3_s2_p1(&x, ctx)?;
+        let (last, rest) = self.last_block();
+        for b in rest {
+            x = b.forward(&x, ctx)?;
+        }
+        last.trunk(&x, ctx)
+    }
+
+    fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
+        let (last, _) = self.last_block();
+        let bn = &last.head_bn().bn;
+        let x = bn.forward_add_act(&input.x, input.residual.as_ref(), ctx, Act::Relu)?;
+        self.fc.forward(&global_avg_pool(&x)?)
+    }
+}
+
+impl ResNet {
+    /// The last block, and every block before it in forward order.
+    fn last_block(&self) -> (&Block, impl Iterator<Item = &Block>) {
+        let last = self.stages[3]
+            .last()
+            .expect("detection requires a block per stage");
+        let n = self.stages.iter().map(Vec::len).sum::<usize>() - 1;
+        (last, self.stages.iter().flatten().take(n))
     }
 }

@@ -13,7 +13,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{adaptive_avg_pool, Act, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx, Linear};
-use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+use super::{
+    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
+};
 
 const EPS: f64 = 1e-5;
 /// torchvision's configurations A, B, D, E: convolution widths per stage (a pool after each).
@@ -227,7 +229,49 @@ impl Network for Vgg {
             }
             x = x.max_pool2d(2)?;
         }
-        let x = adaptive_avg_pool(&x, 7, 7)?.flatten_from(1)?;
+        self.classify(&x)
+    }
+
+    /// Everything before the last convolution's BN (a VGG with BN).
+    fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
+        let Some(Layer::Bn(last)) = self.stages.last().and_then(|s| s.last()) else {
+            candle_core::bail!("this network has no BatchNorm layer before its pooling");
+        };
+        let n = self.stages.len();
+        let mut x = x.clone();
+        for (s, stage) in self.stages.iter().enumerate() {
+            for (i, l) in stage.iter().enumerate() {
+                if s + 1 == n && i + 1 == stage.len() {
+                    break;
+                }
+                x = match l {
+                    Layer::Plain(c) => c.forward_act(&x, ctx, Act::Relu)?,
+                    Layer::Bn(c) => c.forward_relu(&x, ctx)?,
+                };
+            }
+            if s + 1 < n {
+                x = x.max_pool2d(2)?;
+            }
+        }
+        Ok(HeadInput {
+            x: last.conv.forward(&x, ctx)?,
+            residual: None,
+        })
+    }
+
+    fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
+        let Some(Layer::Bn(last)) = self.stages.last().and_then(|s| s.last()) else {
+            candle_core::bail!("this network has no BatchNorm layer before its pooling");
+        };
+        let x = last.bn.forward_add_act(&input.x, None, ctx, Act::Relu)?;
+        self.classify(&x.max_pool2d(2)?)
+    }
+}
+
+impl Vgg {
+    /// The pools and the three linear layers after the last stage's pool.
+    fn classify(&self, x: &Tensor) -> Result<Tensor> {
+        let x = adaptive_avg_pool(x, 7, 7)?.flatten_from(1)?;
         let [a, b, c] = &self.classifier;
         let x = a.forward(&x)?.relu()?;
         let x = b.forward(&x)?.relu()?;

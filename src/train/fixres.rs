@@ -9,22 +9,29 @@
 //! `num_batches_tracked` advanced by the steps taken, and its affine when trained), each in its
 //! stored dtype; every other tensor of the checkpoint is left as it is.
 //!
-//! Cost: the model runs on its own kernels. On the CPU's fast kernels everything before the
-//! trained BN is a forward pass without an autograd graph (nothing upstream is trained), and
-//! only the BN, the residual sum, the pool and the classifier are differentiated. The backbone
-//! still runs every epoch: its output is not cached across epochs.
+//! Cost: the model runs in two parts ([`Model::forward_trunk`], [`Model::forward_head`]). On the
+//! CPU's fast kernels the trunk, everything before the trained BN, is a forward pass without an
+//! autograd graph (nothing upstream is trained), and only the head (the BN, the residual sum,
+//! the activation, the pool and the classifier) is differentiated. The trunk's output is the
+//! same every epoch, so when the whole set's fits `cache_bytes` it is kept after the first
+//! epoch ([`super::cache`]) and later epochs run only the head: same batches, same tensors, no
+//! decoding. This loop calls the model's two halves itself rather than going through
+//! `eval::forward`, whose passes run whole models over loader batches.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
-use super::{counted_up, cross_entropy, epoch_order, stored, Schedule, Sgd, SgdConfig};
+use super::cache::{Decision, HeadCache};
+use super::{counted_up, cross_entropy, epoch_order, stored, Optimizer, OptimizerConfig, Schedule};
 use crate::checkpoint::Checkpoint;
 use crate::data::{DataConfig, Loader, Transform};
-use crate::eval::forward::{self, Feed};
-use crate::models::{detect, shapes_of, BnMode, BuildOptions, Ctx, Head, Kernels, Model};
-use crate::report::Reporter;
+use crate::models::{
+    detect, shapes_of, BnMode, BuildOptions, Ctx, Head, HeadInput, Kernels, Model,
+};
+use crate::report::{human_bytes, Reporter};
 
 /// A FixRes fine-tune.
 #[derive(Clone, Debug)]
@@ -34,13 +41,15 @@ pub struct Config {
     pub epochs: usize,
     /// `None`: the folder's order every epoch; else a shuffle per epoch from this seed.
     pub shuffle_seed: Option<u64>,
-    pub sgd: SgdConfig,
+    pub optimizer: OptimizerConfig,
     pub schedule: Schedule,
     /// Momentum of the trained BN's running update instead of the family's.
     pub bn_momentum: Option<f64>,
     /// Also train the last BN's weight and bias.
     pub train_bn_affine: bool,
     pub kernels: Kernels,
+    /// Most bytes the trunk's output may take to be kept across epochs (see the module doc).
+    pub cache_bytes: usize,
 }
 
 impl Config {
@@ -56,7 +65,7 @@ impl Config {
         if let Some(m) = cfg.bn_momentum.filter(|m| !(0.0..=1.0).contains(m)) {
             bail!("--bn-momentum must be between 0 and 1, not {m}");
         }
-        self.sgd.check()
+        self.optimizer.check()
     }
 }
 
@@ -77,10 +86,12 @@ pub struct Outcome {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// One step's worth of state: the optimiser, the schedule, the losses so far.
 struct Trainer<'a> {
+    model: &'a Model,
     modes: Vec<BnMode>,
     momentum: Option<f64>,
-    sgd: Sgd,
+    opt: Optimizer,
     schedule: Schedule,
     total_steps: usize,
     losses: Vec<f64>,
@@ -90,8 +101,8 @@ struct Trainer<'a> {
     bar: &'a indicatif::ProgressBar,
 }
 
-impl forward::Visitor for Trainer<'_> {
-    fn ctx(&mut self, _: usize, _: usize) -> Ctx<'_> {
+impl Trainer<'_> {
+    fn ctx(&self) -> Ctx<'_> {
         Ctx {
             layer_modes: Some(&self.modes),
             momentum: self.momentum,
@@ -99,12 +110,14 @@ impl forward::Visitor for Trainer<'_> {
         }
     }
 
-    fn output(&mut self, _: usize, _: usize, feed: &Feed, logits: &Tensor, _: f64) -> Result<()> {
-        let b = feed.batch().context("fine-tune over a tensor")?;
-        let labels = b
-            .labels
-            .as_deref()
-            .context("the training folder has no labels")?;
+    /// The trunk's output for a batch of images.
+    fn trunk(&self, x: &Tensor) -> Result<HeadInput> {
+        let mut ctx = self.ctx();
+        self.model.forward_trunk(x, &mut ctx)
+    }
+
+    /// One optimiser step on a batch's trunk output.
+    fn step(&mut self, input: &HeadInput, labels: &[i64], paths: &[PathBuf]) -> Result<()> {
         if let Some((i, l)) = labels
             .iter()
             .enumerate()
@@ -112,14 +125,19 @@ impl forward::Visitor for Trainer<'_> {
         {
             bail!(
                 "{}: class index {l}, but the model has {} classes",
-                b.paths[i].display(),
+                paths[i].display(),
                 self.classes
             );
         }
-        let loss = cross_entropy(logits, labels)?;
+        let logits = {
+            let mut ctx = self.ctx();
+            self.model.forward_head(input, &mut ctx)?
+        };
+        let logits = logits.to_dtype(candle_core::DType::F32)?;
+        let loss = cross_entropy(&logits, labels)?;
         let grads = loss.backward()?;
         let lr = self.schedule.at(self.losses.len(), self.total_steps);
-        self.sgd.step(&grads, lr)?;
+        self.opt.step(&grads, lr)?;
         let l = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         if !l.is_finite() {
             bail!(
@@ -127,10 +145,11 @@ impl forward::Visitor for Trainer<'_> {
                 self.losses.len() + 1
             );
         }
+        let n = labels.len();
         self.losses.push(l);
-        self.epoch_sum += l * b.n as f64;
-        self.epoch_images += b.n;
-        self.bar.inc(b.n as u64);
+        self.epoch_sum += l * n as f64;
+        self.epoch_images += n;
+        self.bar.inc(n as u64);
         self.bar.set_message(format!(
             "fine-tuning, loss {:.4}",
             self.epoch_sum / self.epoch_images as f64
@@ -213,9 +232,10 @@ pub fn fine_tune(
     ));
     let bar = rep.images_bar((ds.len() * cfg.epochs) as u64, "fine-tuning");
     let mut t = Trainer {
+        model: &model,
         modes,
         momentum: cfg.bn_momentum,
-        sgd: Sgd::new(params, cfg.sgd)?,
+        opt: Optimizer::new(params, cfg.optimizer)?,
         schedule: cfg.schedule,
         total_steps: steps_per_epoch * cfg.epochs,
         losses: Vec::new(),
@@ -224,15 +244,56 @@ pub fn fine_tune(
         classes,
         bar: &bar,
     };
+    // One epoch reads its images once whatever happens: nothing to keep.
+    let budget = if cfg.epochs > 1 { cfg.cache_bytes } else { 0 };
+    let mut cache = HeadCache::new(budget, ds.len());
     let mut epoch_losses = Vec::new();
     for epoch in 0..cfg.epochs {
         let order = epoch_order(&ds, cfg.shuffle_seed, epoch);
-        let mut loader = Loader::new(&order, cfg.data.transform, &cfg.data.loader, rep)?;
         t.epoch_sum = 0.0;
         t.epoch_images = 0;
-        forward::run(forward::single(loader.by_ref()), &[vec![&model]], &mut t)?;
-        for s in &loader.summary().skipped {
-            rep.note(format!("skipped {}", s.error));
+        if cache.complete() {
+            for chunk in order.items.chunks(bs) {
+                let Some((input, items)) = cache.batch(chunk)? else {
+                    continue;
+                };
+                let labels: Vec<i64> = items.iter().map(|i| i.label.unwrap_or(-1)).collect();
+                let paths: Vec<PathBuf> = items.iter().map(|i| i.path.clone()).collect();
+                t.step(&input, &labels, &paths)?;
+            }
+        } else {
+            let mut loader = Loader::new(&order, cfg.data.transform, &cfg.data.loader, rep)?;
+            for b in loader.by_ref() {
+                let b = b?;
+                let labels = b
+                    .labels
+                    .as_deref()
+                    .context("the training folder has no labels")?;
+                let input = t.trunk(&crate::eval::batch_tensor(&b, &model.device)?)?;
+                if epoch == 0 && cfg.epochs > 1 {
+                    match cache.offer(&b.indices, &input)? {
+                        Some(Decision::Keep { bytes }) => rep.note(format!(
+                            "keeping the backbone's output in memory ({}) for the {} epoch(s) after the first",
+                            human_bytes(bytes as u64),
+                            cfg.epochs - 1
+                        )),
+                        Some(Decision::TooBig { bytes, budget }) => rep.note(format!(
+                            "the backbone's output ({} for {} images) is over --cache-mb ({}): it is recomputed every epoch",
+                            human_bytes(bytes as u64),
+                            ds.len(),
+                            human_bytes(budget as u64)
+                        )),
+                        None => {}
+                    }
+                }
+                t.step(&input, labels, &b.paths)?;
+            }
+            if epoch == 0 {
+                cache.end_pass();
+            }
+            for s in &loader.summary().skipped {
+                rep.note(format!("skipped {}", s.error));
+            }
         }
         if t.epoch_images == 0 {
             bail!("{}: no images were read", ds.root.display());
@@ -242,7 +303,7 @@ pub fn fine_tune(
     bar.finish_and_clear();
 
     let mut tensors = HashMap::new();
-    for (key, var) in t.sgd.params() {
+    for (key, var) in t.opt.params() {
         let v: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
         tensors.insert(key.clone(), stored(ck, key, &v)?);
     }
@@ -297,9 +358,9 @@ fn metadata(
     put("lr", cfg.schedule.lr.to_string());
     put("lr_schedule", cfg.schedule.kind.to_string());
     put("warmup_steps", cfg.schedule.warmup_steps.to_string());
-    put("momentum", cfg.sgd.momentum.to_string());
-    put("weight_decay", cfg.sgd.weight_decay.to_string());
-    put("nesterov", cfg.sgd.nesterov.to_string());
+    for (k, v) in cfg.optimizer.describe() {
+        put(k, v);
+    }
     put(
         "bn_momentum",
         cfg.bn_momentum.map_or("family".into(), |b| b.to_string()),

@@ -2,7 +2,9 @@
 //! `fixres`, next for distillation).
 //!
 //! - [`optim`]: SGD with momentum, dampening, weight decay and Nesterov as `torch.optim.SGD`
-//!   defines them, and learning-rate schedules (constant, cosine, linear warm-up).
+//!   defines them, AdamW as `torch.optim.AdamW`, and learning-rate schedules (constant, cosine,
+//!   linear warm-up).
+//! - [`cache`]: a frozen trunk's output kept across epochs.
 //! - [`cross_entropy`]: the loss on class indices, as `F.cross_entropy` (mean over the batch).
 //! - [`fixres`]: the FixRes fine-tune of a model's head at the test resolution.
 //! - [`distill`]: knowledge distillation of a whole student from teachers' softened logits.
@@ -12,9 +14,10 @@
 //! fast CPU kernels produce tensors without an autograd graph, which is right for a part that
 //! nothing trained lies upstream of, and BN layers in train mode, the residual sum, the pool and
 //! the classifier run in candle's differentiable ops (see `models::layers`), so only the tail is
-//! differentiated. Data comes in the loader's order: the folder's, or a seeded shuffle per epoch
-//! ([`epoch_order`]).
+//! differentiated (see `fixres` for how the two halves run). Data comes in the loader's order:
+//! the folder's, or a seeded shuffle per epoch ([`epoch_order`]).
 
+pub mod cache;
 pub mod distill;
 pub mod fixres;
 pub mod optim;
@@ -25,7 +28,9 @@ use candle_core::Tensor;
 use crate::checkpoint::{dtype, Checkpoint};
 use crate::data::Dataset;
 
-pub use optim::{Schedule, ScheduleKind, Sgd, SgdConfig};
+pub use optim::{
+    AdamW, AdamWConfig, Optimizer, OptimizerConfig, Schedule, ScheduleKind, Sgd, SgdConfig,
+};
 
 /// Mean cross-entropy of `logits` [N, classes] against class indices, as
 /// `torch.nn.functional.cross_entropy`: log-softmax (max subtracted) then the mean negative
