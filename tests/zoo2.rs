@@ -81,7 +81,8 @@ const FIXTURES: &[(&str, &[&str], bool)] = &[
             "5 classes",
         ],
         true,
-    ),    (
+    ),
+    (
         "shufflenet_v2_tiny",
         &[
             "shufflenet_v2 (repeats [2, 3, 2], widths [8, 16, 24, 32, 48])",
@@ -386,7 +387,8 @@ fn near_misses_name_the_nearest_new_family_issue_15() {
     s.insert("layers.12.1.layers.3.weight".into(), vec![1488, 1, 4, 4]);
     let e = err(&s);
     assert!(
-        e.contains("nearest is mnasnet: tensor layers.12.1.layers.3.weight") && e.contains("depthwise"),
+        e.contains("nearest is mnasnet: tensor layers.12.1.layers.3.weight")
+            && e.contains("depthwise"),
         "{e}"
     );
     let mut s = all["mnasnet0_75"].clone();
@@ -420,17 +422,32 @@ fn recal_bn_matches_update_bn_on_regnet_y_issue_15() {
                 return (k.as_str(), t.dtype, t.shape.clone(), t.data.clone());
             }
             let v: Vec<f32> = as_f64(t).into_iter().map(|x| x as f32).collect();
-            (k.as_str(), safetensors::Dtype::F32, t.shape.clone(), f32_bytes(&v))
+            (
+                k.as_str(),
+                safetensors::Dtype::F32,
+                t.shape.clone(),
+                f32_bytes(&v),
+            )
         })
         .collect();
     write_st(&d.path("m.safetensors"), &tensors);
     let want = read_st(&fixture("zoo2/regnet_y_tiny_recal_torch.safetensors"));
-    for (i, env) in [&[][..], &[("CKPT_CPU_CONV", "candle")][..]].iter().enumerate() {
+    for (i, env) in [&[][..], &[("CKPT_CPU_CONV", "candle")][..]]
+        .iter()
+        .enumerate()
+    {
         let out = format!("r{i}.safetensors");
         let mut args = vec!["-q", "recal-bn", "m.safetensors", "--data"];
         let data = p(&fixture("digits/train"));
         args.push(&data);
-        args.extend(["-o", out.as_str(), "--estimator", "torch", "--batch-size", "64"]);
+        args.extend([
+            "-o",
+            out.as_str(),
+            "--estimator",
+            "torch",
+            "--batch-size",
+            "64",
+        ]);
         args.extend(crate::eval::DIGITS);
         d.run_env(&args, env).ok();
         let got = read_st(&d.path(&out));

@@ -75,9 +75,11 @@ impl Config {
     }
     /// torchvision's strides: the first unit of each stage, and only it, has stride 2.
     fn standard_strides(&self) -> bool {
-        self.stages
-            .iter()
-            .all(|s| s.iter().enumerate().all(|(i, u)| u.stride == 1 + usize::from(i == 0)))
+        self.stages.iter().all(|s| {
+            s.iter()
+                .enumerate()
+                .all(|(i, u)| u.stride == 1 + usize::from(i == 0))
+        })
     }
 }
 
