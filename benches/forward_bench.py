@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parent.parent
 # The families of issue 15, one configuration each.
 ZOO2 = ["vgg16_bn", "mobilenet_v3_small", "mobilenet_v3_large", "regnet_y_400mf", "regnet_x_1_6gf",
-        "convnext_tiny", "densenet121", "efficientnet_v2_s"]
+        "convnext_tiny", "densenet121", "efficientnet_v2_s", "shufflenet_v2_x1_0", "mnasnet1_0"]
 
 
 def flops_per_image(model, x):
@@ -107,18 +107,22 @@ def ckpt_steady(args, threads, tmp, name, env, peaks=None):
 def main():
     ap = argparse.ArgumentParser()
     # Issue 15's families: vgg16_bn, mobilenet_v3_small, mobilenet_v3_large, regnet_y_400mf,
-    # regnet_x_1_6gf, convnext_tiny, densenet121, efficientnet_v2_s (any torchvision builder name
-    # works; `--models all` runs every one below).
+    # regnet_x_1_6gf, convnext_tiny, densenet121, efficientnet_v2_s, shufflenet_v2_x1_0,
+    # mnasnet1_0 (any torchvision builder name works; `--models zoo2` runs these, `--models all`
+    # these and the four below).
     ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,efficientnet_b0")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--candle", action="store_true", help="also time candle's own convolution path")
     ap.add_argument("--ckpt", default=str(REPO / "target/release/ckpt"))
+    ap.add_argument("--peak", type=float,
+                    help="the machine's f32 peak in GFLOP/s, instead of measuring it with cargo bench "
+                         "(which builds the bench profile)")
     args = ap.parse_args()
     threads = os.cpu_count()
     torch.set_num_threads(threads)
-    peak = float(subprocess.run(["cargo", "bench", "-q", "--bench", "cpu_conv", "--", "--peak"], cwd=REPO,
-                                capture_output=True, text=True, check=True).stdout.split()[-1])
+    peak = args.peak or float(subprocess.run(["cargo", "bench", "-q", "--bench", "cpu_conv", "--", "--peak"], cwd=REPO,
+                                             capture_output=True, text=True, check=True).stdout.split()[-1])
     tmp = Path(tempfile.mkdtemp(prefix="ckpt-forward-bench-"))
     x = torch.randn(args.images + args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     save_file({"input": x}, str(tmp / "input_all.safetensors"))
@@ -128,6 +132,8 @@ def main():
     rows = []
     if args.models == "all":
         args.models = ",".join(["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"] + ZOO2)
+    elif args.models == "zoo2":
+        args.models = ",".join(ZOO2)
     for name in args.models.split(","):
         torch.manual_seed(0)
         model = getattr(tvm, name)().eval()

@@ -82,6 +82,22 @@ const FIXTURES: &[(&str, &[&str], bool)] = &[
         ],
         true,
     ),
+    (
+        "shufflenet_v2_tiny",
+        &[
+            "shufflenet_v2 (repeats [2, 3, 2], widths [8, 16, 24, 32, 48])",
+            "5 classes",
+        ],
+        true,
+    ),
+    (
+        "mnasnet_tiny",
+        &[
+            "mnasnet (widths [8, 8, 8, 8, 8, 16, 24, 32], units [3, 3, 3, 2, 4, 1], head 64)",
+            "6 classes",
+        ],
+        true,
+    ),
 ];
 
 fn logits_difference(name: &str, env: &[(&str, &str)], words: &[&str]) -> f64 {
@@ -185,6 +201,8 @@ const SUPPORTED: &[&str] = &[
     "convnext",
     "densenet",
     "efficientnet_v2",
+    "shufflenet_v2",
+    "mnasnet",
 ];
 
 #[test]
@@ -202,7 +220,7 @@ fn real_size_configurations_are_detected_by_name_issue_15() {
         assert_eq!(detect(&shapes, Some(c.family())).unwrap().name(), name);
         assert_eq!(detect(&shapes, Some(&name)).unwrap().name(), name);
     }
-    assert_eq!(seen, 36);
+    assert_eq!(seen, 44);
 }
 
 /// Building asks for every tensor at the shape the detected configuration implies (zeros stand
@@ -218,6 +236,8 @@ fn real_size_models_build_against_their_shapes_issue_15() {
         "convnext_tiny",
         "densenet121",
         "efficientnet_v2_s",
+        "shufflenet_v2_x1_0",
+        "mnasnet1_0",
     ] {
         let shapes = &all[name];
         let m = Model::build(
@@ -233,9 +253,12 @@ fn real_size_models_build_against_their_shapes_issue_15() {
             .filter(|k| k.ends_with(".running_mean"))
             .count();
         assert_eq!(m.bn_layers.len(), want, "{name}");
-        // torchvision's BN momentum for the family: 0.01 for MobileNetV3, else PyTorch's 0.1.
+        // torchvision's BN momentum for the family: 0.01 for MobileNetV3, 1 - 0.9997 for
+        // MNASNet, else PyTorch's 0.1.
         let momentum = if name.starts_with("mobilenet_v3") {
             0.01
+        } else if name.starts_with("mnasnet") {
+            1.0 - 0.9997
         } else {
             0.1
         };
@@ -268,7 +291,7 @@ fn near_misses_name_the_nearest_new_family_issue_15() {
     s.insert("classifier.0.weight".into(), vec![4096, 512 * 36]);
     let e = err(&s);
     assert!(
-        e.contains("tried resnet, mobilenet_v2, efficientnet, vgg, mobilenet_v3, regnet, convnext, densenet, efficientnet_v2"),
+        e.contains("tried resnet, mobilenet_v2, efficientnet, vgg, mobilenet_v3, regnet, convnext, densenet, efficientnet_v2, shufflenet_v2, mnasnet"),
         "{e}"
     );
     assert!(
@@ -336,6 +359,115 @@ fn near_misses_name_the_nearest_new_family_issue_15() {
         e.contains("nearest is efficientnet_v2: no tensor features.7.0.weight"),
         "{e}"
     );
+
+    let mut s = all["shufflenet_v2_x1_5"].clone();
+    s.insert("stage3.2.branch2.3.weight".into(), vec![176, 1, 5, 5]);
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is shufflenet_v2: tensor stage3.2.branch2.3.weight has shape [176, 1, 5, 5], expected [176, 1, 3, 3]"),
+        "{e}"
+    );
+    let mut s = all["shufflenet_v2_x0_5"].clone();
+    s.retain(|k, _| !k.starts_with("stage4."));
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is shufflenet_v2: no tensor stage4.0.branch2.0.weight"),
+        "{e}"
+    );
+    let e = format!(
+        "{:#}",
+        detect(&all["shufflenet_v2_x1_0"], Some("shufflenet_v2_x2_0")).unwrap_err()
+    );
+    assert!(
+        e.contains("is a shufflenet_v2_x1_0, not a shufflenet_v2_x2_0"),
+        "{e}"
+    );
+
+    let mut s = all["mnasnet1_3"].clone();
+    s.insert("layers.12.1.layers.3.weight".into(), vec![1488, 1, 4, 4]);
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is mnasnet: tensor layers.12.1.layers.3.weight")
+            && e.contains("depthwise"),
+        "{e}"
+    );
+    let mut s = all["mnasnet0_75"].clone();
+    s.retain(|k, _| !k.starts_with("layers.13."));
+    let e = err(&s);
+    assert!(
+        e.contains("nearest is mnasnet: no tensor layers.13.0.layers.0.weight"),
+        "{e}"
+    );
+    let e = format!(
+        "{:#}",
+        detect(&all["mnasnet0_5"], Some("mnasnet1_0")).unwrap_err()
+    );
+    assert!(e.contains("is a mnasnet0_5, not a mnasnet1_0"), "{e}");
+}
+
+/// `recal-bn --estimator torch` on a family of this round (RegNetY: squeeze-excitation, grouped
+/// convolutions) against `torch.optim.swa_utils.update_bn` over the digits, on both kernels.
+/// The fixture is f16 and recal-bn writes statistics in the stored dtype, so the model is first
+/// written in f32 (as the reference read it); tolerance as in tests/recal_bn.rs.
+#[test]
+fn recal_bn_matches_update_bn_on_regnet_y_issue_15() {
+    let d = TestDir::new();
+    let f16 = read_st(&fixture("zoo2/regnet_y_tiny.safetensors"));
+    let keys = sorted_keys(&f16);
+    let tensors: Vec<(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)> = keys
+        .iter()
+        .map(|k| {
+            let t = &f16[k];
+            if t.dtype != safetensors::Dtype::F16 {
+                return (k.as_str(), t.dtype, t.shape.clone(), t.data.clone());
+            }
+            let v: Vec<f32> = as_f64(t).into_iter().map(|x| x as f32).collect();
+            (
+                k.as_str(),
+                safetensors::Dtype::F32,
+                t.shape.clone(),
+                f32_bytes(&v),
+            )
+        })
+        .collect();
+    write_st(&d.path("m.safetensors"), &tensors);
+    let want = read_st(&fixture("zoo2/regnet_y_tiny_recal_torch.safetensors"));
+    for (i, env) in [&[][..], &[("CKPT_CPU_CONV", "candle")][..]]
+        .iter()
+        .enumerate()
+    {
+        let out = format!("r{i}.safetensors");
+        let mut args = vec!["-q", "recal-bn", "m.safetensors", "--data"];
+        let data = p(&fixture("digits/train"));
+        args.push(&data);
+        args.extend([
+            "-o",
+            out.as_str(),
+            "--estimator",
+            "torch",
+            "--batch-size",
+            "64",
+        ]);
+        args.extend(crate::eval::DIGITS);
+        d.run_env(&args, env).ok();
+        let got = read_st(&d.path(&out));
+        let mut stats = 0;
+        for (k, w) in &want {
+            if k.ends_with(".num_batches_tracked") {
+                continue;
+            }
+            stats += 1;
+            let (g, w) = (as_f64(&got[k]), as_f64(w));
+            let scale = w.iter().fold(0f64, |m, x| m.max(x.abs()));
+            for (c, (a, b)) in g.iter().zip(&w).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs() + 1e-6 * scale,
+                    "{env:?} {k}[{c}]: {a} vs {b}"
+                );
+            }
+        }
+        assert_eq!(stats, 2 * 23, "every BN layer's mean and variance");
+    }
 }
 
 /// ConvNeXt has no BatchNorm: recal-bn refuses in one line and writes nothing; the other

@@ -11,7 +11,8 @@
 //! - the namings its checkpoints come in (torchvision's is the identity; see [`naming`]).
 //!
 //! and is listed once in [`FAMILIES`]. Adding a family is that file, its `mod` line and one line
-//! there (as VGG, MobileNetV3, RegNet, ConvNeXt, DenseNet and EfficientNetV2 were added):
+//! there (as VGG, MobileNetV3, RegNet, ConvNeXt, DenseNet, EfficientNetV2, ShuffleNetV2 and MNASNet
+//! were added):
 //! detection, `--arch`, `inspect`, the error for an unknown checkpoint and the tests all read the
 //! registry. Adding a naming of an existing family (timm's, say) is a [`Naming`] in that family's
 //! list: detection tries each naming, and building, the BN layer list and the statistics written
@@ -31,11 +32,13 @@ pub mod efficientnet;
 pub mod efficientnet_v2;
 pub mod fused;
 pub mod layers;
+pub mod mnasnet;
 pub mod mobilenet_v2;
 pub mod mobilenet_v3;
 pub mod naming;
 pub mod regnet;
 pub mod resnet;
+pub mod shufflenet_v2;
 pub mod vgg;
 
 use std::any::Any;
@@ -65,6 +68,8 @@ pub static FAMILIES: &[Family] = &[
     convnext::FAMILY,
     densenet::FAMILY,
     efficientnet_v2::FAMILY,
+    shufflenet_v2::FAMILY,
+    mnasnet::FAMILY,
 ];
 
 /// Tensor names and shapes: all detection looks at.
