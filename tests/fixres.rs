@@ -579,6 +579,8 @@ fn trunk_then_head_is_the_forward_pass_for_every_family_issue_18() {
         ("zoo2/vgg_bn_tiny", "zoo2/vgg_bn_tiny_io"),
         ("zoo2/vgg_tiny", "zoo2/vgg_tiny_io"),
         ("zoo2/convnext_tiny_tiny", "zoo2/convnext_tiny_tiny_io"),
+        ("zoo2/shufflenet_v2_tiny", "zoo2/shufflenet_v2_tiny_io"),
+        ("zoo2/mnasnet_tiny", "zoo2/mnasnet_tiny_io"),
     ];
     let mut split = 0;
     for (model, io) in cases {
@@ -618,5 +620,5 @@ fn trunk_then_head_is_the_forward_pass_for_every_family_issue_18() {
             split += 1;
         }
     }
-    assert_eq!(split, 2 * 11);
+    assert_eq!(split, 2 * 13);
 }

@@ -17,7 +17,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Linear};
-use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+use super::{
+    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
+};
 
 const EPS: f64 = 1e-5;
 /// torchvision's `_BN_MOMENTUM`, written as it is there so that it rounds the same.
@@ -253,6 +255,30 @@ impl MnasNet {
 
 impl Network for MnasNet {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self.head.forward_relu(&self.body(x, ctx)?, ctx)?;
+        self.classifier.forward(&global_avg_pool(&x)?)
+    }
+
+    fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
+        let x = self.body(x, ctx)?;
+        Ok(HeadInput {
+            x: self.head.conv.forward(&x, ctx)?,
+            residual: None,
+        })
+    }
+
+    fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self
+            .head
+            .bn
+            .forward_add_act(&input.x, None, ctx, Act::Relu)?;
+        self.classifier.forward(&global_avg_pool(&x)?)
+    }
+}
+
+impl MnasNet {
+    /// The stem and the stacks, up to the head convolution.
+    fn body(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let [conv, dw, pw] = &self.stem;
         let x = conv.forward_relu(x, ctx)?;
         let x = dw.forward_relu(&x, ctx)?;
@@ -264,7 +290,6 @@ impl Network for MnasNet {
             let residual = if u.residual { Some(&x) } else { None };
             x = project.forward_add_act(&y, residual, ctx, Act::None)?;
         }
-        let x = self.head.forward_relu(&x, ctx)?;
-        self.classifier.forward(&global_avg_pool(&x)?)
+        Ok(x)
     }
 }

@@ -19,7 +19,9 @@ use candle_nn::VarBuilder;
 use super::layers::{
     global_avg_pool, max_pool_3x3_s2_p1, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Linear,
 };
-use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+use super::{
+    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
+};
 
 const EPS: f64 = 1e-5;
 /// torchvision's units per stage.
@@ -268,12 +270,35 @@ impl ShuffleNetV2 {
 
 impl Network for ShuffleNetV2 {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self.conv5.forward_relu(&self.body(x, ctx)?, ctx)?;
+        self.fc.forward(&global_avg_pool(&x)?)
+    }
+
+    fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
+        let x = self.body(x, ctx)?;
+        Ok(HeadInput {
+            x: self.conv5.conv.forward(&x, ctx)?,
+            residual: None,
+        })
+    }
+
+    fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
+        let x = self
+            .conv5
+            .bn
+            .forward_add_act(&input.x, None, ctx, Act::Relu)?;
+        self.fc.forward(&global_avg_pool(&x)?)
+    }
+}
+
+impl ShuffleNetV2 {
+    /// conv1, the pool and the units, up to conv5.
+    fn body(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let x = self.conv1.forward_act(x, ctx, Act::Relu)?;
         let mut x = max_pool_3x3_s2_p1(&x, ctx)?;
         for u in &self.units {
             x = u.forward(&x, ctx)?;
         }
-        let x = self.conv5.forward_relu(&x, ctx)?;
-        self.fc.forward(&global_avg_pool(&x)?)
+        Ok(x)
     }
 }
