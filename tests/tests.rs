@@ -16,6 +16,7 @@ mod models;
 mod recal_bn;
 mod swa;
 mod sweep_res;
+mod timm;
 mod trainers;
 mod writing;
 mod zoo2;
