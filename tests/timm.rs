@@ -19,7 +19,7 @@ const FIXTURES: &[(&str, Option<&str>, &[&str])] = &[
         "resnet_d_tiny",
         None,
         &[
-            "resnet (Bottleneck [1, 2, 1, 1], widths [8, 16, 24, 32], groups 1, deep stem [8, 8, 8], average-pool projection)",
+            "resnet (Bottleneck [1, 2, 1, 1], widths [8, 16, 24, 32], groups 1, deep stem [8, 8, 16], average-pool projection)",
             "5 classes",
         ],
     ),
