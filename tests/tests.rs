@@ -18,6 +18,7 @@ mod recal_bn;
 mod soup;
 mod swa;
 mod sweep_res;
+mod timm;
 mod trainers;
 mod writing;
 mod zoo2;

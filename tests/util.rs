@@ -441,22 +441,33 @@ pub fn real_size_shapes(name: &str) -> std::collections::BTreeMap<String, ckpt::
 /// architecture with each of `words`, and returns the largest difference from the `logits` IO
 /// holds (PyTorch's), relative to the largest of them.
 pub fn logits_difference(model: &Path, io: &Path, env: &[(&str, &str)], words: &[&str]) -> f64 {
+    logits_difference_arch(model, io, None, env, words)
+}
+
+/// [`logits_difference`] with `--arch ARCH` when given.
+pub fn logits_difference_arch(
+    model: &Path,
+    io: &Path,
+    arch: Option<&str>,
+    env: &[(&str, &str)],
+    words: &[&str],
+) -> f64 {
     let d = TestDir::new();
-    let r = d
-        .run_env(
-            &[
-                "logits",
-                &p(model),
-                "--input",
-                &p(io),
-                "-o",
-                "out.safetensors",
-                "--device",
-                "cpu",
-            ],
-            env,
-        )
-        .ok();
+    let (model_s, io_s) = (p(model), p(io));
+    let mut args = vec![
+        "logits",
+        &model_s,
+        "--input",
+        &io_s,
+        "-o",
+        "out.safetensors",
+        "--device",
+        "cpu",
+    ];
+    if let Some(a) = arch {
+        args.extend(["--arch", a]);
+    }
+    let r = d.run_env(&args, env).ok();
     for w in words {
         assert!(
             r.stderr.contains(w),
@@ -479,4 +490,71 @@ pub fn logits_difference(model: &Path, io: &Path, env: &[(&str, &str)], words: &
         .zip(&w)
         .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
         / scale
+}
+
+/// Calibrate mode of the model in `model` against PyTorch's (`logits_calibrate` and each BN
+/// layer's `bn.<key>.mean`/`.var` in `io`, made with BN in train mode and everything else in
+/// eval), on both kernels, within `tolerance` of the largest value.
+pub fn check_calibrate(model: &Path, io: &Path, tolerance: f64) {
+    use ckpt::checkpoint::Checkpoint;
+    use ckpt::models::{BatchStats, BnObserver, Ctx, Model};
+    struct Record(Vec<(usize, BatchStats)>);
+    impl BnObserver for Record {
+        fn observe(&mut self, layer: usize, stats: BatchStats) -> candle_core::Result<()> {
+            self.0.push((layer, stats));
+            Ok(())
+        }
+    }
+    let name = model.display();
+    let ck = Checkpoint::open(model, &Default::default()).unwrap();
+    let reference = read_st(io);
+    for kernels in [ckpt::models::Kernels::Fast, ckpt::models::Kernels::Candle] {
+        let m = Model::load(&ck, None, &candle_core::Device::Cpu)
+            .unwrap()
+            .with_kernels(kernels);
+        let io_ck = Checkpoint::open(io, &Default::default()).unwrap();
+        let x = ckpt::eval::read_input_batch(&io_ck, "input", &m).unwrap();
+        let mut rec = Record(Vec::new());
+        let logits = m.forward(&x, &mut Ctx::calibrate(&mut rec)).unwrap();
+        let got: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+        let want = as_f64(&reference["logits_calibrate"]);
+        let scale = want.iter().fold(0f64, |a, b| a.max(b.abs()));
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (*g as f64 - w).abs() < tolerance * scale,
+                "{name} {kernels:?}: {g} vs {w}"
+            );
+        }
+        let in_reference = reference.keys().filter(|k| k.ends_with(".mean")).count();
+        assert_eq!(
+            rec.0.len(),
+            in_reference,
+            "{name}: every BN layer reports once"
+        );
+        assert_eq!(rec.0.len(), m.bn_layers.len(), "{name}");
+        for (i, (layer, stats)) in rec.0.iter().enumerate() {
+            assert_eq!(*layer, i, "{name}: reports come in forward order");
+            let prefix = &m.bn_layers[i];
+            let mean = as_f64(&reference[&format!("bn.{prefix}.mean")]);
+            let var = as_f64(&reference[&format!("bn.{prefix}.var")]);
+            let (ms, vs) = (
+                mean.iter().fold(0f64, |a, b| a.max(b.abs())),
+                var.iter().fold(0f64, |a, b| a.max(b.abs())),
+            );
+            for c in 0..mean.len() {
+                assert!(
+                    (stats.mean[c] as f64 - mean[c]).abs() <= tolerance * ms.max(1e-3),
+                    "{name} {kernels:?} {prefix} mean[{c}]: {} vs {}",
+                    stats.mean[c],
+                    mean[c]
+                );
+                assert!(
+                    (stats.var[c] as f64 - var[c]).abs() <= tolerance * vs.max(1e-3),
+                    "{name} {kernels:?} {prefix} var[{c}]: {} vs {}",
+                    stats.var[c],
+                    var[c]
+                );
+            }
+        }
+    }
 }

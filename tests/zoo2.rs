@@ -5,8 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use ckpt::checkpoint::Checkpoint;
-use ckpt::models::{detect, BatchStats, BnObserver, Ctx, Model, ShapeOnlyBackend, Shapes};
+use ckpt::models::{detect, Model, ShapeOnlyBackend, Shapes};
 
 use crate::util::*;
 
@@ -121,71 +120,12 @@ fn new_families_match_torchvision_on_both_kernels_issue_15() {
 /// against torchvision with BN in train mode and everything else in eval, on both kernels.
 #[test]
 fn new_families_calibrate_like_pytorch_train_mode_issue_15() {
-    struct Record(Vec<(usize, BatchStats)>);
-    impl BnObserver for Record {
-        fn observe(&mut self, layer: usize, stats: BatchStats) -> candle_core::Result<()> {
-            self.0.push((layer, stats));
-            Ok(())
-        }
-    }
-    for (name, _, has_bn) in FIXTURES.iter().filter(|f| f.2) {
-        assert!(has_bn);
-        let ck = Checkpoint::open(
-            fixture(&format!("zoo2/{name}.safetensors")),
-            &Default::default(),
-        )
-        .unwrap();
-        let io = fixture(&format!("zoo2/{name}_io.safetensors"));
-        let reference = read_st(&io);
-        for kernels in [ckpt::models::Kernels::Fast, ckpt::models::Kernels::Candle] {
-            let m = Model::load(&ck, None, &candle_core::Device::Cpu)
-                .unwrap()
-                .with_kernels(kernels);
-            let io_ck = Checkpoint::open(&io, &Default::default()).unwrap();
-            let x = ckpt::eval::read_input_batch(&io_ck, "input", &m).unwrap();
-            let mut rec = Record(Vec::new());
-            let logits = m.forward(&x, &mut Ctx::calibrate(&mut rec)).unwrap();
-            let got: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
-            let want = as_f64(&reference["logits_calibrate"]);
-            let scale = want.iter().fold(0f64, |a, b| a.max(b.abs()));
-            for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (*g as f64 - w).abs() < TOLERANCE * scale,
-                    "{name} {kernels:?}: {g} vs {w}"
-                );
-            }
-            let in_reference = reference.keys().filter(|k| k.ends_with(".mean")).count();
-            assert_eq!(
-                rec.0.len(),
-                in_reference,
-                "{name}: every BN layer reports once"
-            );
-            assert_eq!(rec.0.len(), m.bn_layers.len(), "{name}");
-            for (i, (layer, stats)) in rec.0.iter().enumerate() {
-                assert_eq!(*layer, i, "{name}: reports come in forward order");
-                let prefix = &m.bn_layers[i];
-                let mean = as_f64(&reference[&format!("bn.{prefix}.mean")]);
-                let var = as_f64(&reference[&format!("bn.{prefix}.var")]);
-                let (ms, vs) = (
-                    mean.iter().fold(0f64, |a, b| a.max(b.abs())),
-                    var.iter().fold(0f64, |a, b| a.max(b.abs())),
-                );
-                for c in 0..mean.len() {
-                    assert!(
-                        (stats.mean[c] as f64 - mean[c]).abs() <= TOLERANCE * ms.max(1e-3),
-                        "{name} {kernels:?} {prefix} mean[{c}]: {} vs {}",
-                        stats.mean[c],
-                        mean[c]
-                    );
-                    assert!(
-                        (stats.var[c] as f64 - var[c]).abs() <= TOLERANCE * vs.max(1e-3),
-                        "{name} {kernels:?} {prefix} var[{c}]: {} vs {}",
-                        stats.var[c],
-                        var[c]
-                    );
-                }
-            }
-        }
+    for (name, _, _) in FIXTURES.iter().filter(|f| f.2) {
+        check_calibrate(
+            &fixture(&format!("zoo2/{name}.safetensors")),
+            &fixture(&format!("zoo2/{name}_io.safetensors")),
+            TOLERANCE,
+        );
     }
 }
 

@@ -86,7 +86,11 @@ pub fn load_model(
     rep: &Reporter,
 ) -> Result<Model> {
     let dev = device(global, rep)?;
-    Ok(Model::load(ck, arch, &dev)?.with_kernels(global.kernels))
+    let model = Model::load(ck, arch, &dev)?.with_kernels(global.kernels);
+    if let Some(n) = model.config.notice() {
+        rep.note(n);
+    }
+    Ok(model)
 }
 
 /// Labels a scanned ImageFolder's images with the classes of a model with `model_classes`

@@ -7,6 +7,16 @@
 //! (SiLU), `classifier.1` the linear layer. Kernel sizes, widths, squeeze widths and depths are
 //! read from the shapes; strides are torchvision's per-stage schedule (the first block of
 //! stages 2, 3, 4 and 6 has stride 2). Stochastic depth and dropout are identities in eval.
+//!
+//! timm's EfficientNets (`efficientnet_b*`, and the TensorFlow ports `tf_efficientnet_b*`) are
+//! the same network under other names: `conv_stem`/`bn1`, `blocks.{s}.{j}` (stage 0's
+//! depthwise-separable blocks `conv_dw`, `bn1`, `se`, `conv_pw`, `bn2`; the others' `conv_pw`,
+//! `bn1`, `conv_dw`, `bn2`, `se`, `conv_pwl`, `bn3`; squeeze-excite `conv_reduce` and
+//! `conv_expand`), `conv_head`/`bn2` and `classifier`: a [`Naming`] of this one structure. The
+//! `tf_` ports differ in what the shapes cannot show: TensorFlow's "same" padding on strided
+//! convolutions and BN eps 1e-3. They come from the timm name (`--arch tf_efficientnet_b0`, or
+//! `--arch tf_efficientnet` for any size); a timm checkpoint without one runs as the plain
+//! variant, and the model says so ([`Architecture::notice`]).
 
 use candle_core::{Module, Result, Tensor};
 
@@ -15,11 +25,11 @@ use candle_nn::VarBuilder;
 use super::layers::{
     global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Gate, Linear, SqueezeExcite,
 };
-use super::{
-    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
-};
+use super::{Architecture, Family, HeadInput, HeadPaths, Miss, Naming, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
+/// BN eps of timm's TensorFlow ports (`BN_EPS_TF_DEFAULT`).
+const TF_EPS: f64 = 1e-3;
 const STAGE_STRIDES: [usize; 7] = [1, 2, 2, 2, 1, 2, 1];
 const STAGE_DEPTHS: [usize; 7] = [1, 2, 2, 3, 3, 4, 1];
 /// (name, width multiplier, depth multiplier) of torchvision's B0 to B7.
@@ -52,6 +62,8 @@ pub struct Config {
     pub stages: Vec<Vec<BlockConfig>>,
     pub last_channel: usize,
     pub num_classes: usize,
+    /// timm's TensorFlow port: "same" padding and BN eps 1e-3.
+    pub tf: bool,
 }
 
 /// The registry's entry (see `models::FAMILIES`).
@@ -59,11 +71,70 @@ pub const FAMILY: Family = Family {
     name: "efficientnet",
     detect,
     accepts,
-    namings: torchvision_naming,
+    namings,
 };
 
 pub fn accepts(arch: &str) -> bool {
-    arch.starts_with("efficientnet") && !arch.starts_with("efficientnet_v2")
+    let plain = arch.strip_prefix("tf_").unwrap_or(arch);
+    plain.starts_with("efficientnet")
+        && !plain.starts_with("efficientnet_v2")
+        && !plain.starts_with("efficientnetv2")
+}
+
+/// The most blocks per stage timm's naming is written out for (B7 has 13; B8 15). Each is eight
+/// rules, which every key of a checkpoint tried against this family is matched with.
+const MAX_BLOCKS: usize = 16;
+
+/// torchvision's, then timm's (the same for `efficientnet_b*` and `tf_efficientnet_b*`).
+fn namings() -> Vec<Naming> {
+    vec![Naming::identity("torchvision"), timm_naming()]
+}
+
+/// torchvision's module paths to timm's keys. Stage 0 holds timm's depthwise-separable blocks
+/// (no expansion: torchvision's `block.0` is the depthwise conv), the others inverted residuals.
+pub fn timm_naming() -> Naming {
+    let mut r: Vec<(String, String)> = vec![
+        ("features.0.0".into(), "conv_stem".into()),
+        ("features.0.1".into(), "bn1".into()),
+        ("features.8.0".into(), "conv_head".into()),
+        ("features.8.1".into(), "bn2".into()),
+        ("classifier.1".into(), "classifier".into()),
+    ];
+    for s in 0..STAGE_STRIDES.len() {
+        for j in 0..MAX_BLOCKS {
+            let tv = format!("features.{}.{j}.block", s + 1);
+            let tm = format!("blocks.{s}.{j}");
+            let leaves: &[(&str, &str)] = if s == 0 {
+                &[
+                    ("0.0", "conv_dw"),
+                    ("0.1", "bn1"),
+                    ("1.fc1", "se.conv_reduce"),
+                    ("1.fc2", "se.conv_expand"),
+                    ("2.0", "conv_pw"),
+                    ("2.1", "bn2"),
+                ]
+            } else {
+                &[
+                    ("0.0", "conv_pw"),
+                    ("0.1", "bn1"),
+                    ("1.0", "conv_dw"),
+                    ("1.1", "bn2"),
+                    ("2.fc1", "se.conv_reduce"),
+                    ("2.fc2", "se.conv_expand"),
+                    ("3.0", "conv_pwl"),
+                    ("3.1", "bn3"),
+                ]
+            };
+            for (a, b) in leaves {
+                r.push((format!("{tv}.{a}"), format!("{tm}.{b}")));
+            }
+        }
+    }
+    Naming {
+        name: "timm",
+        renames: r,
+        prefix: String::new(),
+    }
 }
 
 /// torchvision's `_make_divisible(v, 8)`.
@@ -94,7 +165,30 @@ impl Architecture for Config {
         Ok(Box::new(EfficientNet::new(self, vb, reg)?))
     }
 
+    fn set_variant(&mut self, arch: &str) {
+        self.tf = arch.starts_with("tf_");
+    }
+
+    fn answers_to(&self, arch: &str) -> bool {
+        (self.tf && arch == "tf_efficientnet") || self.name() == arch
+    }
+
+    fn notice(&self, naming: &Naming) -> Option<String> {
+        (naming.name == "timm" && !self.tf).then(|| {
+            "timm EfficientNet: running the plain variant (symmetric padding, BN eps 1e-5); \
+             the shapes cannot tell a tf_efficientnet port: give --arch tf_efficientnet for one"
+                .to_string()
+        })
+    }
+
     fn name(&self) -> String {
+        let tf = if self.tf { "tf_" } else { "" };
+        format!("{tf}{}", self.plain_name())
+    }
+}
+
+impl Config {
+    fn plain_name(&self) -> String {
         let depths: Vec<usize> = self.stages.iter().map(Vec::len).collect();
         for (name, w, d) in VARIANTS {
             let want_depths: Vec<usize> = STAGE_DEPTHS
@@ -166,6 +260,7 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
         stages,
         last_channel: head[0],
         num_classes: fc[0],
+        tf: false,
     }))
 }
 
@@ -179,10 +274,12 @@ pub(super) struct MbConv {
 }
 
 impl MbConv {
+    /// `same`: TensorFlow "same" padding on the depthwise convolution (timm's `tf_` ports).
     pub(super) fn new(
         c: &BlockConfig,
         vb: VarBuilder,
         eps: f64,
+        same: bool,
         reg: &mut BnRegistry,
     ) -> Result<MbConv> {
         let cna = |v: VarBuilder, spec: ConvSpec, reg: &mut BnRegistry| {
@@ -199,7 +296,8 @@ impl MbConv {
             vb.pp(k),
             ConvSpec::new(c.hidden, c.hidden, c.kernel)
                 .stride(c.stride)
-                .groups(c.hidden),
+                .groups(c.hidden)
+                .same_padding(same),
             reg,
         )?;
         let se = SqueezeExcite::new(vb.pp(k + 1), c.hidden, c.squeeze, Act::Silu, Gate::Sigmoid)?;
@@ -235,17 +333,19 @@ pub struct EfficientNet {
 impl EfficientNet {
     pub fn new(c: &Config, vb: VarBuilder, reg: &mut BnRegistry) -> Result<EfficientNet> {
         let f = vb.pp("features");
+        let eps = if c.tf { TF_EPS } else { EPS };
         let stem = ConvBn::new(
             f.pp(0).pp(0),
             f.pp(0).pp(1),
-            ConvSpec::new(3, c.stem, 3).stride(2),
-            EPS,
+            ConvSpec::new(3, c.stem, 3).stride(2).same_padding(c.tf),
+            eps,
             reg,
         )?;
         let mut blocks = Vec::new();
         for (s, stage) in c.stages.iter().enumerate() {
             for (j, b) in stage.iter().enumerate() {
-                blocks.push(MbConv::new(b, f.pp(s + 1).pp(j).pp("block"), EPS, reg)?);
+                let v = f.pp(s + 1).pp(j).pp("block");
+                blocks.push(MbConv::new(b, v, eps, c.tf, reg)?);
             }
         }
         let cin = c
@@ -257,7 +357,7 @@ impl EfficientNet {
             f.pp(8).pp(0),
             f.pp(8).pp(1),
             ConvSpec::new(cin, c.last_channel, 1),
-            EPS,
+            eps,
             reg,
         )?;
         let classifier = Linear::new(vb.pp("classifier").pp(1), c.last_channel, c.num_classes)?;
@@ -307,7 +407,30 @@ impl EfficientNet {
 
 #[cfg(test)]
 mod tests {
-    use super::make_divisible;
+    use super::{make_divisible, timm_naming};
+
+    #[test]
+    fn timm_naming_is_one_to_one() {
+        let n = timm_naming();
+        let keys = [
+            "conv_stem.weight",
+            "blocks.0.0.conv_dw.weight",
+            "blocks.0.0.se.conv_reduce.bias",
+            "blocks.1.2.conv_pwl.weight",
+            "blocks.6.0.bn3.running_var",
+            "conv_head.weight",
+            "classifier.bias",
+        ];
+        n.check(keys).unwrap();
+        assert_eq!(
+            n.path("blocks.0.0.conv_pw.weight").unwrap(),
+            "features.1.0.block.2.0.weight"
+        );
+        assert_eq!(
+            n.key("features.3.1.block.3.1.running_mean"),
+            "blocks.2.1.bn3.running_mean"
+        );
+    }
 
     #[test]
     fn divisible_widths_match_torchvision() {

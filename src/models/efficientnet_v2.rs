@@ -257,7 +257,9 @@ impl EfficientNetV2 {
                             residual: k.stride == 1 && k.cin == k.cout,
                         }
                     }
-                    Block::MbConv(k) => Layer::MbConv(Box::new(MbConv::new(k, v, EPS, reg)?)),
+                    Block::MbConv(k) => {
+                        Layer::MbConv(Box::new(MbConv::new(k, v, EPS, false, reg)?))
+                    }
                 });
             }
         }

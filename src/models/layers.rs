@@ -131,6 +131,9 @@ pub struct Conv2d {
     /// The bias as a tensor (candle's path) and as values (the CPU path's epilogue).
     bias: Option<(Vec<f32>, Tensor)>,
     geometry: Geometry,
+    /// (kernel, stride) when the input is padded as TensorFlow's "same" before a convolution
+    /// with no padding of its own.
+    same: Option<(usize, usize)>,
 }
 
 /// Shape of a convolution, as torch.nn.Conv2d takes it.
@@ -142,6 +145,10 @@ pub struct ConvSpec {
     pub stride: usize,
     pub groups: usize,
     pub bias: bool,
+    /// TensorFlow's "same" padding (timm's `tf_` ports): total padding
+    /// `max((ceil(n / s) - 1) * s + k - n, 0)` per axis, the odd pixel after; otherwise
+    /// PyTorch's symmetric `(k - 1) / 2`. The two differ only for strided or even kernels.
+    pub same: bool,
 }
 
 impl ConvSpec {
@@ -153,6 +160,7 @@ impl ConvSpec {
             stride: 1,
             groups: 1,
             bias: false,
+            same: false,
         }
     }
     pub fn stride(mut self, s: usize) -> ConvSpec {
@@ -165,6 +173,11 @@ impl ConvSpec {
     }
     pub fn bias(mut self) -> ConvSpec {
         self.bias = true;
+        self
+    }
+    /// TensorFlow "same" padding when `same` (see [`ConvSpec::same`]).
+    pub fn same_padding(mut self, same: bool) -> ConvSpec {
+        self.same = same;
         self
     }
 }
@@ -180,15 +193,34 @@ impl Conv2d {
         } else {
             None
         };
+        // "Same" equals the symmetric padding for an odd kernel at stride 1.
+        let same = (s.same && (s.stride > 1 || s.k % 2 == 0)).then_some((s.k, s.stride));
         Ok(Conv2d {
             weight,
             bias,
             geometry: Geometry {
                 stride: s.stride,
-                padding: (s.k - 1) / 2,
+                padding: if same.is_some() { 0 } else { (s.k - 1) / 2 },
                 groups: s.groups,
             },
+            same,
         })
+    }
+
+    /// `x` padded with zeros as TensorFlow's "same" padding does, when this convolution uses it.
+    fn padded(&self, x: &Tensor) -> Result<Tensor> {
+        let Some((k, s)) = self.same else {
+            return Ok(x.clone());
+        };
+        let mut x = x.clone();
+        for dim in [2, 3] {
+            let n = x.dim(dim)?;
+            let total = ((n.div_ceil(s) - 1) * s + k).saturating_sub(n);
+            if total > 0 {
+                x = x.pad_with_zeros(dim, total / 2, total - total / 2)?;
+            }
+        }
+        Ok(x)
     }
 
     /// The same convolution with each output channel's weights multiplied by `scale[c]` (BN
@@ -204,7 +236,16 @@ impl Conv2d {
     /// act(conv(x) + bias), fused on the CPU's fast kernels.
     pub fn forward_act(&self, x: &Tensor, ctx: &Ctx, act: Act) -> Result<Tensor> {
         let bias = self.bias.as_ref().map(|(v, t)| (v.as_slice(), t));
-        cpu_conv::conv2d(ctx.kernels, x, &self.weight, self.geometry, bias, None, act)
+        let x = self.padded(x)?;
+        cpu_conv::conv2d(
+            ctx.kernels,
+            &x,
+            &self.weight,
+            self.geometry,
+            bias,
+            None,
+            act,
+        )
     }
 
     /// conv(x) + bias.
@@ -449,7 +490,8 @@ impl ConvBn {
             BnMode::Eval => {
                 let shift = Some((self.shift.0.as_slice(), &self.shift.1));
                 let f = &self.folded;
-                cpu_conv::conv2d(ctx.kernels, x, &f.weight, f.geometry, shift, residual, act)
+                let x = f.padded(x)?;
+                cpu_conv::conv2d(ctx.kernels, &x, &f.weight, f.geometry, shift, residual, act)
             }
             BnMode::Calibrate | BnMode::Train => {
                 let y = self.conv.forward(x, ctx)?;
@@ -559,6 +601,31 @@ pub fn adaptive_avg_pool(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
         .transpose(2, 3)?
         .contiguous()?
         .broadcast_matmul(&pooling(h, oh)?)?;
+    y.transpose(2, 3)?.contiguous()
+}
+
+/// torch.nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False), timm's average-pool
+/// projection (ResNet-D): an odd last row or column is averaged alone. Written, as
+/// [`adaptive_avg_pool`], as two products with pooling matrices: each window is a product of a
+/// row range and a column range, and each average divides by the cells inside the input.
+pub fn avg_pool_2x2_s2_ceil(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let pooling = |n: usize| -> Result<Tensor> {
+        let out = n.div_ceil(2);
+        let mut m = vec![0f32; n * out];
+        for i in 0..out {
+            let (a, b) = (2 * i, (2 * i + 2).min(n));
+            for r in a..b {
+                m[r * out + i] = 1.0 / (b - a) as f32;
+            }
+        }
+        Tensor::from_vec(m, (n, out), x.device())?.to_dtype(x.dtype())
+    };
+    let y = x.contiguous()?.broadcast_matmul(&pooling(w)?)?;
+    let y = y
+        .transpose(2, 3)?
+        .contiguous()?
+        .broadcast_matmul(&pooling(h)?)?;
     y.transpose(2, 3)?.contiguous()
 }
 

@@ -174,6 +174,18 @@ pub trait Architecture: fmt::Debug + Send + Sync + Any {
     /// Where a fine-tune of the head looks: the classifier and the last BN before global
     /// pooling, by module path.
     fn head(&self) -> HeadPaths;
+    /// Takes what a timm model name (`--arch`, or a model folder's `architecture`) says beyond
+    /// the shapes: `tf_efficientnet_b0`'s TensorFlow "same" padding and BN eps 1e-3, say.
+    fn set_variant(&mut self, _arch: &str) {}
+    /// Whether `--arch NAME` names this configuration (its [`Architecture::name`] by default).
+    fn answers_to(&self, arch: &str) -> bool {
+        self.name() == arch
+    }
+    /// A line to say once when the shapes leave a choice open that was made without a name
+    /// (the plain variant of a family whose `tf_` ports have the same shapes).
+    fn notice(&self, _naming: &Naming) -> Option<String> {
+        None
+    }
 }
 
 /// The module paths a head fine-tune (FixRes) trains: the linear classifier after global
@@ -303,6 +315,11 @@ impl Config {
     pub fn head(&self) -> HeadPaths {
         self.arch.head()
     }
+    /// What the shapes could not tell and was chosen without a name (see
+    /// [`Architecture::notice`]).
+    pub fn notice(&self) -> Option<String> {
+        self.arch.notice(&self.naming)
+    }
     /// The family's own configuration type (`resnet::Config`, ...).
     pub fn downcast<T: Architecture>(&self) -> Option<&T> {
         let any: &dyn Any = &*self.arch;
@@ -363,14 +380,17 @@ fn try_detect(shapes: &Shapes, arch: Option<&str>) -> Result<std::result::Result
                     .collect()
             };
             match (f.detect)(&canonical) {
-                Ok(a) => {
+                Ok(mut a) => {
+                    if let Some(name) = arch {
+                        a.set_variant(name);
+                    }
                     let c = Config {
                         arch: Arc::from(a),
                         family: f,
                         naming,
                     };
                     if let Some(a) = arch {
-                        if a != f.name && c.name() != a {
+                        if a != f.name && !c.arch.answers_to(a) {
                             bail!("--arch {a}: the checkpoint is a {}, not a {a}", c.name());
                         }
                     }

@@ -1,18 +1,29 @@
-//! torchvision's ResNet family (also timm's naming for it): resnet18/34/50/101/152,
-//! resnext50_32x4d, resnext101_32x8d/64x4d, wide_resnet50_2/101_2, and any other stage depths,
-//! widths, groups or class counts built from `BasicBlock` or `Bottleneck` (v1.5: the stride is
-//! on the 3x3 convolution).
+//! torchvision's ResNet family: resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d/64x4d,
+//! wide_resnet50_2/101_2, and any other stage depths, widths, groups or class counts built from
+//! `BasicBlock` or `Bottleneck` (v1.5: the stride is on the 3x3 convolution).
 //!
-//! Detection reads: the stem width from `conv1.weight`, blocks per stage from the
-//! `layer{s}.{i}` indices, the block type from the presence of `conv3`, inner widths and groups
-//! from each stage's first `conv2.weight` [width, width / groups, 3, 3], output widths from the
-//! last convolution, and the classes from `fc.weight`.
+//! timm's ResNets use the same module names, and the variants timm adds on the same layout are
+//! options of this one structure, each read off the shapes (issue 16):
+//!
+//! - the deep stem of ResNet-C/D/S/E (`conv1.0`, `conv1.3`, `conv1.6`: three 3x3 convolutions,
+//!   the first with stride 2, BN `conv1.1`, `conv1.4` and `bn1`, ReLU between) instead of the 7x7;
+//! - ResNet-D's average-pool projection (`downsample.1` conv, `downsample.2` BN after
+//!   `AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)` at index 0, which has no
+//!   tensors) instead of the strided 1x1 `downsample.0`/`.1`;
+//! - SE-ResNet/SE-ResNeXt's squeeze-excitation after the last BN of each block (`se.fc1`,
+//!   `se.fc2` with biases, ReLU then sigmoid), before the shortcut is added.
+//!
+//! Detection reads: the stem from `conv1.weight` (or the deep stem's three), blocks per stage
+//! from the `layer{s}.{i}` indices, the block type from the presence of `conv3`, inner widths
+//! and groups from each stage's first `conv2.weight` [width, width / groups, 3, 3], output widths
+//! from the last convolution, SE widths from `se.fc1`, and the classes from `fc.weight`.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{
-    global_avg_pool, max_pool_3x3_s2_p1, Act, BnMode, BnRegistry, ConvBn, ConvSpec, Ctx, Linear,
+    avg_pool_2x2_s2_ceil, global_avg_pool, max_pool_3x3_s2_p1, Act, BnMode, BnRegistry, ConvBn,
+    ConvSpec, Ctx, Gate, Linear, SqueezeExcite,
 };
 use super::{
     torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
@@ -31,6 +42,13 @@ pub struct Config {
     pub outs: [usize; 4],
     pub groups: usize,
     pub num_classes: usize,
+    /// timm's deep stem: the widths of `conv1.0` and `conv1.3` (`conv1.6` gives `stem`); `None`
+    /// for the 7x7 `conv1`.
+    pub deep_stem: Option<[usize; 2]>,
+    /// timm's average-pool projection (`downsample.1`, `downsample.2`).
+    pub avg_down: bool,
+    /// Squeeze width of each stage's SE module (timm's `se.fc1`), 0 for none.
+    pub se: [usize; 4],
 }
 
 /// The registry's entry (see `models::FAMILIES`).
@@ -46,6 +64,7 @@ pub fn accepts(arch: &str) -> bool {
         || arch.starts_with("resnet")
         || arch.starts_with("resnext")
         || arch.starts_with("wide_resnet")
+        || arch.starts_with("seresne")
 }
 
 impl Architecture for Config {
@@ -85,19 +104,43 @@ impl Architecture for Config {
         } else {
             [64, 128, 256, 512]
         };
+        // timm's letters for the stem and projection (resnet50d: deep stem 32, 32, 64 and
+        // average-pool projection).
+        let letter = match (self.deep_stem, self.stem, self.avg_down) {
+            (None, 64, false) => Some(""),
+            (Some([32, 32]), 64, false) => Some("c"),
+            (Some([32, 32]), 64, true) => Some("d"),
+            (Some([64, 64]), 128, false) => Some("s"),
+            (Some([64, 64]), 128, true) => Some("e"),
+            _ => None,
+        };
+        let se = self.se.iter().any(|&w| w > 0);
         for (name, b, blocks, groups, w0) in std_names {
+            let Some(letter) = letter else { break };
             if b == self.bottleneck
                 && blocks == self.blocks
                 && groups == self.groups
                 && w0 == self.widths[0]
-                && self.stem == 64
                 && self.outs == standard_outs
             {
-                return name.to_string();
+                // resnext50_32x4d -> resnext50d_32x4d, as timm names them.
+                let (base, rest) = name.split_at(name.find('_').unwrap_or(name.len()));
+                let se = if se { "se" } else { "" };
+                return format!("{se}{base}{letter}{rest}");
             }
         }
+        let mut extras = String::new();
+        if let Some([a, b]) = self.deep_stem {
+            extras += &format!(", deep stem [{a}, {b}, {}]", self.stem);
+        }
+        if self.avg_down {
+            extras += ", average-pool projection";
+        }
+        if se {
+            extras += &format!(", SE {:?}", self.se);
+        }
         format!(
-            "resnet ({} {:?}, widths {:?}, groups {})",
+            "resnet ({} {:?}, widths {:?}, groups {}{extras})",
             if self.bottleneck {
                 "Bottleneck"
             } else {
@@ -112,8 +155,26 @@ impl Architecture for Config {
 
 pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Miss> {
     let mut p = Probe::new(shapes);
-    let stem = p.stem_channels("conv1.weight", 7)?;
+    let (stem, deep_stem) = if p.has("conv1.0.weight") {
+        let a = p.stem_channels("conv1.0.weight", 3)?;
+        p.expect("conv1.1.running_mean", &[a])?;
+        let b = p.shape("conv1.3.weight", 4)?[0];
+        p.expect("conv1.3.weight", &[b, a, 3, 3])?;
+        p.expect("conv1.4.running_mean", &[b])?;
+        let stem = p.shape("conv1.6.weight", 4)?[0];
+        p.expect("conv1.6.weight", &[stem, b, 3, 3])?;
+        (stem, Some([a, b]))
+    } else {
+        (p.stem_channels("conv1.weight", 7)?, None)
+    };
     p.expect("bn1.running_mean", &[stem])?;
+    // A 4-d `downsample.1` is timm's average-pool projection's conv (torchvision's is a BN).
+    let avg_down = (1..=4).any(|s| {
+        shapes
+            .get(&format!("layer{s}.0.downsample.1.weight"))
+            .is_some_and(|w| w.len() == 4)
+    });
+    let mut se = [0; 4];
     let bottleneck = p.has("layer1.0.conv3.weight");
     let mut blocks = [0; 4];
     let mut widths = [0; 4];
@@ -145,6 +206,12 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
         } else {
             outs[s] = c2[0];
         }
+        let fc1 = format!("{layer}.0.se.fc1.weight");
+        if p.has(&fc1) {
+            se[s] = p.shape(&fc1, 4)?[0];
+        } else if s > 0 && se[0] > 0 {
+            return Err(p.miss(format!("no tensor {fc1} (layer1 has SE)")));
+        }
     }
     let fc = p.shape("fc.weight", 2)?;
     if fc[1] != outs[3] {
@@ -161,12 +228,32 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
         outs,
         groups,
         num_classes: fc[0],
+        deep_stem,
+        avg_down,
+        se,
     }))
+}
+
+/// The shortcut's projection: a strided 1x1 conv and BN, or (timm's ResNet-D) a 2x2 average
+/// pool then a 1x1 conv and BN.
+struct Projection {
+    pool: bool,
+    conv: ConvBn,
+}
+
+impl Projection {
+    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        if self.pool {
+            return self.conv.forward(&avg_pool_2x2_s2_ceil(x)?, ctx);
+        }
+        self.conv.forward(x, ctx)
+    }
 }
 
 struct Block {
     convs: Vec<ConvBn>,
-    downsample: Option<ConvBn>,
+    downsample: Option<Projection>,
+    se: Option<SqueezeExcite>,
 }
 
 impl Block {
@@ -183,8 +270,12 @@ impl Block {
         let own_eval = self
             .convs
             .iter()
-            .chain(&self.downsample)
+            .chain(self.downsample.as_ref().map(|d| &d.conv))
             .all(|c| ctx.mode_of(c.bn.index) == BnMode::Eval);
+        if let Some(se) = &self.se {
+            let y = se.forward(&last.forward(&y, ctx)?, ctx)?;
+            return (y + identity(ctx)?)?.relu();
+        }
         if !own_eval {
             // BN layers report (and train-mode layers update) in torchvision's forward order:
             // the last conv's before the projection's. A block whose BNs are all in eval mode
@@ -222,20 +313,31 @@ impl Block {
 }
 
 pub struct ResNet {
-    stem: ConvBn,
+    /// One conv (torchvision's 7x7) or three (timm's deep stem), each with BN and ReLU.
+    stem: Vec<ConvBn>,
     stages: Vec<Vec<Block>>,
     fc: Linear,
 }
 
 impl ResNet {
     pub fn new(c: &Config, vb: VarBuilder, reg: &mut BnRegistry) -> Result<ResNet> {
-        let stem = ConvBn::new(
-            vb.pp("conv1"),
-            vb.pp("bn1"),
-            ConvSpec::new(3, c.stem, 7).stride(2),
-            EPS,
-            reg,
-        )?;
+        let stem = match c.deep_stem {
+            None => vec![ConvBn::new(
+                vb.pp("conv1"),
+                vb.pp("bn1"),
+                ConvSpec::new(3, c.stem, 7).stride(2),
+                EPS,
+                reg,
+            )?],
+            Some([a, b]) => {
+                let v = vb.pp("conv1");
+                vec![
+                    ConvBn::new(v.pp(0), v.pp(1), ConvSpec::new(3, a, 3).stride(2), EPS, reg)?,
+                    ConvBn::new(v.pp(3), v.pp(4), ConvSpec::new(a, b, 3), EPS, reg)?,
+                    ConvBn::new(v.pp(6), vb.pp("bn1"), ConvSpec::new(b, c.stem, 3), EPS, reg)?,
+                ]
+            }
+        };
         let mut cin = c.stem;
         let mut stages = Vec::new();
         for s in 0..4 {
@@ -267,22 +369,37 @@ impl ResNet {
                 };
                 // torchvision adds a projection whenever the shape changes; trust the
                 // checkpoint on whether one is there.
-                let downsample = if vbk.contains_tensor("downsample.0.weight") {
-                    let d = vbk.pp("downsample");
-                    Some(ConvBn::new(
-                        d.pp(0),
-                        d.pp(1),
-                        ConvSpec::new(cin, out, 1).stride(stride),
-                        EPS,
-                        reg,
-                    )?)
+                let d = vbk.pp("downsample");
+                let (conv_at, pool) = if c.avg_down {
+                    (1, stride > 1)
+                } else {
+                    (0, false)
+                };
+                let downsample = if d.contains_tensor(&format!("{conv_at}.weight")) {
+                    let spec = ConvSpec::new(cin, out, 1).stride(if pool { 1 } else { stride });
+                    let conv = ConvBn::new(d.pp(conv_at), d.pp(conv_at + 1), spec, EPS, reg)?;
+                    Some(Projection { pool, conv })
                 } else {
                     if stride != 1 || cin != out {
-                        candle_core::bail!("no tensor {}.downsample.0.weight", vbk.prefix());
+                        candle_core::bail!("no tensor {}.{conv_at}.weight", d.prefix());
                     }
                     None
                 };
-                blocks.push(Block { convs, downsample });
+                let se = match c.se[s] {
+                    0 => None,
+                    w => Some(SqueezeExcite::new(
+                        vbk.pp("se"),
+                        out,
+                        w,
+                        Act::Relu,
+                        Gate::Sigmoid,
+                    )?),
+                };
+                blocks.push(Block {
+                    convs,
+                    downsample,
+                    se,
+                });
                 cin = out;
             }
             stages.push(blocks);
@@ -294,7 +411,10 @@ impl ResNet {
 
 impl Network for ResNet {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let x = self.stem.forward_relu(x, ctx)?;
+        let mut x = x.clone();
+        for conv in &self.stem {
+            x = conv.forward_relu(&x, ctx)?;
+        }
         let mut x = max_pool_3x3_s2_p1(&x, ctx)?;
         for stage in &self.stages {
             for b in stage {
@@ -305,9 +425,16 @@ impl Network for ResNet {
     }
 
     fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
-        let x = self.stem.forward_relu(x, ctx)?;
-        let mut x = max_pool_3x3_s2_p1(&x, ctx)?;
         let (last, rest) = self.last_block();
+        if last.se.is_some() {
+            // The squeeze-excite between the head BN and the sum is not in the head yet.
+            candle_core::bail!("SE-ResNets do not run in two parts yet (fixres)");
+        }
+        let mut x = x.clone();
+        for conv in &self.stem {
+            x = conv.forward_relu(&x, ctx)?;
+        }
+        let mut x = max_pool_3x3_s2_p1(&x, ctx)?;
         for b in rest {
             x = b.forward(&x, ctx)?;
         }
