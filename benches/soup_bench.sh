@@ -5,6 +5,7 @@
 #
 #   cargo build --release && bash benches/soup_bench.sh [ARCH]
 #   ARCH: a torchvision builder name (default mobilenet_v2); SIZE=224 VAL=128 RECAL=128
+#   ARCH=fixtures: the six candidates of fixtures/soup on the digits at 28 px (as tests/soup.rs)
 #
 # Six candidates of ARCH with 10 classes (torchvision's initialisation, seed 0, then each
 # perturbed by 1 % Gaussian noise as if fine-tuned from one start; made with ../ref-venv) are
@@ -27,6 +28,19 @@ ckpt=${CKPT:-target/release/ckpt}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+if [ "$arch" = fixtures ]; then
+  # The shipped fixtures: six tiny-ResNet candidates judged at 28 px on the digits, where
+  # decoding and start-up are most of every command.
+  mkdir -p "$work/val" && cp -r fixtures/digits/val/. "$work/val/"
+  mkdir -p "$work/recal" && cp -r fixtures/digits/train/. "$work/recal/"
+  k=0
+  for c in fixtures/tiny/epoch_{1,2,5,10}.safetensors fixtures/soup/finetune_{a,b}.safetensors; do
+    cp "$c" "$work/cand_$k.safetensors"; k=$((k + 1))
+  done
+  size=28
+  extra=(--crop-pct 1 --mean 0.5 --std 0.5)
+else
+  extra=()
 i=0
 for f in "$src"/*.jpg; do
   if [ "$i" -lt "$nval" ]; then
@@ -49,8 +63,9 @@ for k in range(6):
     sd = {n: (t + 0.01 * t.std().nan_to_num(0) * torch.randn(t.shape, generator=g) if t.is_floating_point() and t.numel() > 1 else t.clone()).contiguous() for n, t in base.items()}
     save_file(sd, f"{work}/cand_{k}.safetensors")
 PY
+fi
 
-data=(--size "$size" --batch-size 64)
+data=(--size "$size" --batch-size 64 "${extra[@]}")
 t0=$(date +%s.%N)
 "$ckpt" -q soup "$work"/cand_*.safetensors --data "$work/val" --recal-bn "$work/recal" \
   "${data[@]}" -o "$work/soup.safetensors" --json="$work/soup.json" > /dev/null
@@ -74,12 +89,12 @@ while read -r line; do
   # shellcheck disable=SC2086
   set -- $line
   if [ $# -gt 1 ]; then
-    "$ckpt" -q swa --no-sort "$@" -o "$work/step_$k.safetensors"
+    "$ckpt" -q swa --no-sort "$@" -o "$work/step_$k.safetensors" > /dev/null
     m="$work/step_$k.safetensors"
   else
     m=$1
   fi
-  "$ckpt" -q recal-bn "$m" --data "$work/recal" "${data[@]}" -o "$work/step_${k}_bn.safetensors"
+  "$ckpt" -q recal-bn "$m" --data "$work/recal" "${data[@]}" -o "$work/step_${k}_bn.safetensors" > /dev/null
   "$ckpt" -q eval "$work/step_${k}_bn.safetensors" --data "$work/val" "${data[@]}" > /dev/null
   k=$((k + 1))
 done < "$work/steps.txt"
