@@ -441,6 +441,22 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
+    /// The convolution alone: the input of a network's head BN (this layer's), for
+    /// `Network::forward_trunk`.
+    pub fn trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<super::HeadInput> {
+        Ok(super::HeadInput {
+            x: self.conv.forward(x, ctx)?,
+            residual: None,
+        })
+    }
+
+    /// The BN and `act` on [`ConvBn::trunk`]'s output (and its shortcut, if any): a network's
+    /// head up to its pool, for `Network::forward_head`.
+    pub fn head(&self, input: &super::HeadInput, ctx: &mut Ctx, act: Act) -> Result<Tensor> {
+        self.bn
+            .forward_add_act(&input.x, input.residual.as_ref(), ctx, act)
+    }
+
     pub fn new(
         conv: VarBuilder,
         bn: VarBuilder,

@@ -260,18 +260,11 @@ impl Network for MnasNet {
     }
 
     fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
-        let x = self.body(x, ctx)?;
-        Ok(HeadInput {
-            x: self.head.conv.forward(&x, ctx)?,
-            residual: None,
-        })
+        self.head.trunk(&self.body(x, ctx)?, ctx)
     }
 
     fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
-        let x = self
-            .head
-            .bn
-            .forward_add_act(&input.x, None, ctx, Act::Relu)?;
+        let x = self.head.head(input, ctx, Act::Relu)?;
         self.classifier.forward(&global_avg_pool(&x)?)
     }
 }

@@ -320,18 +320,11 @@ impl Network for MobileNetV3 {
     }
 
     fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
-        let x = self.blocks(x, ctx)?;
-        Ok(HeadInput {
-            x: self.head.conv.forward(&x, ctx)?,
-            residual: None,
-        })
+        self.head.trunk(&self.blocks(x, ctx)?, ctx)
     }
 
     fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
-        let x = self
-            .head
-            .bn
-            .forward_add_act(&input.x, None, ctx, Act::Hardswish)?;
+        let x = self.head.head(input, ctx, Act::Hardswish)?;
         self.classify(&x)
     }
 }

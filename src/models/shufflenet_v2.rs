@@ -275,18 +275,11 @@ impl Network for ShuffleNetV2 {
     }
 
     fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
-        let x = self.body(x, ctx)?;
-        Ok(HeadInput {
-            x: self.conv5.conv.forward(&x, ctx)?,
-            residual: None,
-        })
+        self.conv5.trunk(&self.body(x, ctx)?, ctx)
     }
 
     fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
-        let x = self
-            .conv5
-            .bn
-            .forward_add_act(&input.x, None, ctx, Act::Relu)?;
+        let x = self.conv5.head(input, ctx, Act::Relu)?;
         self.fc.forward(&global_avg_pool(&x)?)
     }
 }
