@@ -429,9 +429,11 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -s o -l output -d 'Ou
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l alpha -d 'Weight of the distillation loss: (1 - A) CE + A KD (default: CE + KD, the seed\'s sum); 1 needs no labels' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l temperature -d 'Softening temperature T of both softmaxes' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l epochs -d 'Passes over the training images' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l opt -d 'Optimiser: torch.optim.SGD, or torch.optim.AdamW (betas 0.9, 0.999, eps 1e-8; its decoupled weight decay is --weight-decay)' -r -f -a "sgd\t'torch.optim.SGD: --momentum, --nesterov, --weight-decay'
+adamw\t'torch.optim.AdamW: betas (0.9, 0.999), eps 1e-8, decoupled --weight-decay'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l lr -d 'Learning rate' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l momentum -d 'SGD momentum' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l weight-decay -d 'L2 weight decay of the weights (added to the gradient, as torch.optim.SGD)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l weight-decay -d 'Weight decay of the weights (SGD: added to the gradient, as torch.optim.SGD; AdamW: decoupled, as torch.optim.AdamW)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l schedule -d 'Learning-rate schedule over the steps' -r -f -a "constant\t'The same learning rate every step'
 cosine\t'Half a cosine from --lr to 0 over the steps (after any warm-up)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l warmup-epochs -d 'Epochs of linear warm-up to --lr before the schedule' -r
@@ -448,7 +450,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l skip-bad -d 'Skip 
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l exif-transpose -d 'Rotate and flip images by their EXIF orientation (torchvision\'s loader ignores it)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l strict-labels -d 'Refuse, instead of warning, when the class folders cannot be the model\'s classes (a different count without a map, or folders the map does not name)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l force -d 'Replace an existing output (atomically)'
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l nesterov -d 'Nesterov momentum'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l nesterov -d 'Nesterov momentum (SGD)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l decay-all -d 'Also decay biases and one-dimensional parameters (BN\'s weight and bias)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l no-shuffle -d 'Keep the folder\'s order every epoch instead of a shuffle seeded by --seed'
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'

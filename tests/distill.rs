@@ -1,7 +1,7 @@
 //! `ckpt distill` against the PyTorch reference of fixtures/make_distill_fixtures.py: the weak
 //! student (epoch 1) distilled from epoch 10 (and an ensemble with a fine-tune), the seed's
-//! KLSoftLoss, SGD momentum 0.9, weight decay 1e-4 on weights only, lr 0.01, one epoch of 4
-//! steps in folder order through the eval transform.
+//! KLSoftLoss, SGD momentum 0.9 (or AdamW at lr 1e-3), weight decay 1e-4 on weights only, lr
+//! 0.01, one epoch of 4 steps in folder order through the eval transform.
 //!
 //! Tolerances: every student tensor within 1e-4 relative of PyTorch's (plus 1e-6 of the
 //! tensor's largest entry, for entries near zero: f32 arithmetic in a different order in both);
@@ -31,8 +31,6 @@ fn distill(d: &TestDir, teachers: &[&str], extra: &[&str]) -> Run {
             "0.5",
             "--std",
             "0.5",
-            "--lr",
-            "0.01",
             "--schedule",
             "constant",
             "--batch-size",
@@ -45,6 +43,9 @@ fn distill(d: &TestDir, teachers: &[&str], extra: &[&str]) -> Run {
         .map(|s| s.to_string()),
     );
     args.extend(extra.iter().map(|s| s.to_string()));
+    if !extra.contains(&"--lr") {
+        args.extend(["--lr".into(), "0.01".into()]); // the reference's SGD rate
+    }
     d.run(&args)
 }
 
@@ -127,6 +128,15 @@ fn an_ensemble_teacher_averages_logits_as_pytorch() {
         "ensemble_t2",
         &["tiny/epoch_10.safetensors", "soup/finetune_b.safetensors"],
         &["--temperature", "2"],
+    );
+}
+
+#[test]
+fn adamw_is_torchs_adamw() {
+    case(
+        "adamw",
+        &["tiny/epoch_10.safetensors"],
+        &["--opt", "adamw", "--lr", "0.001"],
     );
 }
 

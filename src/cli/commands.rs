@@ -367,7 +367,7 @@ pub struct SoupArgs {
 /// over the batch, times T^2. The student trains in train mode (BN batch statistics, running
 /// statistics moved with the family's momentum); the teachers run in eval mode, forward only,
 /// on the same batch, and several teachers' logits are averaged. Teacher and student may be of
-/// different families and sizes but must have the same classes. SGD as torch.optim.SGD, weight
+/// different families and sizes but must have the same classes. SGD or AdamW as torch's, weight
 /// decay on weights only (not biases and one-dimensional parameters) unless --decay-all. The
 /// output holds every student tensor after the run, in its stored dtype.
 #[derive(Args, Debug)]
@@ -396,16 +396,21 @@ pub struct DistillArgs {
     /// Passes over the training images
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub epochs: usize,
+    /// Optimiser: torch.optim.SGD, or torch.optim.AdamW (betas 0.9, 0.999, eps 1e-8; its
+    /// decoupled weight decay is --weight-decay)
+    #[arg(long = "opt", value_enum, default_value = "sgd", value_name = "OPT")]
+    pub optimizer: super::values::OptimizerKind,
     /// Learning rate
     #[arg(long, default_value_t = 0.01, value_name = "LR")]
     pub lr: f64,
     /// SGD momentum
     #[arg(long, default_value_t = 0.9, value_name = "M")]
     pub momentum: f64,
-    /// Nesterov momentum
+    /// Nesterov momentum (SGD)
     #[arg(long)]
     pub nesterov: bool,
-    /// L2 weight decay of the weights (added to the gradient, as torch.optim.SGD)
+    /// Weight decay of the weights (SGD: added to the gradient, as torch.optim.SGD; AdamW:
+    /// decoupled, as torch.optim.AdamW)
     #[arg(long, default_value_t = 1e-4, value_name = "WD")]
     pub weight_decay: f64,
     /// Also decay biases and one-dimensional parameters (BN's weight and bias)

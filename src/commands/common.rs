@@ -209,6 +209,32 @@ pub fn emit_json(json: &JsonArg, value: &impl serde::Serialize, force: bool) -> 
     Ok(())
 }
 
+/// The optimiser `--opt` and its flags ask for (`fixres`, `sweep-res --fixres`, `distill`).
+pub fn optimizer_config(
+    kind: OptimizerKind,
+    momentum: f64,
+    weight_decay: f64,
+    nesterov: bool,
+) -> Result<OptimizerConfig> {
+    Ok(match kind {
+        OptimizerKind::Sgd => OptimizerConfig::Sgd(SgdConfig {
+            momentum,
+            dampening: 0.0,
+            weight_decay,
+            nesterov,
+        }),
+        OptimizerKind::AdamW => {
+            if nesterov {
+                anyhow::bail!("--nesterov is an SGD option, not AdamW's");
+            }
+            OptimizerConfig::AdamW(AdamWConfig {
+                weight_decay,
+                ..AdamWConfig::default()
+            })
+        }
+    })
+}
+
 /// The fine-tune engine's configuration from the training flags, over `data` (a labelled
 /// folder through the eval transform at the fine-tune's size); `seed` shuffles the epochs
 /// unless `--no-shuffle`.
@@ -218,23 +244,12 @@ pub fn fine_tune_config(
     seed: u64,
     global: &GlobalArgs,
 ) -> Result<train::fixres::Config> {
-    let optimizer = match args.optimizer {
-        OptimizerKind::Sgd => OptimizerConfig::Sgd(SgdConfig {
-            momentum: args.momentum,
-            dampening: 0.0,
-            weight_decay: args.weight_decay,
-            nesterov: args.nesterov,
-        }),
-        OptimizerKind::AdamW => {
-            if args.nesterov {
-                anyhow::bail!("--nesterov is an SGD option, not AdamW's");
-            }
-            OptimizerConfig::AdamW(AdamWConfig {
-                weight_decay: args.weight_decay,
-                ..AdamWConfig::default()
-            })
-        }
-    };
+    let optimizer = optimizer_config(
+        args.optimizer,
+        args.momentum,
+        args.weight_decay,
+        args.nesterov,
+    )?;
     let cache_bytes = match args.cache_mb {
         Some(mb) => usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
         None => crate::alloc::physical_memory() / 4,

@@ -11,7 +11,7 @@ use crate::checkpoint::{provenance, Checkpoint};
 use crate::cli::{DistillArgs, GlobalArgs};
 use crate::commands::common;
 use crate::report::Reporter;
-use crate::train::{self, Schedule, SgdConfig};
+use crate::train::{self, Schedule};
 
 pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let ck = Checkpoint::open(&args.model.model, &args.model.open.options())?;
@@ -35,12 +35,12 @@ pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
         data,
         epochs: args.epochs,
         shuffle_seed: (!args.no_shuffle).then_some(args.data.opts.seed),
-        sgd: SgdConfig {
-            momentum: args.momentum,
-            dampening: 0.0,
-            weight_decay: args.weight_decay,
-            nesterov: args.nesterov,
-        },
+        opt: common::optimizer_config(
+            args.optimizer,
+            args.momentum,
+            args.weight_decay,
+            args.nesterov,
+        )?,
         decay_all: args.decay_all,
         schedule: Schedule {
             lr: args.lr,

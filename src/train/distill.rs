@@ -5,7 +5,7 @@
 //! Every student parameter trains, with the student in train mode (BN batch statistics, running
 //! statistics moved with the family's momentum) on candle's differentiable ops; the teachers run
 //! in eval mode, forward only, on their own kernels, on the same batch, and several teachers'
-//! logits are averaged (an ensemble teacher). SGD as `torch.optim.SGD` in two parameter groups:
+//! logits are averaged (an ensemble teacher). SGD or AdamW as torch's, in two parameter groups:
 //! weight decay on the weights, none on biases and one-dimensional parameters (BN's) unless
 //! `decay_all`. The result is every trained parameter and every BN layer's statistics
 //! (`num_batches_tracked` advanced by the steps), each in its stored dtype.
@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-use super::{counted_up, cross_entropy, epoch_order, stored, Schedule, Sgd, SgdConfig};
+use super::{counted_up, cross_entropy, epoch_order, stored, Optimizer, OptimizerConfig, Schedule};
 use crate::checkpoint::Checkpoint;
 use crate::data::{DataConfig, Loader};
 use crate::eval::forward::{self, Feed};
@@ -30,7 +30,7 @@ pub struct Config {
     pub epochs: usize,
     /// `None`: the folder's order every epoch; else a shuffle per epoch from this seed.
     pub shuffle_seed: Option<u64>,
-    pub sgd: SgdConfig,
+    pub opt: OptimizerConfig,
     /// Weight decay on biases and one-dimensional parameters too.
     pub decay_all: bool,
     pub schedule: Schedule,
@@ -58,7 +58,7 @@ impl Config {
         if let Some(a) = self.alpha.filter(|a| !(0.0..=1.0).contains(a)) {
             bail!("--alpha must be between 0 and 1, not {a}");
         }
-        self.sgd.check()
+        self.opt.check()
     }
 
     /// Whether the loss needs labels (any weight on the cross-entropy).
@@ -104,7 +104,7 @@ struct Trainer<'a> {
     teachers: usize,
     teacher_sum: Option<Tensor>,
     cfg: &'a Config,
-    groups: Vec<Sgd>,
+    groups: Vec<Optimizer>,
     total_steps: usize,
     steps: Vec<StepLoss>,
     classes: usize,
@@ -250,14 +250,8 @@ pub fn distill(
     }
     let trained = decay.len() + no_decay.len();
     let groups = vec![
-        Sgd::new(decay, cfg.sgd)?,
-        Sgd::new(
-            no_decay,
-            SgdConfig {
-                weight_decay: 0.0,
-                ..cfg.sgd
-            },
-        )?,
+        Optimizer::new(decay, cfg.opt)?,
+        Optimizer::new(no_decay, cfg.opt.without_weight_decay())?,
     ];
     let bs = cfg.data.loader.batch_size.max(1);
     let steps_per_epoch = ds.len().div_ceil(bs);
@@ -357,9 +351,9 @@ fn metadata(cfg: &Config, teachers: &[&Model], steps: &[StepLoss]) -> BTreeMap<S
     put("lr", cfg.schedule.lr.to_string());
     put("lr_schedule", cfg.schedule.kind.to_string());
     put("warmup_steps", cfg.schedule.warmup_steps.to_string());
-    put("momentum", cfg.sgd.momentum.to_string());
-    put("weight_decay", cfg.sgd.weight_decay.to_string());
-    put("nesterov", cfg.sgd.nesterov.to_string());
+    for (k, v) in cfg.opt.describe() {
+        put(k, v);
+    }
     put("decay_all", cfg.decay_all.to_string());
     put(
         "losses",

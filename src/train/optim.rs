@@ -220,6 +220,20 @@ impl OptimizerConfig {
         }
     }
 
+    /// The same optimiser without weight decay (for biases and one-dimensional parameters).
+    pub fn without_weight_decay(self) -> OptimizerConfig {
+        match self {
+            OptimizerConfig::Sgd(c) => OptimizerConfig::Sgd(SgdConfig {
+                weight_decay: 0.0,
+                ..c
+            }),
+            OptimizerConfig::AdamW(c) => OptimizerConfig::AdamW(AdamWConfig {
+                weight_decay: 0.0,
+                ..c
+            }),
+        }
+    }
+
     /// `(name, value)` pairs describing it, for a checkpoint's metadata.
     pub fn describe(&self) -> Vec<(&'static str, String)> {
         match self {
