@@ -382,7 +382,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l recal-bn -d 'Recomput
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l recal-max-images -d 'Recalibrate over at most N images of DIR: a random subset (seeded by --seed) when it has more, kept in folder order' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l cache-mb -d 'Memory for decoded images kept between evaluations, in MB (default: a quarter of RAM); folders that do not fit are decoded again for every evaluation' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l cache-mb -d 'Memory for decoded images kept between evaluations, in MiB (default: a quarter of RAM); folders that do not fit are decoded again for every evaluation' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l int -d 'Integer tensors (num_batches_tracked) are never averaged: take the newest snapshot\'s value (last), the oldest\'s (first), the element-wise max or sum, or refuse them (error)' -r -f -a "first\t'Take the oldest snapshot\'s value'
 last\t'Take the newest snapshot\'s value'
 max\t'Element-wise maximum'

@@ -346,7 +346,7 @@ pub struct SoupArgs {
     /// more, kept in folder order
     #[arg(long, default_value = "8192", value_name = "N|all", value_parser = parse_max_images, help_heading = "BN recalibration")]
     pub recal_max_images: MaxImages,
-    /// Memory for decoded images kept between evaluations, in MB (default: a quarter of RAM);
+    /// Memory for decoded images kept between evaluations, in MiB (default: a quarter of RAM);
     /// folders that do not fit are decoded again for every evaluation
     #[arg(long, value_name = "MB")]
     pub cache_mb: Option<u64>,

@@ -209,6 +209,15 @@ pub fn emit_json(json: &JsonArg, value: &impl serde::Serialize, force: bool) -> 
     Ok(())
 }
 
+/// The bytes `--cache-mb` allows (MiB), by default a quarter of physical memory: what a command
+/// may keep in memory across passes (`fixres`'s backbone output, `soup`'s decoded images).
+pub fn cache_budget(cache_mb: Option<u64>) -> usize {
+    match cache_mb {
+        Some(mb) => usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+        None => crate::alloc::physical_memory() / 4,
+    }
+}
+
 /// The optimiser `--opt` and its flags ask for (`fixres`, `sweep-res --fixres`, `distill`).
 pub fn optimizer_config(
     kind: OptimizerKind,
@@ -250,10 +259,7 @@ pub fn fine_tune_config(
         args.weight_decay,
         args.nesterov,
     )?;
-    let cache_bytes = match args.cache_mb {
-        Some(mb) => usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
-        None => crate::alloc::physical_memory() / 4,
-    };
+    let cache_bytes = cache_budget(args.cache_mb);
     let cfg = train::fixres::Config {
         data,
         epochs: args.epochs,

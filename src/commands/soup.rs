@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::average;
 use crate::bn::apply::Replacement;
@@ -11,7 +11,8 @@ use crate::checkpoint::write::{check_outputs, destinations};
 use crate::checkpoint::{bn_layers, provenance};
 use crate::cli::{GlobalArgs, SoupArgs};
 use crate::commands::common;
-use crate::data::{cache, decode, Batches};
+use crate::data::{decode, Batches};
+use crate::models;
 use crate::report::{human_bytes, Reporter};
 use crate::soup::{self, Judge, Method, Score};
 
@@ -30,20 +31,19 @@ pub fn run(args: SoupArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let arch = args.arch.get();
     let dev = super::device(global, &rep)?;
 
-    // The network, from the first candidate: its classes label the folder, its BN layers decide
-    // whether recalibration is needed.
-    let first = super::open_for_model(&paths[0], &args.candidates.open, arch)?;
-    let probe = super::load_model(&first, arch, global, &rep)?;
-    let classes = probe.config.num_classes();
+    // The network, recognised from the first candidate: its classes label the folder, its BN
+    // layers decide whether recalibration is needed.
+    let (config, _) = models::detect_unwrapped(&models::weight_shapes(&inputs[0]), arch)
+        .with_context(|| paths[0].display().to_string())?;
+    let classes = config.num_classes();
     rep.note(format!(
         "{} candidates of {}; method {} by {}",
         inputs.len(),
-        probe.config,
+        config,
         args.method,
         args.metric
     ));
-    let has_bn = !probe.bn_layers.is_empty();
-    drop((first, probe));
+    let has_bn = !bn_layers(&inputs[0]).is_empty();
     if args.recal_bn.is_some() && !has_bn {
         bail!(
             "{}: the model has no BatchNorm layers: --recal-bn has nothing to re-estimate",
@@ -52,9 +52,7 @@ pub fn run(args: SoupArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     }
 
     // The images, decoded once when they fit.
-    let mut budget = args
-        .cache_mb
-        .map_or_else(cache::default_budget, |mb| mb.saturating_mul(1_000_000));
+    let mut budget = common::cache_budget(args.cache_mb) as u64;
     let decoded_before = decode::files_decoded();
     let val_cfg = args.data_opts.config(&args.data, global.threads)?;
     let mut val_ds = val_cfg.scan()?;
@@ -231,7 +229,7 @@ pub fn run(args: SoupArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
             _ => String::new(),
         }
     ));
-    if args.recal_bn.is_none() && !bn_layers(&inputs[0]).is_empty() {
+    if args.recal_bn.is_none() && has_bn {
         rep.note("note: the written soup's BatchNorm statistics are averaged, not recomputed: `ckpt recal-bn OUT --data DIR` before use");
     }
     Ok(())

@@ -92,19 +92,3 @@ impl Batches {
         }
     }
 }
-
-/// The default memory budget for held batches: a quarter of physical memory.
-pub fn default_budget() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let (pages, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    if pages > 0 && page > 0 {
-        pages as u64 * page as u64 / 4
-    } else {
-        1 << 30
-    }
-}

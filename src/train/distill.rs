@@ -15,7 +15,10 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-use super::{counted_up, cross_entropy, epoch_order, stored, Optimizer, OptimizerConfig, Schedule};
+use super::{
+    check_labels, counted_up, cross_entropy, epoch_order, stored, Optimizer, OptimizerConfig,
+    Schedule,
+};
 use crate::checkpoint::Checkpoint;
 use crate::data::{DataConfig, Loader};
 use crate::eval::forward::{self, Feed};
@@ -145,17 +148,7 @@ impl forward::Visitor for Trainer<'_> {
                 .labels
                 .as_deref()
                 .context("the training folder has no labels (--alpha 1 needs none)")?;
-            if let Some((i, l)) = labels
-                .iter()
-                .enumerate()
-                .find(|(_, &l)| l < 0 || l as usize >= self.classes)
-            {
-                bail!(
-                    "{}: class index {l}, but the student has {} classes",
-                    b.paths[i].display(),
-                    self.classes
-                );
-            }
+            check_labels(labels, &b.paths, self.classes)?;
             let ce = cross_entropy(y, labels)?;
             let loss = match self.cfg.alpha {
                 None => (&ce + &kd)?,

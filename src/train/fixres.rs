@@ -25,7 +25,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
 use super::cache::{Decision, HeadCache};
-use super::{counted_up, cross_entropy, epoch_order, stored, Optimizer, OptimizerConfig, Schedule};
+use super::{
+    check_labels, counted_up, cross_entropy, epoch_order, stored, Optimizer, OptimizerConfig,
+    Schedule,
+};
 use crate::checkpoint::Checkpoint;
 use crate::data::{DataConfig, Loader, Transform};
 use crate::models::{
@@ -118,17 +121,7 @@ impl Trainer<'_> {
 
     /// One optimiser step on a batch's trunk output.
     fn step(&mut self, input: &HeadInput, labels: &[i64], paths: &[PathBuf]) -> Result<()> {
-        if let Some((i, l)) = labels
-            .iter()
-            .enumerate()
-            .find(|(_, &l)| l < 0 || l as usize >= self.classes)
-        {
-            bail!(
-                "{}: class index {l}, but the model has {} classes",
-                paths[i].display(),
-                self.classes
-            );
-        }
+        check_labels(labels, paths, self.classes)?;
         let logits = {
             let mut ctx = self.ctx();
             self.model.forward_head(input, &mut ctx)?

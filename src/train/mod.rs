@@ -85,6 +85,22 @@ pub fn counted_up(ck: &Checkpoint, key: &str, add: u64) -> Result<Option<Vec<u8>
     Ok(Some(bytes))
 }
 
+/// Refuses a class index outside a model's `classes`, naming the image (`paths[i]` is label
+/// `i`'s).
+pub fn check_labels(labels: &[i64], paths: &[std::path::PathBuf], classes: usize) -> Result<()> {
+    if let Some((i, l)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l < 0 || l as usize >= classes)
+    {
+        bail!(
+            "{}: class index {l}, but the model has {classes} classes",
+            paths[i].display()
+        );
+    }
+    Ok(())
+}
+
 /// The images of epoch `epoch` (0-based): the folder's order, or with `seed` a shuffle seeded
 /// by `seed + epoch`, a new order each epoch that the same seed repeats.
 pub fn epoch_order(ds: &Dataset, seed: Option<u64>, epoch: usize) -> Dataset {
