@@ -8,7 +8,10 @@
 //! a per-channel shift, here done in place of those passes. Other devices, dtypes and layouts
 //! take candle's broadcast ops.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor,
+    D,
+};
 use rayon::prelude::*;
 
 use super::cpu_conv::{cpu_kernels_for, Act, Kernels, Simd};
@@ -21,17 +24,70 @@ struct ChannelAffine {
 
 impl ChannelAffine {
     fn run(&self, x: &[f32], dims: &[usize], residual: Option<&[f32]>) -> Vec<f32> {
+        let mut out = x.to_vec();
+        self.apply(&mut out, dims, residual);
+        out
+    }
+
+    /// The map over `out` in place.
+    fn apply(&self, out: &mut [f32], dims: &[usize], residual: Option<&[f32]>) {
         let c = dims[1];
         let plane: usize = dims[2..].iter().product::<usize>().max(1);
         let simd = Simd::detect();
-        let mut out = x.to_vec();
         out.par_chunks_mut(plane).enumerate().for_each(|(j, ys)| {
             let ch = j % c;
             let s = self.scale.as_ref().map_or(1.0, |s| s[ch]);
             let r = residual.map(|r| &r[j * plane..][..plane]);
             simd.epilogue(ys, s, self.shift[ch], r, self.act);
         });
-        out
+    }
+}
+
+fn contiguous_f32_mut<'s>(storage: &'s mut CpuStorage, layout: &Layout) -> Result<&'s mut [f32]> {
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("channel-affine needs a contiguous tensor".into())
+    })?;
+    match storage {
+        CpuStorage::F32(v) => Ok(&mut v[start..end]),
+        _ => candle_core::bail!("channel-affine needs f32"),
+    }
+}
+
+impl InplaceOp1 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "channel-affine-in-place"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let out = contiguous_f32_mut(storage, layout)?;
+        self.apply(out, layout.shape().dims(), None);
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "channel-affine-residual-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &mut CpuStorage,
+        xl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<()> {
+        if xl.shape() != rl.shape() {
+            candle_core::bail!(
+                "channel-affine: residual {:?} for {:?}",
+                rl.shape(),
+                xl.shape()
+            );
+        }
+        let r = contiguous_f32(rs, rl)?;
+        let out = contiguous_f32_mut(xs, xl)?;
+        self.apply(out, xl.shape().dims(), Some(r));
+        Ok(())
     }
 }
 
@@ -118,6 +174,36 @@ pub fn channel_affine(
     act.tensor(&y)
 }
 
+/// [`channel_affine`] written over `x` itself, returning it: for an activation nobody else
+/// holds (a convolution's fresh output in calibrate mode), so that a layer keeps one
+/// activation alive instead of two at its peak. `x` must be contiguous; on other devices,
+/// dtypes or kernels this is [`channel_affine`] into a new tensor.
+pub fn channel_affine_owned(
+    k: Kernels,
+    x: Tensor,
+    scale: &[f32],
+    shift: &[f32],
+    residual: Option<&Tensor>,
+    act: Act,
+) -> Result<Tensor> {
+    if cpu_kernels_for(&x, k) && x.rank() >= 2 && x.is_contiguous() && !x.is_variable() {
+        let op = ChannelAffine {
+            scale: Some(scale.to_vec()),
+            shift: shift.to_vec(),
+            act,
+        };
+        match residual {
+            Some(r) => x.inplace_op2(&r.contiguous()?, &op)?,
+            None => x.inplace_op1(&op)?,
+        }
+        return Ok(x);
+    }
+    let dev = x.device();
+    let (scale, shift) = (Tensor::new(scale, dev)?, Tensor::new(shift, dev)?);
+    let (scale, shift) = (scale.to_dtype(x.dtype())?, shift.to_dtype(x.dtype())?);
+    channel_affine(k, &x, Some(&scale), &shift, residual, act)
+}
+
 /// Sum of f(x) over `v` in f64, in 8 independent running sums: a single running sum is a chain
 /// of dependent additions (one per 4 cycles), eight of them vectorise and pipeline.
 #[inline]
@@ -198,6 +284,21 @@ mod tests {
         for act in [Act::None, Act::Relu, Act::Relu6, Act::Silu, Act::Hardswish] {
             for res in [None, Some(&r)] {
                 let got = channel_affine(Kernels::Fast, &x, Some(&s), &b, res, act).unwrap();
+                // The same map written over a copy of x, on both kernel choices.
+                let (sv, bv) = (s.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+                for k in [Kernels::Fast, Kernels::Candle] {
+                    let owned = x.copy().unwrap();
+                    let got_owned = channel_affine_owned(k, owned, &sv, &bv, res, act).unwrap();
+                    let d: f32 = (&got_owned - &got)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar()
+                        .unwrap();
+                    assert!(d < 1e-6, "owned {k:?} {act:?}: {d:e}");
+                }
                 let mut want = x
                     .broadcast_mul(&s.reshape((1, 3, 1, 1)).unwrap())
                     .unwrap()

@@ -18,7 +18,7 @@ use candle_core::{DType, Module, Result, Tensor};
 
 use super::cpu_conv::{self, Geometry};
 pub use super::cpu_conv::{Act, Kernels};
-use super::fused::{channel_affine, channel_moments};
+use super::fused::{channel_affine, channel_affine_owned, channel_moments};
 use candle_nn::VarBuilder;
 
 /// How BatchNorm layers behave during a forward pass.
@@ -341,24 +341,7 @@ impl BatchNorm {
         match ctx.mode_of(self.index) {
             BnMode::Eval => channel_affine(k, x, Some(&self.scale), &self.shift, residual, act),
             BnMode::Calibrate => {
-                let (n, c, h, w) = x.dims4()?;
-                let (mean, var) = channel_moments(k, x)?;
-                let scale: Vec<f32> = (0..c)
-                    .map(|i| self.weight_v[i] / (var[i] as f64 + self.eps).sqrt() as f32)
-                    .collect();
-                let shift: Vec<f32> = (0..c)
-                    .map(|i| self.bias_v[i] - mean[i] * scale[i])
-                    .collect();
-                if let Some(obs) = ctx.observer.as_deref_mut() {
-                    obs.observe(
-                        self.index,
-                        BatchStats {
-                            mean,
-                            var,
-                            count: n * h * w,
-                        },
-                    )?;
-                }
+                let (scale, shift) = self.calibrate_affine(x, ctx)?;
                 let dev = x.device();
                 let (scale, shift) = (Tensor::new(scale, dev)?, Tensor::new(shift, dev)?);
                 let (scale, shift) = (scale.to_dtype(x.dtype())?, shift.to_dtype(x.dtype())?);
@@ -373,6 +356,47 @@ impl BatchNorm {
                 act.tensor(&y)
             }
         }
+    }
+
+    /// Calibrate mode's normalisation of `x` as (scale, shift) per channel, from the batch's
+    /// moments, which the context's observer hears.
+    fn calibrate_affine(&self, x: &Tensor, ctx: &mut Ctx) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (n, c, h, w) = x.dims4()?;
+        let (mean, var) = channel_moments(ctx.kernels, x)?;
+        let scale: Vec<f32> = (0..c)
+            .map(|i| self.weight_v[i] / (var[i] as f64 + self.eps).sqrt() as f32)
+            .collect();
+        let shift: Vec<f32> = (0..c)
+            .map(|i| self.bias_v[i] - mean[i] * scale[i])
+            .collect();
+        if let Some(obs) = ctx.observer.as_deref_mut() {
+            obs.observe(
+                self.index,
+                BatchStats {
+                    mean,
+                    var,
+                    count: n * h * w,
+                },
+            )?;
+        }
+        Ok((scale, shift))
+    }
+
+    /// [`BatchNorm::forward_add_act`] of an activation the caller hands over (a convolution's
+    /// fresh output): in calibrate mode the normalisation is written over it, so the layer does
+    /// not hold its input and its output at once.
+    pub fn forward_add_act_owned(
+        &self,
+        x: Tensor,
+        residual: Option<&Tensor>,
+        ctx: &mut Ctx,
+        act: Act,
+    ) -> Result<Tensor> {
+        if ctx.mode_of(self.index) != BnMode::Calibrate {
+            return self.forward_add_act(&x, residual, ctx, act);
+        }
+        let (scale, shift) = self.calibrate_affine(&x, ctx)?;
+        channel_affine_owned(ctx.kernels, x, &scale, &shift, residual, act)
     }
 
     /// Train mode: (x - mean) / sqrt(var + eps) * gamma + beta with the batch's mean and biased
@@ -511,7 +535,7 @@ impl ConvBn {
             }
             BnMode::Calibrate | BnMode::Train => {
                 let y = self.conv.forward(x, ctx)?;
-                self.bn.forward_add_act(&y, residual, ctx, act)
+                self.bn.forward_add_act_owned(y, residual, ctx, act)
             }
         }
     }
