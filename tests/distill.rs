@@ -188,3 +188,93 @@ fn bad_distillations_fail_in_one_line_and_write_nothing() {
     .fails_with(&["--temperature"]);
     assert!(!d.path("x.safetensors").exists());
 }
+
+/// A three-epoch run with the train transform and a seeded shuffle, saved every epoch.
+fn resumable_args(out: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "distill",
+        &p(&fixture("tiny/epoch_1.safetensors")),
+        "--teacher",
+        &p(&fixture("tiny/epoch_10.safetensors")),
+        "--data",
+        &p(&fixture("digits/train")),
+        "--size",
+        "32",
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--epochs",
+        "3",
+        "--save-every",
+        "1",
+        "-o",
+        out,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+#[test]
+fn a_resumed_run_equals_the_uninterrupted_one() {
+    for opt in ["sgd", "adamw"] {
+        let d = TestDir::new();
+        let json = |name: &str| format!("--json={name}");
+        d.run(&resumable_args(
+            "whole.safetensors",
+            &["--opt", opt, &json("whole.json")],
+        ))
+        .ok();
+        assert!(
+            !d.path("whole.safetensors.resume").exists(),
+            "state left behind"
+        );
+
+        // Killed while paused right after the save of epoch 1: the state is there, no output.
+        let args = resumable_args("cut.safetensors", &["--opt", opt, &json("cut.json")]);
+        d.run_paused_at("saved", &args, |child| child.kill().unwrap());
+        assert!(!d.path("cut.safetensors").exists());
+        assert!(d.path("cut.safetensors.resume").exists());
+
+        // Without --resume the saved state is not overwritten by accident.
+        d.run(&args)
+            .fails_with(&["cut.safetensors.resume", "--resume"]);
+        // Other settings are refused, naming the one that differs.
+        let mut other = resumable_args("cut.safetensors", &["--opt", opt, "--resume"]);
+        other.extend(["--lr".into(), "0.02".into()]);
+        d.run(&other).fails_with(&["lr 0.02 now, 0.01 then"]);
+
+        let mut resumed = args.clone();
+        resumed.push("--resume".into());
+        let run = d.run(&resumed).ok();
+        assert!(
+            run.stderr.contains("resuming after epoch 1 of 3"),
+            "{}",
+            run.dump()
+        );
+        assert!(!d.path("cut.safetensors.resume").exists());
+
+        let (whole, cut) = (
+            read_st(&d.path("whole.safetensors")),
+            read_st(&d.path("cut.safetensors")),
+        );
+        assert_eq!(sorted_keys(&whole), sorted_keys(&cut));
+        for (k, w) in &whole {
+            assert!(w.data == cut[k].data, "{opt}: {k} differs after resuming");
+        }
+        let steps = |f: &str| {
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(d.path(f)).unwrap()).unwrap();
+            v["steps"].clone()
+        };
+        assert_eq!(steps("whole.json"), steps("cut.json"), "{opt}");
+        assert_eq!(steps("whole.json").as_array().unwrap().len(), 12);
+    }
+    // --resume with nothing saved.
+    let d = TestDir::new();
+    d.run(&resumable_args("none.safetensors", &["--resume"]))
+        .fails_with(&["no saved state", "none.safetensors.resume"]);
+}

@@ -425,6 +425,14 @@ pub struct DistillArgs {
     /// Keep the folder's order every epoch instead of a shuffle seeded by --seed
     #[arg(long)]
     pub no_shuffle: bool,
+    /// Save the run's state (student, optimiser buffers, steps) to OUT.resume every N epochs,
+    /// atomically, so that --resume can continue it; removed once OUT is written
+    #[arg(long, value_name = "N")]
+    pub save_every: Option<usize>,
+    /// Continue the run saved in OUT.resume (by --save-every) with the same settings: the
+    /// result equals an uninterrupted run's
+    #[arg(long)]
+    pub resume: bool,
     #[command(flatten)]
     pub json: JsonArg,
 }

@@ -3,7 +3,9 @@
 
 use std::io::Write;
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
 
 use crate::bn::apply;
 use crate::checkpoint::write::{check_outputs, OutputLayout};
@@ -11,6 +13,7 @@ use crate::checkpoint::{provenance, Checkpoint};
 use crate::cli::{DistillArgs, GlobalArgs};
 use crate::commands::common;
 use crate::report::Reporter;
+use crate::train::resume::Progress;
 use crate::train::{self, Schedule};
 
 pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
@@ -49,8 +52,31 @@ pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
         },
         temperature: args.temperature,
         alpha: args.alpha,
+        save_every: args.save_every,
     };
     cfg.check()?;
+    let state_path = resume_path(&args.out.output);
+    let resuming = if args.resume {
+        let p = Progress::load(&state_path).with_context(|| {
+            if state_path.exists() {
+                String::new()
+            } else {
+                format!(
+                    "--resume: no saved state {} (--save-every writes it)",
+                    state_path.display()
+                )
+            }
+        })?;
+        Some(p)
+    } else {
+        if state_path.exists() && !force {
+            bail!(
+                "{}: the saved state of an earlier run; --resume to continue it, or --force to start again",
+                state_path.display()
+            );
+        }
+        None
+    };
     let teachers = teacher_cks
         .iter()
         .zip(&args.teachers)
@@ -63,7 +89,41 @@ pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
     let dev = super::device(global, &rep)?;
     let refs: Vec<&crate::models::Model> = teachers.iter().collect();
     let t0 = std::time::Instant::now();
-    let out = train::distill::distill(&ck, args.model.arch.get(), &refs, &dev, &cfg, &rep)?;
+    let mut settings = train::distill::settings(&cfg, &refs);
+    settings.insert("student".into(), args.model.model.display().to_string());
+    settings.insert(
+        "teacher_files".into(),
+        serde_json::to_string(&args.teachers)?,
+    );
+    if let Some(p) = &resuming {
+        p.check_settings(&state_path, &settings)?;
+    }
+    let mut save = |p: &Progress| -> Result<()> {
+        let p = Progress {
+            settings: settings.clone(),
+            ..p.clone()
+        };
+        p.save(&state_path)?;
+        rep.note(format!(
+            "saved the run after epoch {} to {}",
+            p.epochs_done,
+            state_path.display()
+        ));
+        crate::report::test_pause("saved");
+        Ok(())
+    };
+    let out = train::distill::distill(
+        &ck,
+        args.model.arch.get(),
+        &refs,
+        &dev,
+        &cfg,
+        &rep,
+        train::distill::Saves {
+            resume: resuming.as_ref(),
+            save: &mut save,
+        },
+    )?;
     let secs = t0.elapsed().as_secs_f64();
 
     let mut meta = provenance::metadata(&provenance::command_line(), std::slice::from_ref(&ck))?;
@@ -90,8 +150,19 @@ pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
         force,
     )?;
 
+    if state_path.exists() {
+        std::fs::remove_file(&state_path)
+            .with_context(|| format!("{}: cannot remove", state_path.display()))?;
+    }
+
     let images: usize = out.steps.iter().map(|s| s.images).sum();
     let agree: usize = out.steps.iter().map(|s| s.agree).sum();
+    // The speed of this process's steps only, on a resumed run.
+    let earlier = resuming
+        .as_ref()
+        .and_then(|p| p.steps.as_array().map(Vec::len))
+        .unwrap_or(0);
+    let images_now: usize = out.steps.iter().skip(earlier).map(|s| s.images).sum();
     let report = serde_json::json!({
         "output": args.out.output.display().to_string(),
         "teachers": args.teachers.iter().map(|t| t.display().to_string()).collect::<Vec<_>>(),
@@ -102,7 +173,7 @@ pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
         "steps": out.steps,
         "agreement": 100.0 * agree as f64 / images.max(1) as f64,
         "seconds": secs,
-        "images_per_second": images as f64 / secs.max(1e-9),
+        "images_per_second": images_now as f64 / secs.max(1e-9),
     });
     common::emit_json(&args.json, &report, force)?;
     if !args.json.to_stdout() {
@@ -117,8 +188,15 @@ pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
             last.map_or(f64::NAN, |s| s.loss),
             last.map_or(f64::NAN, |s| s.kd),
             100.0 * agree as f64 / images.max(1) as f64,
-            images as f64 / secs.max(1e-9)
+            images_now as f64 / secs.max(1e-9)
         )?;
     }
     Ok(())
+}
+
+/// Where `--save-every` keeps a run's state: next to the output, `OUT.resume`.
+fn resume_path(out: &Path) -> PathBuf {
+    let mut p = out.as_os_str().to_owned();
+    p.push(".resume");
+    PathBuf::from(p)
 }

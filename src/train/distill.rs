@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
+use super::resume::Progress;
 use super::{
     check_labels, counted_up, cross_entropy, epoch_order, stored, Optimizer, OptimizerConfig,
     Schedule,
@@ -41,6 +42,9 @@ pub struct Config {
     pub temperature: f64,
     /// `None`: CE + KD (the seed's sum); `Some(a)`: (1 - a) CE + a KD.
     pub alpha: Option<f64>,
+    /// Hand the run's [`Progress`] to the caller after every this many epochs (not after the
+    /// last, whose result is the output).
+    pub save_every: Option<usize>,
 }
 
 impl Config {
@@ -60,6 +64,9 @@ impl Config {
         }
         if let Some(a) = self.alpha.filter(|a| !(0.0..=1.0).contains(a)) {
             bail!("--alpha must be between 0 and 1, not {a}");
+        }
+        if self.save_every == Some(0) {
+            bail!("--save-every must be at least 1 (epochs)");
         }
         self.opt.check()
     }
@@ -81,15 +88,24 @@ pub fn kd_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<T
 }
 
 /// One step's losses.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct StepLoss {
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
-    /// The cross-entropy (NaN without labels).
+    /// The cross-entropy (NaN without labels; JSON writes it as null).
+    #[serde(deserialize_with = "nan_if_null")]
     pub ce: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub kd: f64,
     /// Images of the batch on which the student's top-1 agrees with the teachers'.
     pub agree: usize,
     pub images: usize,
+}
+
+/// JSON's null (how serde_json writes a NaN) read back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    let v: Option<f64> = serde::Deserialize::deserialize(d)?;
+    Ok(v.unwrap_or(f64::NAN))
 }
 
 /// What a run changed, and how it went.
@@ -189,9 +205,20 @@ impl forward::Visitor for Trainer<'_> {
     }
 }
 
+/// A run's saves. With `resume` (a [`Progress`] of the same run, its settings already
+/// checked), the run goes on after its last whole epoch: the student's values, BN statistics and
+/// counts, the optimisers' buffers and the steps taken come from it. `save` gets the run's
+/// progress every `cfg.save_every` epochs.
+pub struct Saves<'a> {
+    pub resume: Option<&'a Progress>,
+    pub save: &'a mut dyn FnMut(&Progress) -> Result<()>,
+}
+
 /// Distils `teachers` into the student `ck`; returns the replaced tensors without writing.
 /// `teachers` are built models (any family, the student's class count); the student is built
 /// here, every parameter trainable, on candle's ops.
+///
+/// See [`Saves`] for continuing a saved run and saving this one.
 pub fn distill(
     ck: &Checkpoint,
     arch: Option<&str>,
@@ -199,16 +226,19 @@ pub fn distill(
     device: &Device,
     cfg: &Config,
     rep: &Reporter,
+    saves: Saves,
 ) -> Result<Outcome> {
+    let Saves { resume, save } = saves;
     cfg.check()?;
     let pick = |p: &str| {
         !(p.ends_with(".running_mean")
             || p.ends_with(".running_var")
             || p.ends_with(".num_batches_tracked"))
     };
+    let saved = resume.map(Progress::tensor_map);
     let opts = BuildOptions {
         trainable: Some(&pick),
-        overrides: None,
+        overrides: saved.as_ref(),
     };
     // Autograd needs candle's ops: ckpt's fast CPU kernels keep no graph.
     let student = Model::load_with(ck, arch, device, &opts)?.with_kernels(Kernels::Candle);
@@ -242,10 +272,27 @@ pub fn distill(
         }
     }
     let trained = decay.len() + no_decay.len();
-    let groups = vec![
+    let mut groups = vec![
         Optimizer::new(decay, cfg.opt)?,
         Optimizer::new(no_decay, cfg.opt.without_weight_decay())?,
     ];
+    let mut start = 0;
+    let mut steps = Vec::new();
+    if let Some(p) = resume {
+        let state = p.optimizer_map();
+        let mut used = 0;
+        for g in &mut groups {
+            used += g.restore(&state)?;
+        }
+        if used != state.len() || p.bn_batches.len() != student.bn.len() {
+            bail!("the saved state does not fit this student");
+        }
+        for (bn, &b) in student.bn.iter().zip(&p.bn_batches) {
+            bn.running().batches = b;
+        }
+        steps = serde_json::from_value(p.steps.clone()).context("the saved steps")?;
+        start = p.epochs_done;
+    }
     let bs = cfg.data.loader.batch_size.max(1);
     let steps_per_epoch = ds.len().div_ceil(bs);
     rep.note(format!(
@@ -257,20 +304,28 @@ pub fn distill(
         cfg.epochs,
         cfg.temperature
     ));
+    if start > 0 {
+        rep.note(format!(
+            "resuming after epoch {start} of {} ({} steps taken)",
+            cfg.epochs,
+            steps.len()
+        ));
+    }
     let bar = rep.images_bar((ds.len() * cfg.epochs) as u64, "distilling");
+    bar.set_position((ds.len() * start.min(cfg.epochs)) as u64);
     let mut t = Trainer {
         teachers: teachers.len(),
         teacher_sum: None,
         cfg,
         groups,
         total_steps: steps_per_epoch * cfg.epochs,
-        steps: Vec::new(),
+        steps,
         classes,
         bar: &bar,
     };
     let mut models: Vec<Vec<&Model>> = teachers.iter().map(|m| vec![*m]).collect();
     models.push(vec![&student]);
-    for epoch in 0..cfg.epochs {
+    for epoch in start..cfg.epochs {
         let order = epoch_order(&ds, cfg.shuffle_seed, epoch);
         let quiet = Reporter::new(true);
         let mut loader = Loader::new(&order, cfg.data.transform, &cfg.data.loader, &quiet)?;
@@ -281,6 +336,11 @@ pub fn distill(
         }
         if t.steps.len() == before {
             bail!("{}: no images were read", ds.root.display());
+        }
+        let done = epoch + 1;
+        if cfg.save_every.is_some_and(|n| done % n == 0) && done < cfg.epochs {
+            let p = progress(&student, &t.groups, &t.steps, done)?;
+            bar.suspend(|| save(&p))?;
         }
     }
     bar.finish_and_clear();
@@ -310,6 +370,49 @@ pub fn distill(
         images: ds.len(),
         metadata,
     })
+}
+
+/// The run's state after `epochs_done` epochs, without its settings (the caller's to add: it
+/// knows the files).
+fn progress(
+    student: &Model,
+    groups: &[Optimizer],
+    steps: &[StepLoss],
+    epochs_done: usize,
+) -> Result<Progress> {
+    let mut tensors = Vec::new();
+    let mut optimizer = Vec::new();
+    for g in groups {
+        for (key, var) in g.params() {
+            tensors.push((key.clone(), var.as_tensor().flatten_all()?.to_vec1()?));
+        }
+        optimizer.extend(g.state()?);
+    }
+    let mut bn_batches = Vec::new();
+    for (prefix, bn) in student.bn_layers.iter().zip(&student.bn) {
+        let r = bn.running();
+        tensors.push((format!("{prefix}.running_mean"), r.mean.clone()));
+        tensors.push((format!("{prefix}.running_var"), r.var.clone()));
+        bn_batches.push(r.batches);
+    }
+    Ok(Progress {
+        epochs_done,
+        steps: serde_json::to_value(steps)?,
+        tensors,
+        bn_batches,
+        optimizer,
+        settings: BTreeMap::new(),
+    })
+}
+
+/// What a resumed run must share with the run it continues: every setting in the output's
+/// metadata but the per-step records.
+pub fn settings(cfg: &Config, teachers: &[&Model]) -> BTreeMap<String, String> {
+    let mut m = metadata(cfg, teachers, &[]);
+    for k in ["losses", "steps"] {
+        m.remove(&format!("ckpt.distill.{k}"));
+    }
+    m
 }
 
 fn metadata(cfg: &Config, teachers: &[&Model], steps: &[StepLoss]) -> BTreeMap<String, String> {

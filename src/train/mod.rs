@@ -8,6 +8,7 @@
 //! - [`cross_entropy`]: the loss on class indices, as `F.cross_entropy` (mean over the batch).
 //! - [`fixres`]: the FixRes fine-tune of a model's head at the test resolution.
 //! - [`distill`]: knowledge distillation of a whole student from teachers' softened logits.
+//! - [`resume`]: a run's state at an epoch's end, saved to continue it exactly.
 //!
 //! Gradients come from candle's autograd over the parameters a model was built with as `Var`s
 //! (`models::BuildOptions::trainable`). What is frozen runs on the model's own kernels: the
@@ -21,6 +22,7 @@ pub mod cache;
 pub mod distill;
 pub mod fixres;
 pub mod optim;
+pub mod resume;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;

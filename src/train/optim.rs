@@ -29,6 +29,8 @@
 //! The unit tests hold both, and the schedules, to numbers from torch made by
 //! `fixtures/make_optim_fixtures.py` (`fixtures/optim/optim.json`).
 
+use std::collections::HashMap;
+
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -279,6 +281,79 @@ impl Optimizer {
             Optimizer::Sgd(o) => o.step(grads, lr),
             Optimizer::AdamW(o) => o.step(grads, lr),
         }
+    }
+
+    /// The optimiser's state (not the parameters), as PyTorch names it in `state_dict()`:
+    /// `{param}.momentum_buffer` (SGD), `{param}.exp_avg`, `{param}.exp_avg_sq` and
+    /// `{param}.step` (AdamW), flattened to f32, for parameters that have any.
+    pub fn state(&self) -> Result<Vec<(String, Vec<f32>)>> {
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+        let mut out = Vec::new();
+        match self {
+            Optimizer::Sgd(o) => {
+                for ((name, _), buf) in o.params.iter().zip(&o.buffers) {
+                    if let Some(b) = buf {
+                        out.push((format!("{name}.momentum_buffer"), flat(b)?));
+                    }
+                }
+            }
+            Optimizer::AdamW(o) => {
+                for ((name, _), st) in o.params.iter().zip(&o.state) {
+                    if let Some((t, m, v)) = st {
+                        out.push((format!("{name}.step"), vec![*t as f32]));
+                        out.push((format!("{name}.exp_avg"), flat(m)?));
+                        out.push((format!("{name}.exp_avg_sq"), flat(v)?));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts back this optimiser's part of a [`Optimizer::state`] (entries of other parameters
+    /// are left for other optimisers): what follows is the run that state was taken from.
+    /// Returns how many entries it took; a wrongly sized or incomplete entry is refused.
+    pub fn restore(&mut self, state: &HashMap<String, Vec<f32>>) -> Result<usize> {
+        let like = |var: &Var, name: &str, key: &str| -> Result<Option<Tensor>> {
+            let Some(v) = state.get(&format!("{name}.{key}")) else {
+                return Ok(None);
+            };
+            let p = var.as_tensor();
+            if v.len() != p.elem_count() {
+                bail!(
+                    "optimiser state {name}.{key} has {} values for a parameter of {}",
+                    v.len(),
+                    p.elem_count()
+                );
+            }
+            Ok(Some(
+                Tensor::from_slice(v, p.shape(), p.device())?.to_dtype(p.dtype())?,
+            ))
+        };
+        let mut used = 0;
+        match self {
+            Optimizer::Sgd(o) => {
+                for ((name, var), buf) in o.params.iter().zip(&mut o.buffers) {
+                    *buf = like(var, name, "momentum_buffer")?;
+                    used += buf.is_some() as usize;
+                }
+            }
+            Optimizer::AdamW(o) => {
+                for ((name, var), st) in o.params.iter().zip(&mut o.state) {
+                    let t = state.get(&format!("{name}.step"));
+                    let (m, v) = (like(var, name, "exp_avg")?, like(var, name, "exp_avg_sq")?);
+                    *st = match (t, m, v) {
+                        (Some(t), Some(m), Some(v)) if t.len() == 1 => {
+                            used += 3;
+                            Some((t[0] as u64, m, v))
+                        }
+                        (None, None, None) => None,
+                        _ => bail!("optimiser state of {name} is incomplete"),
+                    };
+                }
+            }
+        }
+        Ok(used)
     }
 }
 
