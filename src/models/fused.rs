@@ -204,6 +204,16 @@ pub fn channel_affine_owned(
     channel_affine(k, &x, Some(&scale), &shift, residual, act)
 }
 
+/// act(x + residual), written over `x` where [`channel_affine_owned`] can (an `x` nobody else
+/// holds); candle's ops elsewhere.
+pub fn add_act_owned(k: Kernels, x: Tensor, residual: &Tensor, act: Act) -> Result<Tensor> {
+    if cpu_kernels_for(&x, k) && x.rank() >= 2 && x.is_contiguous() && !x.is_variable() {
+        let c = x.dim(1)?;
+        return channel_affine_owned(k, x, &vec![1.0; c], &vec![0.0; c], Some(residual), act);
+    }
+    act.tensor(&(x + residual)?)
+}
+
 /// Sum of f(x) over `v` in f64, in 8 independent running sums: a single running sum is a chain
 /// of dependent additions (one per 4 cycles), eight of them vectorise and pipeline.
 #[inline]

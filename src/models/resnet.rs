@@ -21,6 +21,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::fused::add_act_owned;
 use super::layers::{
     avg_pool_2x2_s2_ceil, global_avg_pool, max_pool_3x3_s2_p1, Act, BnMode, BnRegistry, ConvBn,
     ConvSpec, Ctx, Gate, Linear, SqueezeExcite,
@@ -272,16 +273,18 @@ impl Block {
             .iter()
             .chain(self.downsample.as_ref().map(|d| &d.conv))
             .all(|c| ctx.mode_of(c.bn.index) == BnMode::Eval);
+        // The sum and ReLU are written over the block's fresh output where the kernels allow
+        // (`add_act_owned`), so that calibrate mode holds no further activation for them.
         if let Some(se) = &self.se {
             let y = se.forward(&last.forward(&y, ctx)?, ctx)?;
-            return (y + identity(ctx)?)?.relu();
+            return add_act_owned(ctx.kernels, y, &identity(ctx)?, Act::Relu);
         }
         if !own_eval {
             // BN layers report (and train-mode layers update) in torchvision's forward order:
             // the last conv's before the projection's. A block whose BNs are all in eval mode
             // (the frozen blocks of a FixRes fine-tune) keeps the fused path below.
             let y = last.forward(&y, ctx)?;
-            return (y + identity(ctx)?)?.relu();
+            return add_act_owned(ctx.kernels, y, &identity(ctx)?, Act::Relu);
         }
         let identity = identity(ctx)?;
         last.forward_add_act(&y, Some(&identity), ctx, Act::Relu)
