@@ -17,6 +17,8 @@
 
 use std::fmt;
 
+use super::Shapes;
+
 /// One naming of a family's module paths.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Naming {
@@ -92,6 +94,31 @@ impl Naming {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether some name in `shapes` lies under module `prefix`.
+pub fn has_module(shapes: &Shapes, prefix: &str) -> bool {
+    let dotted = format!("{prefix}.");
+    shapes
+        .range(dotted.clone()..)
+        .next()
+        .is_some_and(|(k, _)| k.starts_with(&dotted))
+}
+
+/// Blocks per stage of a checkpoint that nests them by stage: `block(s, j)` is the module path
+/// of stage `s`'s block `j` (both from 0), counted while the checkpoint has names under it.
+pub fn stage_depths(shapes: &Shapes, block: impl Fn(usize, usize) -> String) -> Vec<usize> {
+    let mut depths = Vec::new();
+    loop {
+        let s = depths.len();
+        let n = (0..)
+            .take_while(|&j| has_module(shapes, &block(s, j)))
+            .count();
+        if n == 0 {
+            return depths;
+        }
+        depths.push(n);
     }
 }
 
