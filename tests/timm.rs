@@ -358,3 +358,58 @@ fn swa_keeps_timm_keys_and_shapes_of_every_family_issue_16() {
         }
     }
 }
+
+/// `fixres` on timm models: SE-ResNeXt (its squeeze-excite between the head BN and the sum is
+/// part of the trained head) and MobileNetV3 (`conv_head` a 1x1 convolution) write exactly
+/// timm's keys and shapes, with the head retrained.
+#[test]
+fn fixres_of_timm_models_keeps_timm_names_issue_16() {
+    // (fixture, classes, trained tensors)
+    let cases = [
+        (
+            "seresnext_tiny",
+            6,
+            ["fc.weight", "layer4.0.bn3.running_var"],
+        ),
+        (
+            "mobilenetv3_tiny",
+            5,
+            ["classifier.weight", "blocks.6.0.bn1.running_var"],
+        ),
+    ];
+    for (name, classes, trained) in cases {
+        let d = TestDir::new();
+        // The first `classes` digit folders, for a model with that many classes.
+        for c in 0..classes {
+            let from = fixture(&format!("digits/train/{c}"));
+            let to = d.path(&format!("data/{c}"));
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(&from).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        }
+        let model = fixture(&format!("timm/{name}.safetensors"));
+        let model_arg = p(&model);
+        let mut args = vec![
+            "fixres",
+            &model_arg,
+            "--data",
+            "data",
+            "-o",
+            "out.safetensors",
+        ];
+        args.extend(["--size", "48", "--crop-pct", "1", "--epochs", "1"]);
+        args.extend(["--mean", "0.5", "--std", "0.5"]);
+        d.run(&args).ok();
+        let got = read_st(&d.path("out.safetensors"));
+        let input = read_st(&model);
+        assert_eq!(sorted_keys(&got), timm_keys(name), "{name}");
+        for (k, t) in &input {
+            assert_eq!(got[k].shape, t.shape, "{name}: {k}");
+        }
+        for k in trained {
+            assert_ne!(got[k].data, input[k].data, "{name}: {k} not trained");
+        }
+    }
+}
