@@ -31,7 +31,7 @@ use super::efficientnet::timm_block_renames;
 use super::layers::{
     global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Gate, Linear, SqueezeExcite,
 };
-use super::naming::stage_depths;
+use super::naming::{has_module, stage_depths};
 use super::{Architecture, Family, HeadInput, HeadPaths, Miss, Naming, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-3;
@@ -164,7 +164,7 @@ pub fn timm_naming(shapes: &Shapes) -> Option<Naming> {
     for (s, &depth) in depths.iter().enumerate() {
         for j in 0..depth {
             let tm = format!("blocks.{s}.{j}");
-            if super::naming::has_module(shapes, &format!("{tm}.conv")) {
+            if has_module(shapes, &format!("{tm}.conv")) {
                 r.push((format!("features.{i}.0"), format!("{tm}.conv")));
                 r.push((format!("features.{i}.1"), format!("{tm}.bn1")));
             } else {
