@@ -458,6 +458,57 @@ mod tests {
     }
 
     #[test]
+    fn timm_block_renames_follow_the_blocks_layers() {
+        use super::{timm_block_renames, Shapes};
+        let shapes: Shapes = [
+            "b.0.conv_dw.weight",
+            "b.0.se.conv_reduce.weight",
+            "b.0.conv_pw.weight",
+            "b.1.conv_pw.weight",
+            "b.1.conv_dw.weight",
+            "b.1.conv_pwl.weight",
+            "b.2.conv_exp.weight",
+            "b.2.conv_pwl.weight",
+        ]
+        .iter()
+        .map(|k| (k.to_string(), vec![1]))
+        .collect();
+        let leaves = |tm: &str| -> Vec<String> {
+            timm_block_renames(&shapes, "t", tm)
+                .into_iter()
+                .map(|(tv, k)| format!("{tv}={}", &k[tm.len() + 1..]))
+                .collect()
+        };
+        // Depthwise-separable with squeeze-excite, inverted residual without, edge residual.
+        assert_eq!(
+            leaves("b.0"),
+            [
+                "t.0.0=conv_dw",
+                "t.0.1=bn1",
+                "t.1.fc1=se.conv_reduce",
+                "t.1.fc2=se.conv_expand",
+                "t.2.0=conv_pw",
+                "t.2.1=bn2"
+            ]
+        );
+        assert_eq!(
+            leaves("b.1"),
+            [
+                "t.0.0=conv_pw",
+                "t.0.1=bn1",
+                "t.1.0=conv_dw",
+                "t.1.1=bn2",
+                "t.2.0=conv_pwl",
+                "t.2.1=bn3"
+            ]
+        );
+        assert_eq!(
+            leaves("b.2"),
+            ["t.0.0=conv_exp", "t.0.1=bn1", "t.1.0=conv_pwl", "t.1.1=bn2"]
+        );
+    }
+
+    #[test]
     fn divisible_widths_match_torchvision() {
         assert_eq!(make_divisible(32.0 * 1.1), 32);
         assert_eq!(make_divisible(32.0 * 1.2), 40);

@@ -178,6 +178,31 @@ mod tests {
     }
 
     #[test]
+    fn stage_depths_count_blocks_by_whole_components() {
+        let shapes: Shapes = [
+            "blocks.0.0.conv.weight",
+            "blocks.1.0.conv.weight",
+            "blocks.1.1.bn1.running_var",
+            "blocks.10.0.conv.weight",
+            "blocks.2.0x.weight",
+        ]
+        .iter()
+        .map(|k| (k.to_string(), vec![1]))
+        .collect();
+        assert!(has_module(&shapes, "blocks.1.1"));
+        assert!(!has_module(&shapes, "blocks.1.1.bn"));
+        assert!(!has_module(&shapes, "blocks.2.0"));
+        assert_eq!(
+            stage_depths(&shapes, |s, j| format!("blocks.{s}.{j}")),
+            [1, 2]
+        );
+        assert_eq!(
+            stage_depths(&shapes, |s, j| format!("s{}.b{}", s + 1, j + 1)),
+            [0usize; 0]
+        );
+    }
+
+    #[test]
     fn check_finds_collisions() {
         let n = Naming {
             name: "bad",
