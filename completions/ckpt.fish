@@ -70,7 +70,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l shard-size -d 'Write s
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l recal-bn -d 'Recompute the BatchNorm statistics of the averaged weights over the images in DIR (precise BN, as `ckpt recal-bn`) before writing; the data options below apply' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l size -d 'Side of the square images fed to the model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
@@ -115,7 +115,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l shard-size -d 'Write s
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l recal-bn -d 'Recompute the BatchNorm statistics of the averaged weights over the images in DIR (precise BN, as `ckpt recal-bn`) before writing; the data options below apply' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l size -d 'Side of the square images fed to the model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
@@ -146,7 +146,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l exif-transpose -d 'Rot
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s V -l version -d 'Print version'
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l input -d 'File holding the input batch as tensor `input` (see --input-key)' -r -F
@@ -181,7 +181,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l force -d 'Replace a
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -s V -l version -d 'Print version'
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l data -d 'Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class indices as torchvision\'s, unless --class-map) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped' -r -F
@@ -213,7 +213,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l force -d 'Replace an 
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -s V -l version -d 'Print version'
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l data -d 'Folder of (training) images; see the data options' -r -F
@@ -282,7 +282,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l save-best -d 'Wr
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l csv -d 'Write the results as CSV in the column layout of timm\'s results-imagenet.csv' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l plot -d 'Plot top-1 against test size, one line per model and crop_pct (.png or .svg)' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l train-size -d 'Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it, and deltas are against it' -r
@@ -302,7 +302,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l keep-prefix -d '
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -s V -l version -d 'Print version'
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l data -d 'Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class indices as torchvision\'s, unless --class-map) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped' -r -F
@@ -392,7 +392,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l dtype -d 'Output dtyp
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l shard-size -d 'Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when the input was sharded, at 5GB)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l batch-size -d 'Images per batch' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l threads -d 'Worker threads (default: one per core)' -r
@@ -408,7 +408,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l force -d 'Replace an 
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s V -l version -d 'Print version'
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l teacher -d 'Teacher checkpoint; repeat for an ensemble (logits averaged)' -r -F

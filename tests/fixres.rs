@@ -581,6 +581,14 @@ fn trunk_then_head_is_the_forward_pass_for_every_family_issue_18() {
         ("zoo2/convnext_tiny_tiny", "zoo2/convnext_tiny_tiny_io"),
         ("zoo2/shufflenet_v2_tiny", "zoo2/shufflenet_v2_tiny_io"),
         ("zoo2/mnasnet_tiny", "zoo2/mnasnet_tiny_io"),
+        // timm's names and layouts (issue 16): SE-ResNeXt's squeeze-excite in the head.
+        ("timm/seresnext_tiny", "timm/seresnext_tiny_io"),
+        ("timm/resnet_d_tiny", "timm/resnet_d_tiny_io"),
+        ("timm/mobilenetv3_tiny", "timm/mobilenetv3_tiny_io"),
+        ("timm/efficientnetv2_tiny", "timm/efficientnetv2_tiny_io"),
+        ("timm/regnety_tiny", "timm/regnety_tiny_io"),
+        ("timm/mobilenetv2_tiny", "timm/mobilenetv2_tiny_io"),
+        ("timm/convnext_tiny", "timm/convnext_tiny_io"),
     ];
     let mut split = 0;
     for (model, io) in cases {
@@ -620,5 +628,5 @@ fn trunk_then_head_is_the_forward_pass_for_every_family_issue_18() {
             split += 1;
         }
     }
-    assert_eq!(split, 2 * 13);
+    assert_eq!(split, 2 * 19);
 }

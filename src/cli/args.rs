@@ -410,7 +410,9 @@ pub struct ModelArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct ArchArg {
     /// Architecture, instead of recognising it from the tensors: a family (resnet,
-    /// mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)
+    /// mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a
+    /// timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port's padding
+    /// and BN eps come only from its name)
     #[arg(long = "arch", value_name = "NAME")]
     pub name: Option<String>,
 }

@@ -9,6 +9,13 @@
 //! `classifier.0` (LayerNorm2d) and `classifier.2` (Linear). Stochastic depth is an identity in
 //! eval. There is no BatchNorm: nothing for calibrate mode or `recal-bn` to do.
 //!
+//! timm's `convnext_*` are the same network: `stem.0`/`stem.1`, `stages.{s}.downsample.0`/`.1`
+//! (stages 1 to 3), blocks `stages.{s}.blocks.{j}` (`conv_dw`, `norm`, `mlp.fc1`, `mlp.fc2`,
+//! `gamma`), `head.norm` and `head.fc`. Two differences are in shapes only, read through a
+//! reshape: `gamma` is [C] (torchvision's `layer_scale` [C, 1, 1]), and the small sizes
+//! (`convnext_atto` to `_nano`, timm's `conv_mlp`) hold the MLP as 1x1 convolutions
+//! ([4C, C, 1, 1]) where the others have linear layers.
+//!
 //! The block's linear layers are run as 1x1 convolutions on the channels-first tensor, so that
 //! they use the CPU's convolution kernels (bias in the epilogue); the layer scale is folded into
 //! the second one's weights and bias, and the residual add into its epilogue. The LayerNorm over
@@ -18,8 +25,9 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::cpu_conv::{conv2d, Act, Geometry};
-use super::layers::{global_avg_pool, BnRegistry, Conv2d, ConvSpec, Ctx, Linear};
-use super::{torchvision_naming, Architecture, Family, HeadPaths, Miss, Network, Probe, Shapes};
+use super::layers::{get_reshaped, global_avg_pool, BnRegistry, Conv2d, ConvSpec, Ctx, Linear};
+use super::naming::stage_depths;
+use super::{Architecture, Family, HeadPaths, Miss, Naming, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-6;
 /// torchvision's sizes: (name, blocks per stage, stage widths).
@@ -28,6 +36,14 @@ const STANDARD: [(&str, [usize; 4], [usize; 4]); 4] = [
     ("convnext_small", [3, 3, 27, 3], [96, 192, 384, 768]),
     ("convnext_base", [3, 3, 27, 3], [128, 256, 512, 1024]),
     ("convnext_large", [3, 3, 27, 3], [192, 384, 768, 1536]),
+];
+/// timm's other sizes with a LayerNorm (its `convnext_tiny` to `_large` are torchvision's).
+const TIMM: [(&str, [usize; 4], [usize; 4]); 5] = [
+    ("convnext_atto", [2, 2, 6, 2], [40, 80, 160, 320]),
+    ("convnext_femto", [2, 2, 6, 2], [48, 96, 192, 384]),
+    ("convnext_pico", [2, 2, 6, 2], [64, 128, 256, 512]),
+    ("convnext_nano", [2, 2, 8, 2], [80, 160, 320, 640]),
+    ("convnext_xlarge", [3, 3, 27, 3], [256, 512, 1024, 2048]),
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,8 +60,57 @@ pub const FAMILY: Family = Family {
     name: "convnext",
     detect,
     accepts,
-    namings: torchvision_naming,
+    namings,
 };
+
+/// torchvision's, and timm's where the checkpoint has timm's `stages.0.blocks.0`.
+fn namings(shapes: &Shapes) -> Vec<Naming> {
+    let mut n = vec![Naming::identity("torchvision")];
+    n.extend(timm_naming(shapes));
+    n
+}
+
+/// torchvision's module paths to the keys of a timm checkpoint (see the module doc); `None`
+/// when the checkpoint has no `stages.0.blocks.0`.
+pub fn timm_naming(shapes: &Shapes) -> Option<Naming> {
+    let depths = stage_depths(shapes, |s, j| format!("stages.{s}.blocks.{j}"));
+    if depths.is_empty() {
+        return None;
+    }
+    let mut r: Vec<(String, String)> = [
+        ("features.0", "stem"),
+        ("classifier.0", "head.norm"),
+        ("classifier.2", "head.fc"),
+    ]
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .into();
+    for (s, &depth) in depths.iter().enumerate() {
+        if s > 0 {
+            r.push((
+                format!("features.{}", 2 * s),
+                format!("stages.{s}.downsample"),
+            ));
+        }
+        for j in 0..depth {
+            let tv = format!("features.{}.{j}", 2 * s + 1);
+            let tm = format!("stages.{s}.blocks.{j}");
+            for (a, b) in [
+                ("block.0", "conv_dw"),
+                ("block.2", "norm"),
+                ("block.3", "mlp.fc1"),
+                ("block.5", "mlp.fc2"),
+                ("layer_scale", "gamma"),
+            ] {
+                r.push((format!("{tv}.{a}"), format!("{tm}.{b}")));
+            }
+        }
+    }
+    Some(Naming {
+        name: "timm",
+        renames: r,
+        prefix: String::new(),
+    })
+}
 
 pub fn accepts(arch: &str) -> bool {
     arch.starts_with("convnext")
@@ -68,7 +133,7 @@ impl Architecture for Config {
     }
 
     fn name(&self) -> String {
-        for (name, d, w) in STANDARD {
+        for &(name, d, w) in STANDARD.iter().chain(&TIMM) {
             if self.depths == d && self.widths == w && self.hidden == w.map(|c| 4 * c) {
                 return name.into();
             }
@@ -99,7 +164,7 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
             cin = d[0];
         }
         p.expect(&format!("features.{f}.0.block.0.weight"), &[cin, 1, 7, 7])?;
-        hidden[s] = p.shape(&format!("features.{f}.0.block.3.weight"), 2)?[0];
+        hidden[s] = p.linear(&format!("features.{f}.0.block.3.weight"))?[0];
         while p.has(&format!("features.{f}.{}.layer_scale", depths[s])) {
             depths[s] += 1;
         }
@@ -107,6 +172,13 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
             return Err(p.miss(format!("no tensor features.{f}.0.layer_scale")));
         }
         widths[s] = cin;
+    }
+    // timm's `convnext_*_mlp` has a hidden layer before `head.fc` (outside the naming, so under
+    // its own name here) that the structure lacks: refused rather than left out.
+    if p.has("head.pre_logits.fc.weight") {
+        return Err(p.miss(
+            "tensor head.pre_logits.fc.weight: timm's MLP head (convnext_*_mlp) is not supported",
+        ));
     }
     let fc = p.shape("classifier.2.weight", 2)?;
     if fc[1] != cin {
@@ -163,7 +235,7 @@ impl Conv {
 
     /// `nn.Linear(cin, cout)` at `vb`, times `scale` per output (the layer scale), if any.
     fn linear(vb: VarBuilder, cin: usize, cout: usize, scale: Option<&Tensor>) -> Result<Conv> {
-        let mut weight = vb.get((cout, cin), "weight")?;
+        let mut weight = get_reshaped(&vb, &[cout, cin], "weight")?;
         let mut bias = vb.get(cout, "bias")?;
         if let Some(s) = scale {
             weight = weight.broadcast_mul(&s.reshape((cout, 1))?)?;
@@ -209,7 +281,7 @@ struct Block {
 impl Block {
     fn new(vb: VarBuilder, c: usize, hidden: usize) -> Result<Block> {
         let b = vb.pp("block");
-        let scale = vb.get((c, 1, 1), "layer_scale")?.reshape(c)?;
+        let scale = get_reshaped(&vb, &[c], "layer_scale")?;
         Ok(Block {
             depthwise: Conv2d::new(b.pp(0), ConvSpec::new(c, c, 7).groups(c).bias())?,
             norm: ChannelNorm::new(b.pp(2), c)?,

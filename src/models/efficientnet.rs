@@ -25,6 +25,7 @@ use candle_nn::VarBuilder;
 use super::layers::{
     global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Gate, Linear, SqueezeExcite,
 };
+use super::naming::has_module;
 use super::{Architecture, Family, HeadInput, HeadPaths, Miss, Naming, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
@@ -86,7 +87,7 @@ pub fn accepts(arch: &str) -> bool {
 const MAX_BLOCKS: usize = 16;
 
 /// torchvision's, then timm's (the same for `efficientnet_b*` and `tf_efficientnet_b*`).
-fn namings() -> Vec<Naming> {
+fn namings(_: &Shapes) -> Vec<Naming> {
     vec![Naming::identity("torchvision"), timm_naming()]
 }
 
@@ -135,6 +136,37 @@ pub fn timm_naming() -> Naming {
         renames: r,
         prefix: String::new(),
     }
+}
+
+/// Renames between a torchvision block `tv` (`features.3.0.block`, children numbered in forward
+/// order) and a block `tm` of timm's `_efficientnet_blocks` with the same layers, by which of
+/// timm's layers the checkpoint has: an inverted residual (`conv_pw`, `bn1`, `conv_dw`, `bn2`,
+/// `se`, `conv_pwl`, `bn3`), an edge residual (`conv_exp`, `bn1`, `conv_pwl`, `bn2`) or a
+/// depthwise-separable block (`conv_dw`, `bn1`, `se`, `conv_pw`, `bn2`); the squeeze-excite
+/// (`conv_reduce`, `conv_expand`, before the projection) where the checkpoint has one. For the
+/// families whose timm blocks vary per checkpoint (MobileNetV3, EfficientNetV2).
+pub(super) fn timm_block_renames(shapes: &Shapes, tv: &str, tm: &str) -> Vec<(String, String)> {
+    let has = |layer: &str| has_module(shapes, &format!("{tm}.{layer}"));
+    let convs: &[(&str, &str)] = if has("conv_exp") {
+        &[("conv_exp", "bn1"), ("conv_pwl", "bn2")]
+    } else if has("conv_pwl") {
+        &[("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")]
+    } else {
+        &[("conv_dw", "bn1"), ("conv_pw", "bn2")]
+    };
+    let mut r = Vec::new();
+    for (i, (conv, bn)) in convs.iter().enumerate() {
+        // Each child of `tv` is two renames.
+        if i + 1 == convs.len() && has("se") {
+            let k = r.len() / 2;
+            r.push((format!("{tv}.{k}.fc1"), format!("{tm}.se.conv_reduce")));
+            r.push((format!("{tv}.{k}.fc2"), format!("{tm}.se.conv_expand")));
+        }
+        let k = r.len() / 2;
+        r.push((format!("{tv}.{k}.0"), format!("{tm}.{conv}")));
+        r.push((format!("{tv}.{k}.1"), format!("{tm}.{bn}")));
+    }
+    r
 }
 
 /// torchvision's `_make_divisible(v, 8)`.
@@ -422,6 +454,57 @@ mod tests {
         assert_eq!(
             n.key("features.3.1.block.3.1.running_mean"),
             "blocks.2.1.bn3.running_mean"
+        );
+    }
+
+    #[test]
+    fn timm_block_renames_follow_the_blocks_layers() {
+        use super::{timm_block_renames, Shapes};
+        let shapes: Shapes = [
+            "b.0.conv_dw.weight",
+            "b.0.se.conv_reduce.weight",
+            "b.0.conv_pw.weight",
+            "b.1.conv_pw.weight",
+            "b.1.conv_dw.weight",
+            "b.1.conv_pwl.weight",
+            "b.2.conv_exp.weight",
+            "b.2.conv_pwl.weight",
+        ]
+        .iter()
+        .map(|k| (k.to_string(), vec![1]))
+        .collect();
+        let leaves = |tm: &str| -> Vec<String> {
+            timm_block_renames(&shapes, "t", tm)
+                .into_iter()
+                .map(|(tv, k)| format!("{tv}={}", &k[tm.len() + 1..]))
+                .collect()
+        };
+        // Depthwise-separable with squeeze-excite, inverted residual without, edge residual.
+        assert_eq!(
+            leaves("b.0"),
+            [
+                "t.0.0=conv_dw",
+                "t.0.1=bn1",
+                "t.1.fc1=se.conv_reduce",
+                "t.1.fc2=se.conv_expand",
+                "t.2.0=conv_pw",
+                "t.2.1=bn2"
+            ]
+        );
+        assert_eq!(
+            leaves("b.1"),
+            [
+                "t.0.0=conv_pw",
+                "t.0.1=bn1",
+                "t.1.0=conv_dw",
+                "t.1.1=bn2",
+                "t.2.0=conv_pwl",
+                "t.2.1=bn3"
+            ]
+        );
+        assert_eq!(
+            leaves("b.2"),
+            ["t.0.0=conv_exp", "t.0.1=bn1", "t.1.0=conv_pwl", "t.1.1=bn2"]
         );
     }
 

@@ -548,9 +548,11 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// Reads `weight` [cout, cin] (or timm's 1x1 convolution's [cout, cin, 1, 1], see
+    /// [`get_reshaped`]) and `bias` [cout].
     pub fn new(vb: VarBuilder, cin: usize, cout: usize) -> Result<Linear> {
         Ok(Linear {
-            weight: vb.get((cout, cin), "weight")?,
+            weight: get_reshaped(&vb, &[cout, cin], "weight")?,
             bias: vb.get(cout, "bias")?,
         })
     }
@@ -560,6 +562,27 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
     }
+}
+
+/// `vb.get(shape, name)`, also taking the tensor stored with the same dimensions but for ones
+/// added or left out: timm stores a 1x1 convolution where torchvision has a linear layer
+/// (MobileNetV3's `conv_head`, the small ConvNeXts' `mlp.fc1`: [O, I, 1, 1] for [O, I]) and
+/// ConvNeXt's layer scale as [C] where torchvision has [C, 1, 1]. Only the reading reshapes:
+/// the checkpoint's tensor, and whatever is written back from it, keeps its stored shape (a
+/// trained `Var` included, reshaped in the graph).
+pub fn get_reshaped(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Tensor> {
+    let non_unit = |d: &[usize]| d.iter().copied().filter(|&n| n != 1).collect::<Vec<_>>();
+    if vb.contains_tensor(name) {
+        let t = vb.get_unchecked(name)?;
+        if t.dims() == shape {
+            return Ok(t);
+        }
+        if non_unit(t.dims()) == non_unit(shape) {
+            return t.reshape(shape);
+        }
+    }
+    // Also the error, naming the checkpoint's key, when the shapes differ otherwise.
+    vb.get(shape, name)
 }
 
 /// The gate a squeeze-excitation multiplies by.

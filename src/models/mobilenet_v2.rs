@@ -7,18 +7,33 @@
 //! linear layer. Strides are not in the shapes: they are torchvision's fixed schedule over the
 //! 17 blocks (the first block of the 24, 32, 64 and 160 channel groups has stride 2), so a
 //! checkpoint with another number of blocks is refused rather than guessed.
+//!
+//! timm's `mobilenetv2_*` are the same network nested by stage: `conv_stem`/`bn1`,
+//! `blocks.{s}.{j}` numbered through the stages as `features.1`... (a depthwise-separable first
+//! block `conv_dw`, `bn1`, `conv_pw`, `bn2`, then inverted residuals `conv_pw`, `bn1`,
+//! `conv_dw`, `bn2`, `conv_pwl`, `bn3`), `conv_head`/`bn2` and `classifier`; the same BN. Its
+//! deeper `mobilenetv2_110d`/`_120d` have more than 17 blocks and are refused, as above.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Linear};
-use super::{
-    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
-};
+use super::naming::{has_module, stage_depths};
+use super::{Architecture, Family, HeadInput, HeadPaths, Miss, Naming, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
 /// Stride of each of the 17 inverted residual blocks in torchvision's configuration.
 const STRIDES: [usize; 17] = [1, 2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1];
+
+/// timm's widths: (name, stem, last channel, last block's output); `mobilenetv2_100` is
+/// torchvision's `mobilenet_v2`.
+const TIMM: [(&str, usize, usize, usize); 5] = [
+    ("mobilenetv2_035", 16, 1280, 112),
+    ("mobilenetv2_050", 16, 1280, 160),
+    ("mobilenetv2_075", 24, 1280, 240),
+    ("mobilenetv2_100", 32, 1280, 320),
+    ("mobilenetv2_140", 48, 1792, 448),
+];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockConfig {
@@ -36,6 +51,8 @@ pub struct Config {
     pub blocks: Vec<BlockConfig>,
     pub last_channel: usize,
     pub num_classes: usize,
+    /// In timm's naming (its name for the size).
+    pub timm: bool,
 }
 
 /// The registry's entry (see `models::FAMILIES`).
@@ -43,11 +60,70 @@ pub const FAMILY: Family = Family {
     name: "mobilenet_v2",
     detect,
     accepts,
-    namings: torchvision_naming,
+    namings,
 };
 
 pub fn accepts(arch: &str) -> bool {
-    arch.starts_with("mobilenet_v2")
+    arch.starts_with("mobilenet_v2") || arch.starts_with("mobilenetv2")
+}
+
+/// torchvision's, and timm's where the checkpoint has timm's `blocks`.
+fn namings(shapes: &Shapes) -> Vec<Naming> {
+    let mut n = vec![Naming::identity("torchvision")];
+    n.extend(timm_naming(shapes));
+    n
+}
+
+/// torchvision's module paths to the keys of a timm checkpoint (see the module doc); `None`
+/// when the checkpoint has no `blocks.0.0`.
+pub fn timm_naming(shapes: &Shapes) -> Option<Naming> {
+    let depths = stage_depths(shapes, |s, j| format!("blocks.{s}.{j}"));
+    // timm's EfficientNets and MobileNetV3s share these block names; MobileNetV2 has no
+    // squeeze-excite.
+    let se = |s: usize, j: usize| has_module(shapes, &format!("blocks.{s}.{j}.se"));
+    if depths.is_empty() || (0..depths.len()).any(|s| (0..depths[s]).any(|j| se(s, j))) {
+        return None;
+    }
+    let head = depths.iter().sum::<usize>() + 1;
+    let mut r: Vec<(String, String)> = vec![
+        ("features.0.0".into(), "conv_stem".into()),
+        ("features.0.1".into(), "bn1".into()),
+        (format!("features.{head}.0"), "conv_head".into()),
+        (format!("features.{head}.1"), "bn2".into()),
+        ("classifier.1".into(), "classifier".into()),
+    ];
+    let mut i = 1;
+    for (s, &depth) in depths.iter().enumerate() {
+        for j in 0..depth {
+            let tm = format!("blocks.{s}.{j}");
+            let leaves: &[(&str, &str)] = if has_module(shapes, &format!("{tm}.conv_pwl")) {
+                &[
+                    ("0.0", "conv_pw"),
+                    ("0.1", "bn1"),
+                    ("1.0", "conv_dw"),
+                    ("1.1", "bn2"),
+                    ("2", "conv_pwl"),
+                    ("3", "bn3"),
+                ]
+            } else {
+                &[
+                    ("0.0", "conv_dw"),
+                    ("0.1", "bn1"),
+                    ("1", "conv_pw"),
+                    ("2", "bn2"),
+                ]
+            };
+            for (a, b) in leaves {
+                r.push((format!("features.{i}.conv.{a}"), format!("{tm}.{b}")));
+            }
+            i += 1;
+        }
+    }
+    Some(Naming {
+        name: "timm",
+        renames: r,
+        prefix: String::new(),
+    })
 }
 
 impl Architecture for Config {
@@ -67,18 +143,30 @@ impl Architecture for Config {
         Ok(Box::new(MobileNetV2::new(self, vb, reg)?))
     }
 
+    fn use_naming(&mut self, naming: &Naming) {
+        self.timm = naming.name == "timm";
+    }
+
     fn name(&self) -> String {
-        if self.stem == 32
-            && self.last_channel == 1280
-            && self.blocks.last().map(|b| b.cout) == Some(320)
-        {
-            "mobilenet_v2".into()
+        let out = self.blocks.last().map_or(0, |b| b.cout);
+        let (table, variant) = if self.timm {
+            (&TIMM[..], "mobilenetv2")
         } else {
-            format!(
-                "mobilenet_v2 (stem {}, last channel {})",
-                self.stem, self.last_channel
-            )
+            (&TIMM[3..4], "mobilenet_v2")
+        };
+        for &(name, stem, last, o) in table {
+            if (stem, last, o) == (self.stem, self.last_channel, out) {
+                return if self.timm {
+                    name.into()
+                } else {
+                    variant.into()
+                };
+            }
         }
+        format!(
+            "{variant} (stem {}, last channel {})",
+            self.stem, self.last_channel
+        )
     }
 }
 
@@ -91,7 +179,9 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
         let f = format!("features.{}.conv", i + 1);
         let expand = p.has(&format!("{f}.3.weight"));
         let hidden = if expand {
-            p.shape(&format!("{f}.0.0.weight"), 4)?[0]
+            let hidden = p.shape(&format!("{f}.0.0.weight"), 4)?[0];
+            p.expect(&format!("{f}.1.0.weight"), &[hidden, 1, 3, 3])?;
+            hidden
         } else {
             p.expect(&format!("{f}.0.0.weight"), &[cin, 1, 3, 3])?;
             cin
@@ -116,6 +206,7 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
         blocks,
         last_channel: head[0],
         num_classes: fc[0],
+        timm: false,
     }))
 }
 

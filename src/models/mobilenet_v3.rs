@@ -10,19 +10,44 @@
 //! come from the shapes; each block's activation (ReLU or hard-swish) and stride are not in the
 //! shapes and come from torchvision's table for the variant, told apart by the number of blocks
 //! (11 small, 15 large). BN has torchvision's eps 0.001 and momentum 0.01.
+//!
+//! timm's `mobilenetv3_large_*`/`mobilenetv3_small_*` are the same network nested by stage:
+//! `conv_stem`/`bn1`, `blocks.{s}.{j}` numbered through the stages as `features.1`... (a
+//! depthwise-separable first block `conv_dw`, `bn1`, `se`, `conv_pw`, `bn2`, then inverted
+//! residuals `conv_pw`, `bn1`, `conv_dw`, `bn2`, `se`, `conv_pwl`, `bn3`; squeeze-excite
+//! `conv_reduce`/`conv_expand`), the last stage's 1x1 ConvBnAct (`conv`, `bn1`) for the head
+//! `features.n+1`, `conv_head` (a 1x1 convolution with bias after the pooling: `classifier.0`,
+//! read through a reshape) and `classifier` (`classifier.3`). timm's BN has PyTorch's eps 1e-5
+//! and momentum 0.1; its TensorFlow ports (`tf_mobilenetv3_*`) eps 1e-3 and "same" padding on
+//! strided convolutions, which only the name tells (`--arch tf_mobilenetv3_large_100`, or
+//! `--arch tf_mobilenetv3` for any size). timm's `*_minimal_*` variants (ReLU everywhere, no
+//! squeeze-excite, 3x3 kernels) are refused: without squeeze-excite anywhere the activations
+//! cannot be torchvision's.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::efficientnet::timm_block_renames;
 use super::layers::{
     global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Gate, Linear, SqueezeExcite,
 };
-use super::{
-    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
-};
+use super::naming::{has_module, stage_depths};
+use super::{Architecture, Family, HeadInput, HeadPaths, Miss, Naming, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-3;
 const MOMENTUM: f64 = 0.01;
+/// BN eps and momentum of timm's (PyTorch's defaults); its `tf_` ports keep the momentum and
+/// take eps 1e-3.
+const TIMM_EPS: f64 = 1e-5;
+const TIMM_MOMENTUM: f64 = 0.1;
+/// timm's sizes: (large, width of the head convolution `features.n+1`, name suffix).
+const TIMM_WIDTHS: [(bool, usize, &str); 5] = [
+    (true, 960, "100"),
+    (true, 720, "075"),
+    (false, 576, "100"),
+    (false, 432, "075"),
+    (false, 288, "050"),
+];
 /// (hard-swish, stride) of each block of `mobilenet_v3_small`.
 const SMALL: [(bool, usize); 11] = [
     (false, 2),
@@ -80,6 +105,21 @@ pub struct Config {
     /// Output width of `classifier.0`.
     pub last_channel: usize,
     pub num_classes: usize,
+    /// In timm's naming: timm's BN eps and momentum, and its names.
+    pub timm: bool,
+    /// timm's TensorFlow port: "same" padding and BN eps 1e-3.
+    pub tf: bool,
+}
+
+impl Config {
+    /// BN eps and momentum.
+    fn bn(&self) -> (f64, f64) {
+        match (self.timm, self.tf) {
+            (false, _) => (EPS, MOMENTUM),
+            (true, false) => (TIMM_EPS, TIMM_MOMENTUM),
+            (true, true) => (EPS, TIMM_MOMENTUM),
+        }
+    }
 }
 
 /// The registry's entry (see `models::FAMILIES`).
@@ -87,11 +127,61 @@ pub const FAMILY: Family = Family {
     name: "mobilenet_v3",
     detect,
     accepts,
-    namings: torchvision_naming,
+    namings,
 };
 
 pub fn accepts(arch: &str) -> bool {
     arch.starts_with("mobilenet_v3")
+        || arch
+            .strip_prefix("tf_")
+            .unwrap_or(arch)
+            .starts_with("mobilenetv3")
+}
+
+/// torchvision's, and timm's where the checkpoint has timm's `blocks`.
+fn namings(shapes: &Shapes) -> Vec<Naming> {
+    let mut n = vec![Naming::identity("torchvision")];
+    n.extend(timm_naming(shapes));
+    n
+}
+
+/// torchvision's module paths to the keys of a timm checkpoint (see the module doc); `None`
+/// when the checkpoint has no `blocks.0.0`.
+pub fn timm_naming(shapes: &Shapes) -> Option<Naming> {
+    let depths = stage_depths(shapes, |s, j| format!("blocks.{s}.{j}"));
+    if depths.is_empty() {
+        return None;
+    }
+    let mut r: Vec<(String, String)> = [
+        ("features.0.0", "conv_stem"),
+        ("features.0.1", "bn1"),
+        ("classifier.0", "conv_head"),
+        ("classifier.3", "classifier"),
+    ]
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .into();
+    let mut i = 1;
+    for (s, &depth) in depths.iter().enumerate() {
+        for j in 0..depth {
+            let tm = format!("blocks.{s}.{j}");
+            if has_module(shapes, &format!("{tm}.conv")) {
+                r.push((format!("features.{i}.0"), format!("{tm}.conv")));
+                r.push((format!("features.{i}.1"), format!("{tm}.bn1")));
+            } else {
+                r.extend(timm_block_renames(
+                    shapes,
+                    &format!("features.{i}.block"),
+                    &tm,
+                ));
+            }
+            i += 1;
+        }
+    }
+    Some(Naming {
+        name: "timm",
+        renames: r,
+        prefix: String::new(),
+    })
 }
 
 impl Architecture for Config {
@@ -110,22 +200,58 @@ impl Architecture for Config {
         Ok(Box::new(MobileNetV3::new(self, vb, reg)?))
     }
 
+    fn use_naming(&mut self, naming: &Naming) {
+        self.timm = naming.name == "timm";
+    }
+
+    fn set_variant(&mut self, arch: &str) {
+        self.tf = self.timm && arch.starts_with("tf_");
+    }
+
+    fn answers_to(&self, arch: &str) -> bool {
+        (self.tf && arch == "tf_mobilenetv3") || self.name() == arch
+    }
+
+    fn notice(&self, naming: &Naming) -> Option<String> {
+        (naming.name == "timm" && !self.tf).then(|| {
+            "timm MobileNetV3: running the plain variant (symmetric padding, BN eps 1e-5); \
+             the shapes cannot tell a tf_mobilenetv3 port: give --arch tf_mobilenetv3 for one"
+                .to_string()
+        })
+    }
+
     fn name(&self) -> String {
-        let (variant, last, out) = if self.large {
-            ("mobilenet_v3_large", 1280, 160)
+        let (size, last, out) = if self.large {
+            ("large", 1280, 160)
         } else {
-            ("mobilenet_v3_small", 1024, 96)
+            ("small", 1024, 96)
         };
-        if self.stem == 16
-            && self.last_channel == last
-            && self.blocks.last().map(|b| b.cout) == Some(out)
-        {
-            variant.into()
-        } else {
-            format!(
+        if !self.timm {
+            let variant = format!("mobilenet_v3_{size}");
+            return if self.stem == 16
+                && self.last_channel == last
+                && self.blocks.last().map(|b| b.cout) == Some(out)
+            {
+                variant
+            } else {
+                format!(
+                    "{variant} (stem {}, last channel {})",
+                    self.stem, self.last_channel
+                )
+            };
+        }
+        let variant = format!("{}mobilenetv3_{size}", if self.tf { "tf_" } else { "" });
+        // timm's width multipliers, told by the head convolution's width.
+        let multiplier = TIMM_WIDTHS
+            .iter()
+            .find(|(large, head, _)| *large == self.large && *head == self.head)
+            .map(|(_, _, m)| m);
+        match multiplier {
+            Some(m) if self.stem == 16 && self.last_channel == last => format!("{variant}_{m}"),
+            _ => format!(
                 "{variant} (stem {}, last channel {})",
                 self.stem, self.last_channel
-            )
+            ),
         }
     }
 }
@@ -182,8 +308,14 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
         });
         cin = proj[0];
     }
+    if blocks.iter().all(|b| b.squeeze.is_none()) {
+        return Err(p.miss(
+            "no squeeze-excitation in any block: timm's *_minimal_* variant (ReLU throughout), \
+             which is not supported",
+        ));
+    }
     let head = p.shape(&format!("features.{}.0.weight", n + 1), 4)?;
-    let c0 = p.shape("classifier.0.weight", 2)?;
+    let c0 = p.linear("classifier.0.weight")?;
     let c3 = p.shape("classifier.3.weight", 2)?;
     Ok(Box::new(Config {
         large: n == 15,
@@ -192,6 +324,8 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
         head: head[0],
         last_channel: c0[0],
         num_classes: c3[0],
+        timm: false,
+        tf: false,
     }))
 }
 
@@ -205,9 +339,16 @@ struct Block {
 }
 
 impl Block {
-    fn new(c: &BlockConfig, vb: VarBuilder, reg: &mut BnRegistry) -> Result<Block> {
+    /// `same`: TensorFlow "same" padding (timm's `tf_` ports).
+    fn new(
+        c: &BlockConfig,
+        vb: VarBuilder,
+        eps: f64,
+        same: bool,
+        reg: &mut BnRegistry,
+    ) -> Result<Block> {
         let cna = |v: VarBuilder, spec: ConvSpec, reg: &mut BnRegistry| {
-            ConvBn::new(v.pp(0), v.pp(1), spec, EPS, reg)
+            ConvBn::new(v.pp(0), v.pp(1), spec, eps, reg)
         };
         let mut k = 0;
         let expand = if c.expand {
@@ -220,7 +361,8 @@ impl Block {
             vb.pp(k),
             ConvSpec::new(c.hidden, c.hidden, c.kernel)
                 .stride(c.stride)
-                .groups(c.hidden),
+                .groups(c.hidden)
+                .same_padding(same),
             reg,
         )?;
         k += 1;
@@ -276,18 +418,19 @@ pub struct MobileNetV3 {
 
 impl MobileNetV3 {
     pub fn new(c: &Config, vb: VarBuilder, reg: &mut BnRegistry) -> Result<MobileNetV3> {
-        reg.momentum = MOMENTUM;
+        let (eps, momentum) = c.bn();
+        reg.momentum = momentum;
         let f = vb.pp("features");
         let stem = ConvBn::new(
             f.pp(0).pp(0),
             f.pp(0).pp(1),
-            ConvSpec::new(3, c.stem, 3).stride(2),
-            EPS,
+            ConvSpec::new(3, c.stem, 3).stride(2).same_padding(c.tf),
+            eps,
             reg,
         )?;
         let mut blocks = Vec::new();
         for (i, b) in c.blocks.iter().enumerate() {
-            blocks.push(Block::new(b, f.pp(i + 1).pp("block"), reg)?);
+            blocks.push(Block::new(b, f.pp(i + 1).pp("block"), eps, c.tf, reg)?);
         }
         let n = c.blocks.len() + 1;
         let cin = c.blocks.last().map_or(c.stem, |b| b.cout);
@@ -295,7 +438,7 @@ impl MobileNetV3 {
             f.pp(n).pp(0),
             f.pp(n).pp(1),
             ConvSpec::new(cin, c.head, 1),
-            EPS,
+            eps,
             reg,
         )?;
         let cl = vb.pp("classifier");

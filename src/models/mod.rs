@@ -157,6 +157,22 @@ impl<'a> Probe<'a> {
         Ok(s[0])
     }
 
+    /// Output and input widths of a linear layer `key`: [O, I], or [O, I, 1, 1] where timm has a
+    /// 1x1 convolution in its place (MobileNetV3's `conv_head`, ConvNeXt's `ConvMlp`); see
+    /// [`layers::get_reshaped`].
+    pub fn linear(&mut self, key: &str) -> std::result::Result<[usize; 2], Miss> {
+        match self.shapes.get(key).map(Vec::as_slice) {
+            Some(&[o, i, 1, 1]) => {
+                self.matched += 1;
+                Ok([o, i])
+            }
+            _ => {
+                let s = self.shape(key, 2)?;
+                Ok([s[0], s[1]])
+            }
+        }
+    }
+
     pub fn miss(&self, reason: impl Into<String>) -> Miss {
         Miss::new(self.matched, reason)
     }
@@ -174,6 +190,9 @@ pub trait Architecture: fmt::Debug + Send + Sync + Any {
     /// Where a fine-tune of the head looks: the classifier and the last BN before global
     /// pooling, by module path.
     fn head(&self) -> HeadPaths;
+    /// Takes what the naming that matched says beyond the names: timm's MobileNetV3 and
+    /// EfficientNetV2 have PyTorch's BN eps 1e-5 and momentum where torchvision's have their own.
+    fn use_naming(&mut self, _naming: &Naming) {}
     /// Takes what a timm model name (`--arch`, or a model folder's `architecture`) says beyond
     /// the shapes: `tf_efficientnet_b0`'s TensorFlow "same" padding and BN eps 1e-3, say.
     fn set_variant(&mut self, _arch: &str) {}
@@ -284,12 +303,15 @@ pub struct Family {
     pub detect: fn(&Shapes) -> std::result::Result<Box<dyn Architecture>, Miss>,
     /// Whether `--arch NAME` selects this family.
     pub accepts: fn(&str) -> bool,
-    /// The namings checkpoints of this family come in, tried in order.
-    pub namings: fn() -> Vec<Naming>,
+    /// The namings checkpoints of this family come in, tried in order, given the checkpoint's
+    /// names and shapes: where another library nests blocks by stage and torchvision numbers
+    /// them in one sequence (timm's `blocks.2.1` for MobileNetV3's `features.5`), the map
+    /// depends on the stage depths the checkpoint has.
+    pub namings: fn(&Shapes) -> Vec<Naming>,
 }
 
 /// torchvision's naming, the identity: the namings of a family that has no other.
-pub fn torchvision_naming() -> Vec<Naming> {
+pub fn torchvision_naming(_: &Shapes) -> Vec<Naming> {
     vec![Naming::identity("torchvision")]
 }
 
@@ -370,7 +392,7 @@ fn try_detect(shapes: &Shapes, arch: Option<&str>) -> Result<std::result::Result
     let mut misses = Vec::new();
     for f in &candidates {
         let mut nearest: Option<Miss> = None;
-        for naming in (f.namings)() {
+        for naming in (f.namings)(shapes) {
             let canonical: Shapes = if naming.is_identity() {
                 shapes.clone()
             } else {
@@ -381,6 +403,7 @@ fn try_detect(shapes: &Shapes, arch: Option<&str>) -> Result<std::result::Result
             };
             match (f.detect)(&canonical) {
                 Ok(mut a) => {
+                    a.use_naming(&naming);
                     if let Some(name) = arch {
                         a.set_variant(name);
                     }

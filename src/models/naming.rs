@@ -17,6 +17,8 @@
 
 use std::fmt;
 
+use super::Shapes;
+
 /// One naming of a family's module paths.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Naming {
@@ -95,6 +97,31 @@ impl Naming {
     }
 }
 
+/// Whether some name in `shapes` lies under module `prefix`.
+pub fn has_module(shapes: &Shapes, prefix: &str) -> bool {
+    let dotted = format!("{prefix}.");
+    shapes
+        .range(dotted.clone()..)
+        .next()
+        .is_some_and(|(k, _)| k.starts_with(&dotted))
+}
+
+/// Blocks per stage of a checkpoint that nests them by stage: `block(s, j)` is the module path
+/// of stage `s`'s block `j` (both from 0), counted while the checkpoint has names under it.
+pub fn stage_depths(shapes: &Shapes, block: impl Fn(usize, usize) -> String) -> Vec<usize> {
+    let mut depths = Vec::new();
+    loop {
+        let s = depths.len();
+        let n = (0..)
+            .take_while(|&j| has_module(shapes, &block(s, j)))
+            .count();
+        if n == 0 {
+            return depths;
+        }
+        depths.push(n);
+    }
+}
+
 impl fmt::Display for Naming {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name)?;
@@ -148,6 +175,31 @@ mod tests {
         assert_eq!(n.path("model.fc.bias").unwrap(), "fc.bias");
         assert_eq!(n.path("fc.bias"), None);
         assert_eq!(n.to_string(), "torchvision under 'model.'");
+    }
+
+    #[test]
+    fn stage_depths_count_blocks_by_whole_components() {
+        let shapes: Shapes = [
+            "blocks.0.0.conv.weight",
+            "blocks.1.0.conv.weight",
+            "blocks.1.1.bn1.running_var",
+            "blocks.10.0.conv.weight",
+            "blocks.2.0x.weight",
+        ]
+        .iter()
+        .map(|k| (k.to_string(), vec![1]))
+        .collect();
+        assert!(has_module(&shapes, "blocks.1.1"));
+        assert!(!has_module(&shapes, "blocks.1.1.bn"));
+        assert!(!has_module(&shapes, "blocks.2.0"));
+        assert_eq!(
+            stage_depths(&shapes, |s, j| format!("blocks.{s}.{j}")),
+            [1, 2]
+        );
+        assert_eq!(
+            stage_depths(&shapes, |s, j| format!("s{}.b{}", s + 1, j + 1)),
+            [0usize; 0]
+        );
     }
 
     #[test]

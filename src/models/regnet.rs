@@ -10,6 +10,13 @@
 //! groups (bottleneck width over `b`'s input channels per group) and squeeze widths are read per
 //! block; the stride is 2 in the first block of each stage, as in every torchvision RegNet.
 //!
+//! timm's `regnetx_*` and `regnety_*` are the same network: `stem.conv`/`stem.bn`, stages
+//! `s{s}` of blocks `b{j+1}` for `block{s}-{j}` (`conv1`, `conv2`, `se`, `conv3`, each a
+//! `conv`/`bn` pair but `se`'s `fc1`/`fc2`, and `downsample` for `proj`), and `head.fc`;
+//! squeeze-excite in the same place (after the 3x3), BN eps and momentum the same. timm
+//! computes the shortcut's projection after `f`; the BN layers are listed in torchvision's order
+//! either way, and each one's statistics are the same.
+//!
 //! torchvision computes `proj(x)` before `f(x)`, so the projection's BN comes first in forward
 //! order (and in calibrate mode's reports).
 
@@ -19,9 +26,8 @@ use candle_nn::VarBuilder;
 use super::layers::{
     global_avg_pool, Act, BnRegistry, ConvBn, ConvSpec, Ctx, Gate, Linear, SqueezeExcite,
 };
-use super::{
-    torchvision_naming, Architecture, Family, HeadInput, HeadPaths, Miss, Network, Probe, Shapes,
-};
+use super::naming::stage_depths;
+use super::{Architecture, Family, HeadInput, HeadPaths, Miss, Naming, Network, Probe, Shapes};
 
 const EPS: f64 = 1e-5;
 /// torchvision's published sizes: (name, blocks per stage, stage widths); a `regnet_y` has
@@ -43,6 +49,40 @@ const STANDARD: [(&str, [usize; 4], [usize; 4]); 15] = [
     ("regnet_y_32gf", [2, 5, 12, 1], [232, 696, 1392, 3712]),
     ("regnet_y_128gf", [2, 7, 17, 1], [528, 1056, 2904, 7392]),
 ];
+/// timm's sizes, as [`STANDARD`] (`regnety_002` has `regnetx_002`'s stages, `regnetx_004_tv`
+/// is torchvision's `regnet_x_400mf`).
+const TIMM: [(&str, [usize; 4], [usize; 4]); 30] = [
+    ("regnetx_002", [1, 1, 4, 7], [24, 56, 152, 368]),
+    ("regnetx_004", [1, 2, 7, 12], [32, 64, 160, 384]),
+    ("regnetx_004_tv", [1, 2, 7, 12], [32, 64, 160, 400]),
+    ("regnetx_006", [1, 3, 5, 7], [48, 96, 240, 528]),
+    ("regnetx_008", [1, 3, 7, 5], [64, 128, 288, 672]),
+    ("regnetx_016", [2, 4, 10, 2], [72, 168, 408, 912]),
+    ("regnetx_032", [2, 6, 15, 2], [96, 192, 432, 1008]),
+    ("regnetx_040", [2, 5, 14, 2], [80, 240, 560, 1360]),
+    ("regnetx_064", [2, 4, 10, 1], [168, 392, 784, 1624]),
+    ("regnetx_080", [2, 5, 15, 1], [80, 240, 720, 1920]),
+    ("regnetx_120", [2, 5, 11, 1], [224, 448, 896, 2240]),
+    ("regnetx_160", [2, 6, 13, 1], [256, 512, 896, 2048]),
+    ("regnetx_320", [2, 7, 13, 1], [336, 672, 1344, 2520]),
+    ("regnety_002", [1, 1, 4, 7], [24, 56, 152, 368]),
+    ("regnety_004", [1, 3, 6, 6], [48, 104, 208, 440]),
+    ("regnety_006", [1, 3, 7, 4], [48, 112, 256, 608]),
+    ("regnety_008", [1, 3, 8, 2], [64, 128, 320, 768]),
+    ("regnety_008_tv", [1, 3, 8, 2], [64, 144, 320, 784]),
+    ("regnety_016", [2, 6, 17, 2], [48, 120, 336, 888]),
+    ("regnety_032", [2, 5, 13, 1], [72, 216, 576, 1512]),
+    ("regnety_040", [2, 6, 12, 2], [128, 192, 512, 1088]),
+    ("regnety_064", [2, 7, 14, 2], [144, 288, 576, 1296]),
+    ("regnety_080", [2, 4, 10, 1], [168, 448, 896, 2016]),
+    ("regnety_080_tv", [2, 4, 10, 1], [224, 448, 896, 2016]),
+    ("regnety_120", [2, 5, 11, 1], [224, 448, 896, 2240]),
+    ("regnety_160", [2, 4, 11, 1], [224, 448, 1232, 3024]),
+    ("regnety_320", [2, 5, 12, 1], [232, 696, 1392, 3712]),
+    ("regnety_640", [2, 5, 12, 1], [328, 984, 1968, 4920]),
+    ("regnety_1280", [2, 7, 17, 1], [528, 1056, 2904, 7392]),
+    ("regnety_2560", [2, 7, 17, 1], [746, 1492, 4103, 10444]),
+];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockConfig {
@@ -62,6 +102,8 @@ pub struct Config {
     pub stem: usize,
     pub stages: Vec<Vec<BlockConfig>>,
     pub num_classes: usize,
+    /// In timm's naming (its names for the sizes).
+    pub timm: bool,
 }
 
 impl Config {
@@ -75,11 +117,60 @@ pub const FAMILY: Family = Family {
     name: "regnet",
     detect,
     accepts,
-    namings: torchvision_naming,
+    namings,
 };
 
 pub fn accepts(arch: &str) -> bool {
     arch.starts_with("regnet")
+}
+
+/// torchvision's, and timm's where the checkpoint has timm's `s1.b1`.
+fn namings(shapes: &Shapes) -> Vec<Naming> {
+    let mut n = vec![Naming::identity("torchvision")];
+    n.extend(timm_naming(shapes));
+    n
+}
+
+/// torchvision's module paths to the keys of a timm checkpoint (see the module doc); `None`
+/// when the checkpoint has no `s1.b1`.
+pub fn timm_naming(shapes: &Shapes) -> Option<Naming> {
+    let depths = stage_depths(shapes, |s, j| format!("s{}.b{}", s + 1, j + 1));
+    if depths.is_empty() {
+        return None;
+    }
+    let mut r: Vec<(String, String)> = [
+        ("stem.0", "stem.conv"),
+        ("stem.1", "stem.bn"),
+        ("fc", "head.fc"),
+    ]
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .into();
+    const LEAVES: [(&str, &str); 10] = [
+        ("f.a.0", "conv1.conv"),
+        ("f.a.1", "conv1.bn"),
+        ("f.b.0", "conv2.conv"),
+        ("f.b.1", "conv2.bn"),
+        ("f.se.fc1", "se.fc1"),
+        ("f.se.fc2", "se.fc2"),
+        ("f.c.0", "conv3.conv"),
+        ("f.c.1", "conv3.bn"),
+        ("proj.0", "downsample.conv"),
+        ("proj.1", "downsample.bn"),
+    ];
+    for (s, &depth) in depths.iter().enumerate() {
+        for j in 0..depth {
+            let tv = format!("trunk_output.block{s}.block{s}-{j}", s = s + 1);
+            let tm = format!("s{}.b{}", s + 1, j + 1);
+            for (a, b) in LEAVES {
+                r.push((format!("{tv}.{a}"), format!("{tm}.{b}")));
+            }
+        }
+    }
+    Some(Naming {
+        name: "timm",
+        renames: r,
+        prefix: String::new(),
+    })
 }
 
 impl Architecture for Config {
@@ -100,6 +191,10 @@ impl Architecture for Config {
         Ok(Box::new(RegNet::new(self, vb, reg)?))
     }
 
+    fn use_naming(&mut self, naming: &Naming) {
+        self.timm = naming.name == "timm";
+    }
+
     fn name(&self) -> String {
         let depths: Vec<usize> = self.stages.iter().map(Vec::len).collect();
         let widths: Vec<usize> = self
@@ -107,8 +202,13 @@ impl Architecture for Config {
             .iter()
             .map(|s| s.last().map_or(0, |b| b.cout))
             .collect();
-        let variant = if self.is_y() { "regnet_y" } else { "regnet_x" };
-        for (name, d, w) in STANDARD {
+        let (variant, table) = match (self.is_y(), self.timm) {
+            (false, false) => ("regnet_x", &STANDARD[..]),
+            (true, false) => ("regnet_y", &STANDARD[..]),
+            (false, true) => ("regnetx", &TIMM[..]),
+            (true, true) => ("regnety", &TIMM[..]),
+        };
+        for &(name, d, w) in table {
             if name.starts_with(variant) && self.stem == 32 && depths == d && widths == w {
                 return name.into();
             }
@@ -183,6 +283,7 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
         stem,
         stages,
         num_classes: fc[0],
+        timm: false,
     }))
 }
 

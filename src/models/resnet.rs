@@ -429,10 +429,6 @@ impl Network for ResNet {
 
     fn forward_trunk(&self, x: &Tensor, ctx: &mut Ctx) -> Result<HeadInput> {
         let (last, rest) = self.last_block();
-        if last.se.is_some() {
-            // The squeeze-excite between the head BN and the sum is not in the head yet.
-            candle_core::bail!("SE-ResNets do not run in two parts yet (fixres)");
-        }
         let mut x = x.clone();
         for conv in &self.stem {
             x = conv.forward_relu(&x, ctx)?;
@@ -447,7 +443,11 @@ impl Network for ResNet {
     fn forward_head(&self, input: &HeadInput, ctx: &mut Ctx) -> Result<Tensor> {
         let (last, _) = self.last_block();
         let bn = &last.head_bn().bn;
-        let x = bn.forward_add_act(&input.x, input.residual.as_ref(), ctx, Act::Relu)?;
+        let x = match (&last.se, &input.residual) {
+            // SE-ResNet's squeeze-excite sits between the head BN and the sum, as in `forward`.
+            (Some(se), Some(r)) => (se.forward(&bn.forward(&input.x, ctx)?, ctx)? + r)?.relu()?,
+            _ => bn.forward_add_act(&input.x, input.residual.as_ref(), ctx, Act::Relu)?,
+        };
         self.fc.forward(&global_avg_pool(&x)?)
     }
 }
