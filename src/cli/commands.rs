@@ -198,7 +198,7 @@ pub struct RecalBnArgs {
 /// their own folders.
 #[derive(Args, Debug)]
 #[command(
-    mut_arg("size", |a| a.long("train-size").help("Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it, and deltas are against it")),
+    mut_arg("size", |a| a.long("train-size").help("Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it (and a model folder's test_input_size), and deltas are against it (default: 224, or a model folder's input_size)")),
     mut_arg("batch_size", |a| a.default_value("64")),
     mut_arg("shard", |a| a.help("Evaluate only every n-th image of --data starting at the i-th (0-based), after --max-images; the --recal-bn passes read all of DIR"))
 )]
