@@ -119,7 +119,10 @@ pub fn write_outputs(
     }
     let mut recal_setup = None;
     if let Some(dir) = &recal.recal_bn {
-        let mut data = recal.data.config(dir, global.threads)?;
+        // A model folder's preprocessing (the first snapshot's) where no flag gives it.
+        let mut opts = recal.data.clone();
+        super::model_data_defaults(&mut opts, &inputs[0], rep)?;
+        let mut data = opts.config(dir, global.threads)?;
         let shard = data.dataset.shard.take();
         data.scan()?; // a bad folder fails before the averaging, not after
         let dev = super::device(global, rep)?;

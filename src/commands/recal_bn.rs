@@ -15,8 +15,11 @@ use crate::commands::common;
 use crate::data::Shard;
 use crate::report::Reporter;
 
-pub fn run(args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
+pub fn run(mut args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let (ck, model) = super::open_model(&args.model, global, &rep)?;
+    if args.data.is_some() {
+        super::model_data_defaults(&mut args.data_opts, &ck, &rep)?;
+    }
     if model.bn_layers.is_empty() {
         bail!(
             "{}: {} has no BatchNorm layers: nothing to recalibrate",
