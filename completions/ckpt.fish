@@ -71,14 +71,14 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l recal-bn -d 'Recompute
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
@@ -116,14 +116,14 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l recal-bn -d 'Recompute
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
@@ -151,14 +151,14 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l key -d 'Key of the 
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l input -d 'File holding the input batch as tensor `input` (see --input-key)' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l data -d 'Folder of images instead (eval transform, see the data options); also writes `labels` for an ImageFolder (the model\'s classes: see --class-map) and records the image paths in the metadata' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
@@ -185,14 +185,14 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l arch -d 'Architecture
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l data -d 'Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class indices as torchvision\'s, unless --class-map) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
@@ -217,14 +217,14 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l arch -d 'Architec
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l data -d 'Folder of (training) images; see the data options' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
@@ -249,13 +249,13 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s q -l quiet -d 'Pr
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l data -d 'Folder of labelled images (ImageFolder)' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
@@ -285,7 +285,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l plot -d 'Plot to
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l train-size -d 'Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it, and deltas are against it' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l train-size -d 'Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it (and a model folder\'s test_input_size), and deltas are against it (default: 224, or a model folder\'s input_size)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l batch-size -d 'Images per batch' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l shard -d 'Evaluate only every n-th image of --data starting at the i-th (0-based), after --max-images; the --recal-bn passes read all of DIR' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
@@ -306,13 +306,13 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l arch -d 'Architectu
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l data -d 'Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class indices as torchvision\'s, unless --class-map) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
@@ -358,14 +358,14 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l every -d 'Keep every 
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l data -d 'Labelled folder (ImageFolder) the candidates and soups are judged on: held-out images' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
@@ -413,14 +413,14 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l key -d 'Key of the
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l teacher -d 'Teacher checkpoint; repeat for an ensemble (logits averaged)' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l data -d 'Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class indices as torchvision\'s, unless --class-map) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l shard -d 'Read only every n-th image starting at the i-th (0-based), after --max-images: n machines with shards 0/n .. n-1/n split one pass over the images' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l max-image-pixels -d 'Refuse images whose header claims more than N pixels (decompression bombs), before decoding them; the default is PIL\'s limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no limit' -r

@@ -57,14 +57,21 @@ fn eval_of_a_model_folder_equals_timm_issue_16() {
     let one_image = 100.0 / want["images"].as_f64().unwrap() + 1e-9;
     for name in ["resnet18_digits", "resnet18_digits_bin"] {
         let d = TestDir::new();
-        let r = d.run(&["eval", &folder(name), "--data", &val(), "--json"]).ok();
+        let r = d
+            .run(&["eval", &folder(name), "--data", &val(), "--json"])
+            .ok();
         assert!(
             r.stderr
                 .contains("data options from pretrained_cfg: size 40 (input_size), crop_pct 0.9, interpolation bicubic"),
             "{}",
             r.stderr
         );
-        assert_eq!(r.stderr.matches("pretrained_cfg").count(), 1, "{}", r.stderr);
+        assert_eq!(
+            r.stderr.matches("pretrained_cfg").count(),
+            1,
+            "{}",
+            r.stderr
+        );
         let got = r.json();
         for k in ["top1", "top5"] {
             let (g, w) = (got[k].as_f64().unwrap(), want[k].as_f64().unwrap());
@@ -88,7 +95,11 @@ fn eval_of_a_model_folder_equals_timm_issue_16() {
             "--json",
         ])
         .ok();
-    assert!(r.stderr.contains("the flags given win: --size, --crop-pct"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("the flags given win: --size, --crop-pct"),
+        "{}",
+        r.stderr
+    );
     let got = r.json();
     for k in ["top1", "top5"] {
         let (g, w) = (got[k].as_f64().unwrap(), test[k].as_f64().unwrap());
@@ -102,7 +113,13 @@ fn eval_of_a_model_folder_equals_timm_issue_16() {
 fn sweep_res_of_a_model_folder_defaults_to_its_sizes_issue_16() {
     let d = TestDir::new();
     let r = d
-        .run(&["sweep-res", &folder("resnet18_digits"), "--data", &val(), "--json"])
+        .run(&[
+            "sweep-res",
+            &folder("resnet18_digits"),
+            "--data",
+            &val(),
+            "--json",
+        ])
         .ok();
     let rows = r.json();
     let sizes: Vec<u64> = rows
@@ -146,7 +163,11 @@ fn swa_and_ema_of_timm_training_checkpoints_and_folders_keep_timm_names_issue_16
             if inputs == &ckpts {
                 assert!(r.stderr.contains("state_dict_ema"), "{}", r.stderr);
             }
-            assert_eq!(key_shapes(&d.path("out.safetensors")), want, "{cmd:?} {inputs:?}");
+            assert_eq!(
+                key_shapes(&d.path("out.safetensors")),
+                want,
+                "{cmd:?} {inputs:?}"
+            );
         }
     }
     // With --recal-bn over the digits, the folder's preprocessing is used for the pass.
@@ -162,7 +183,12 @@ fn swa_and_ema_of_timm_training_checkpoints_and_folders_keep_timm_names_issue_16
             &p(&fixture("digits/train")),
         ])
         .ok();
-    assert!(r.stderr.contains("data options from pretrained_cfg: size 40"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("data options from pretrained_cfg: size 40"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(key_shapes(&d.path("out.safetensors")), want);
 }
 
@@ -172,11 +198,15 @@ fn inspect_shows_a_model_folder_config_issue_16() {
     let d = TestDir::new();
     let r = d.run(&["inspect", &folder("resnet18_digits")]).ok();
     assert!(
-        r.stdout.contains("architecture resnet18, 10 classes, input_size 40x40, test_input_size 48x48"),
+        r.stdout
+            .contains("architecture resnet18, 10 classes, input_size 40x40, test_input_size 48x48"),
         "{}",
         r.stdout
     );
-    let j = d.run(&["inspect", &folder("resnet18_digits"), "--json"]).ok().json();
+    let j = d
+        .run(&["inspect", &folder("resnet18_digits"), "--json"])
+        .ok()
+        .json();
     assert_eq!(j["config"]["pretrained_cfg"]["interpolation"], "bicubic");
 }
 
@@ -204,24 +234,52 @@ fn bad_model_folders_are_refused_by_name_issue_16() {
     let d = TestDir::new();
     let config = std::fs::read_to_string(fixture("hf/resnet18_digits/config.json")).unwrap();
     let eval = |dir: &str| d.run(&["eval", dir, "--data", &val()]);
-    eval(&folder_with(&d, "broken", Some("{\"architecture\": "), true))
-        .fails_with(&["broken", "config.json", "not valid JSON"]);
-    eval(&folder_with(&d, "empty", Some(&config), false))
-        .fails_with(&["empty", "no weights", "pytorch_model.bin"]);
+    eval(&folder_with(
+        &d,
+        "broken",
+        Some("{\"architecture\": "),
+        true,
+    ))
+    .fails_with(&["broken", "config.json", "not valid JSON"]);
+    eval(&folder_with(&d, "empty", Some(&config), false)).fails_with(&[
+        "empty",
+        "no weights",
+        "pytorch_model.bin",
+    ]);
     let classes = config.replace("\"num_classes\": 10", "\"num_classes\": 7");
-    eval(&folder_with(&d, "classes", Some(&classes), true))
-        .fails_with(&["classes/config.json", "num_classes is 7", "10 classes"]);
-    let arch = config.replace("\"architecture\": \"resnet18\"", "\"architecture\": \"vit_small_patch16_224\"");
-    eval(&folder_with(&d, "vit", Some(&arch), true))
-        .fails_with(&["vit/config.json", "vit_small_patch16_224", "not one ckpt runs"]);
-    let effnet = config.replace("\"architecture\": \"resnet18\"", "\"architecture\": \"efficientnet_b0\"");
+    eval(&folder_with(&d, "classes", Some(&classes), true)).fails_with(&[
+        "classes/config.json",
+        "num_classes is 7",
+        "10 classes",
+    ]);
+    let arch = config.replace(
+        "\"architecture\": \"resnet18\"",
+        "\"architecture\": \"vit_small_patch16_224\"",
+    );
+    eval(&folder_with(&d, "vit", Some(&arch), true)).fails_with(&[
+        "vit/config.json",
+        "vit_small_patch16_224",
+        "not one ckpt runs",
+    ]);
+    let effnet = config.replace(
+        "\"architecture\": \"resnet18\"",
+        "\"architecture\": \"efficientnet_b0\"",
+    );
     eval(&folder_with(&d, "effnet", Some(&effnet), true))
         .fails_with(&["effnet/config.json", "efficientnet_b0"]);
     let border = config.replace("\"crop_mode\": \"center\"", "\"crop_mode\": \"border\"");
     let dir = folder_with(&d, "border", Some(&border), true);
     eval(&dir).fails_with(&["border/config.json", "crop_mode \"border\"", "--crop-mode"]);
-    d.run(&["eval", &dir, "--data", &val(), "--crop-mode", "center"]).ok();
-    // An explicit --arch wins over the config's architecture.
-    d.run(&["eval", &folder_with(&d, "vit2", Some(&arch), true), "--data", &val(), "--arch", "resnet"])
+    d.run(&["eval", &dir, "--data", &val(), "--crop-mode", "center"])
         .ok();
+    // An explicit --arch wins over the config's architecture.
+    d.run(&[
+        "eval",
+        &folder_with(&d, "vit2", Some(&arch), true),
+        "--data",
+        &val(),
+        "--arch",
+        "resnet",
+    ])
+    .ok();
 }

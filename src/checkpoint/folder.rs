@@ -117,7 +117,8 @@ pub fn rgb(v: [f32; 3]) -> String {
 
 /// Parses a config's bytes (the path is filled in by the caller).
 pub fn parse(bytes: &[u8]) -> Result<ModelFolder> {
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| anyhow::anyhow!("not valid JSON: {e}"))?;
+    let v: Value =
+        serde_json::from_slice(bytes).map_err(|e| anyhow::anyhow!("not valid JSON: {e}"))?;
     let Value::Object(root) = &v else {
         bail!("not a JSON object");
     };
@@ -250,7 +251,9 @@ mod tests {
         assert!(err(r#"{"pretrained_cfg": {"input_size": [224, 224]}}"#).contains("input_size"));
         assert!(err(r#"{"pretrained_cfg": {"crop_pct": 1.5}}"#).contains("crop_pct"));
         assert!(err(r#"{"pretrained_cfg": {"std": [0, 1, 1]}}"#).contains("std"));
-        assert!(err(r#"{"num_classes": 10, "pretrained_cfg": {"num_classes": 5}}"#)
-            .contains("pretrained_cfg.num_classes is 5"));
+        assert!(
+            err(r#"{"num_classes": 10, "pretrained_cfg": {"num_classes": 5}}"#)
+                .contains("pretrained_cfg.num_classes is 5")
+        );
     }
 }

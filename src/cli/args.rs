@@ -361,9 +361,9 @@ impl DataOptions {
         if let Some([_, h, w]) = p.input_size {
             match self.size {
                 Some(_) => kept.push("--size"),
-                None if h != w => bail!(
-                    "{config}: pretrained_cfg.input_size is {h}x{w}, not square; give --size"
-                ),
+                None if h != w => {
+                    bail!("{config}: pretrained_cfg.input_size is {h}x{w}, not square; give --size")
+                }
                 None => {
                     self.size = Some(h);
                     took.push(format!("size {h} (input_size)"));

@@ -37,7 +37,12 @@ pub fn run(args: InspectArgs, _global: &GlobalArgs, _rep: Reporter) -> Result<()
         let mut out = std::io::stdout().lock();
         print_text(&mut out, &s, part.as_ref())?;
         if let Some(f) = &ck.model_folder {
-            writeln!(out, "config      {}: {}", f.config_path.display(), f.describe())?;
+            writeln!(
+                out,
+                "config      {}: {}",
+                f.config_path.display(),
+                f.describe()
+            )?;
         }
         if let Some(p) = &config_problem {
             writeln!(out, "config does not fit: {p}")?;

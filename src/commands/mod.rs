@@ -76,9 +76,9 @@ pub fn model_arch(flag: Option<&str>, ck: &Checkpoint) -> Result<Option<String>>
     let shapes = models::weight_shapes(ck);
     let arch = match (flag, &folder.architecture) {
         (Some(a), _) => Some(a.to_string()),
-        (None, Some(name)) => Some(
-            models::arch_for_model_name(&shapes, name).with_context(|| config.to_string())?,
-        ),
+        (None, Some(name)) => {
+            Some(models::arch_for_model_name(&shapes, name).with_context(|| config.to_string())?)
+        }
         (None, None) => None,
     };
     if let Some(n) = folder.num_classes {
