@@ -213,7 +213,7 @@ fn floats3(v: Option<&Value>, name: &str) -> Result<Option<[f32; 3]>> {
 
 fn size3(v: Option<&Value>, name: &str) -> Result<Option<[u32; 3]>> {
     let Some(v) = v else { return Ok(None) };
-    let ok = |x: f64| x >= 1.0 && x <= 65536.0 && x.fract() == 0.0;
+    let ok = |x: f64| (1.0..=65536.0).contains(&x) && x.fract() == 0.0;
     match numbers(v).as_deref() {
         Some(&[c, h, w]) if ok(c) && ok(h) && ok(w) => Ok(Some([c as u32, h as u32, w as u32])),
         _ => bail!("pretrained_cfg.{name} is {v}, expected [channels, height, width]"),
