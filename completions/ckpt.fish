@@ -65,7 +65,7 @@ max\t'Element-wise maximum'
 sum\t'Element-wise sum (an error if it overflows the dtype)'
 error\t'Refuse integer tensors'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l dtype -d 'Output dtype of floating tensors: f32, f16, bf16 or f64 (default: as stored). The average is accumulated in f64 and rounded once' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index. swa and ema write a folder (DIR/, or one that exists) as a model folder: model.safetensors (or shards and their index) and the first input\'s config.json when it is a model folder' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l shard-size -d 'Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when the input was sharded, at 5GB)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l recal-bn -d 'Recompute the BatchNorm statistics of the averaged weights over the images in DIR (precise BN, as `ckpt recal-bn`) before writing; the data options below apply' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
@@ -110,7 +110,7 @@ max\t'Element-wise maximum'
 sum\t'Element-wise sum (an error if it overflows the dtype)'
 error\t'Refuse integer tensors'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l dtype -d 'Output dtype of floating tensors: f32, f16, bf16 or f64 (default: as stored). The average is accumulated in f64 and rounded once' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index. swa and ema write a folder (DIR/, or one that exists) as a model folder: model.safetensors (or shards and their index) and the first input\'s config.json when it is a model folder' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l shard-size -d 'Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when the input was sharded, at 5GB)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l recal-bn -d 'Recompute the BatchNorm statistics of the averaged weights over the images in DIR (precise BN, as `ckpt recal-bn`) before writing; the data options below apply' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
@@ -233,7 +233,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l estimator -d 'How
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l stats-out -d 'Write the mergeable per-layer sums (f64) to this file instead of a checkpoint' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l merge -d 'Combine --stats-out files of shards instead of reading images' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s o -l output -d 'Output checkpoint (or, with --stats-out, the statistics file)' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s o -l output -d 'Output checkpoint (or, with --stats-out, the statistics file); DIR/ writes a model folder: model.safetensors and the model folder\'s config.json' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l batch-size -d 'Images per batch' -r
@@ -389,7 +389,7 @@ max\t'Element-wise maximum'
 sum\t'Element-wise sum (an error if it overflows the dtype)'
 error\t'Refuse integer tensors'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l dtype -d 'Output dtype of floating tensors: f32, f16, bf16 or f64 (default: as stored). The average is accumulated in f64 and rounded once' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index. swa and ema write a folder (DIR/, or one that exists) as a model folder: model.safetensors (or shards and their index) and the first input\'s config.json when it is a model folder' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l shard-size -d 'Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when the input was sharded, at 5GB)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet) or a torchvision name (resnet50, efficientnet_b0, ...)' -r

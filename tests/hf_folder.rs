@@ -283,3 +283,54 @@ fn bad_model_folders_are_refused_by_name_issue_16() {
     ])
     .ok();
 }
+
+/// `-o DIR/` writes a model folder: the weights as model.safetensors (timm's keys and shapes)
+/// and the input folder's config.json, byte for byte, so that the result is a model folder
+/// again (ckpt evaluates it with the same preprocessing; timm loads it with `local-dir:`). A
+/// write that fails leaves no folder behind.
+#[test]
+fn outputs_written_as_model_folders_carry_the_config_issue_16() {
+    let config = std::fs::read(fixture("hf/resnet18_digits/config.json")).unwrap();
+    let folders = [folder("resnet18_digits"), folder("resnet18_digits_bin")];
+    let train = p(&fixture("digits/train"));
+    let d = TestDir::new();
+    d.run(&["swa", &folders[0], &folders[1], "-o", "swa/"]).ok();
+    d.run(&[
+        "ema",
+        &folders[0],
+        &folders[1],
+        "--decay",
+        "0.5",
+        "-o",
+        "ema/",
+    ])
+    .ok();
+    d.run(&["recal-bn", &folders[0], "--data", &train, "-o", "recal/"])
+        .ok();
+    for out in ["swa", "ema", "recal"] {
+        assert_eq!(
+            std::fs::read(d.path(out).join("config.json")).unwrap(),
+            config,
+            "{out}"
+        );
+        assert_eq!(
+            key_shapes(&d.path(out).join("model.safetensors")),
+            timm_state_dict()
+        );
+    }
+    let r = d
+        .run(&["eval", &p(&d.path("recal")), "--data", &val()])
+        .ok();
+    assert!(r.stderr.contains("size 40 (input_size)"), "{}", r.stderr);
+    // An existing folder takes the files; existing files need --force.
+    d.run(&["swa", &folders[0], &folders[1], "-o", "swa"])
+        .fails_with(&["exists already", "--force"]);
+    d.run(&["swa", &folders[0], &folders[1], "-o", "swa", "--force"])
+        .ok();
+    d.run_env(
+        &["swa", &folders[0], &folders[1], "-o", "failed/"],
+        &[("CKPT_TEST_FAIL_WRITE_AFTER", "2000")],
+    )
+    .fails_with(&["No space left"]);
+    assert!(!d.path("failed").exists());
+}

@@ -176,7 +176,8 @@ pub struct RecalBnArgs {
     /// Combine --stats-out files of shards instead of reading images
     #[arg(long, value_name = "PART", num_args = 1.., conflicts_with = "data")]
     pub merge: Vec<PathBuf>,
-    /// Output checkpoint (or, with --stats-out, the statistics file)
+    /// Output checkpoint (or, with --stats-out, the statistics file); DIR/ writes a model folder:
+    /// model.safetensors and the model folder's config.json
     #[arg(short, long, value_name = "OUT", required_unless_present = "stats_out")]
     pub output: Option<PathBuf>,
     /// Replace an existing output

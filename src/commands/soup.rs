@@ -20,7 +20,13 @@ pub fn run(args: SoupArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let (paths, inputs) = common::open_snapshots(&args.candidates, &rep)?;
     let cfg = common::config(&args.average, &args.output);
     let plan = average::plan(&inputs, &cfg)?;
-    let layout = common::layout(&args.output.output, &args.output, &inputs);
+    let (layout, folder) = common::layout(&args.output.output, &args.output, &inputs);
+    if folder.is_some() {
+        bail!(
+            "{}: soup writes a safetensors file, not a model folder (-o DIR/ is swa's, ema's and recal-bn's)",
+            args.output.output.display()
+        );
+    }
     let files: Vec<PathBuf> = inputs.iter().flat_map(|c| c.files.clone()).collect();
     check_outputs(
         &destinations(&layout, &plan.planned_tensors()),
