@@ -334,3 +334,32 @@ fn outputs_written_as_model_folders_carry_the_config_issue_16() {
     .fails_with(&["No space left"]);
     assert!(!d.path("failed").exists());
 }
+
+/// `soup` of model folders evaluates its candidates with the first one's preprocessing: the
+/// same accuracy as timm's for a soup of one model saved twice.
+#[test]
+fn soup_of_model_folders_uses_their_preprocessing_issue_16() {
+    let d = TestDir::new();
+    let r = d
+        .run(&[
+            "soup",
+            &folder("resnet18_digits"),
+            &folder("resnet18_digits_bin"),
+            "--data",
+            &val(),
+            "-o",
+            "soup.safetensors",
+        ])
+        .ok();
+    assert!(r.stderr.contains("size 40 (input_size)"), "{}", r.stderr);
+    assert!(r.stdout.contains("top-1 82.50 %"), "{}", r.stdout);
+    d.run(&[
+        "soup",
+        &folder("resnet18_digits"),
+        "--data",
+        &val(),
+        "-o",
+        "soup/",
+    ])
+    .fails_with(&["not a model folder"]);
+}

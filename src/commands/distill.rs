@@ -13,11 +13,15 @@ use crate::commands::common;
 use crate::report::Reporter;
 use crate::train::{self, Schedule};
 
-pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
+pub fn run(mut args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let ck = Checkpoint::open(&args.model.model, &args.model.open.options())?;
     if let Some(n) = ck.origin_note() {
         rep.note(n);
     }
+    // A student model folder's architecture and preprocessing (the teachers see the same
+    // batches, so theirs are not applied).
+    let arch = super::model_arch(args.model.arch.get(), &ck)?;
+    super::model_data_defaults(&mut args.data.opts, &ck, &rep)?;
     let force = args.out.force;
     let teacher_cks = args
         .teachers
@@ -55,7 +59,8 @@ pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
         .iter()
         .zip(&args.teachers)
         .map(|(t, path)| {
-            let m = super::load_model(t, None, global, &rep)?;
+            let arch = super::model_arch(None, t)?;
+            let m = super::load_model(t, arch.as_deref(), global, &rep)?;
             rep.note(format!("teacher {}: {}", path.display(), m.config));
             Ok(m)
         })
@@ -63,7 +68,7 @@ pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
     let dev = super::device(global, &rep)?;
     let refs: Vec<&crate::models::Model> = teachers.iter().collect();
     let t0 = std::time::Instant::now();
-    let out = train::distill::distill(&ck, args.model.arch.get(), &refs, &dev, &cfg, &rep)?;
+    let out = train::distill::distill(&ck, arch.as_deref(), &refs, &dev, &cfg, &rep)?;
     let secs = t0.elapsed().as_secs_f64();
 
     let mut meta = provenance::metadata(&provenance::command_line(), std::slice::from_ref(&ck))?;
