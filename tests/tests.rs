@@ -10,6 +10,7 @@ mod ema;
 mod eval;
 mod fixres;
 mod guarantees;
+mod hf_folder;
 mod inspect;
 mod logits;
 mod man;

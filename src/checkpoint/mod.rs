@@ -20,8 +20,13 @@
 //! Any other prefix is left alone here: whether `backbone.` is a wrapper or part of the model's
 //! own naming can only be told by an architecture, which is the model layer's business
 //! ([`Checkpoint::remove_prefix`] and [`shared_component`] are its tools).
+//!
+//! A folder holding a `config.json` beside its weights is a Hugging Face / timm model folder:
+//! the config is read with the weights ([`folder`]; [`Checkpoint::model_folder`]) and left for
+//! the model layer and the commands to interpret.
 
 pub mod dtype;
+pub mod folder;
 pub mod guard;
 pub mod pickle;
 pub mod provenance;
@@ -156,6 +161,8 @@ pub struct Checkpoint {
     pub metadata: BTreeMap<String, String>,
     /// The files read (several for a sharded checkpoint).
     pub files: Vec<PathBuf>,
+    /// The config.json of a model folder (see [`folder`]).
+    pub model_folder: Option<folder::ModelFolder>,
     blobs: Vec<Blob>,
     tensors: Vec<TensorInfo>,
     by_name: HashMap<String, usize>,
@@ -186,13 +193,15 @@ impl Checkpoint {
         let meta = std::fs::metadata(path).context("cannot open")?;
         let mut ck = if meta.is_dir() {
             let target = sharded::find_in_folder(path)?;
-            if target.extension().is_some_and(|e| e == "json") {
+            let mut ck = if target.extension().is_some_and(|e| e == "json") {
                 Self::open_sharded(path, &target).with_context(|| file_name(&target))?
             } else {
-                let mut c = Self::open_file(&target, opts)?;
+                let mut c = Self::open_file(&target, opts).with_context(|| file_name(&target))?;
                 c.path = path.to_path_buf();
                 c
-            }
+            };
+            ck.model_folder = folder::ModelFolder::read(path)?;
+            ck
         } else if path.to_string_lossy().ends_with(".json") {
             Self::open_sharded(path, path)?
         } else {
@@ -269,6 +278,7 @@ impl Checkpoint {
             placeholders: Vec::new(),
             metadata: BTreeMap::new(),
             files: Vec::new(),
+            model_folder: None,
             blobs: Vec::new(),
             tensors: Vec::new(),
             by_name: HashMap::new(),

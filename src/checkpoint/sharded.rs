@@ -20,7 +20,9 @@ pub struct Index {
     pub shards: Vec<PathBuf>,
 }
 
-/// The checkpoint file inside a folder: its sharded index, or its single safetensors file.
+/// The checkpoint file inside a folder: its sharded index, or its single safetensors file, or
+/// (a model folder saved without safetensors) `pytorch_model.bin` and its kin
+/// ([`super::folder::TORCH_WEIGHTS`], in timm's order of preference).
 pub fn find_in_folder(dir: &Path) -> Result<PathBuf> {
     let mut indexes = Vec::new();
     let mut singles = Vec::new();
@@ -42,7 +44,17 @@ pub fn find_in_folder(dir: &Path) -> Result<PathBuf> {
     match (indexes.len(), singles.len()) {
         (1, _) => Ok(indexes.remove(0)),
         (0, 1) => Ok(singles.remove(0)),
-        (0, 0) => bail!("folder holds no *.safetensors.index.json and no .safetensors file"),
+        (0, 0) => match super::folder::TORCH_WEIGHTS
+            .iter()
+            .map(|n| dir.join(n))
+            .find(|p| p.is_file())
+        {
+            Some(p) => Ok(p),
+            None => bail!(
+                "folder holds no weights: no *.safetensors.index.json, no .safetensors file, no {}",
+                super::folder::TORCH_WEIGHTS.join(", ")
+            ),
+        },
         (0, _) => bail!(
             "folder holds {} .safetensors files and no index to say how they fit together",
             singles.len()

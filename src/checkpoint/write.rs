@@ -526,3 +526,84 @@ pub fn write_file(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
     f.write_at(bytes, 0)?;
     f.commit()
 }
+
+/// Whether `-o PATH` asks for a model folder: a trailing slash, or a folder that exists.
+pub fn wants_folder(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str().as_bytes().ends_with(b"/") || path.is_dir()
+}
+
+/// An output written as a model folder (`-o DIR/`): the weights as `DIR/model.safetensors` (or
+/// shards and their index there), and the input model folder's config.json beside them, so that
+/// timm's local folder loading takes the result. The folder is made when missing and removed
+/// again when the write fails before anything was committed; config.json is prepared first and
+/// committed after the weights, as an index after its shards, so that the folder never holds a
+/// config without its weights.
+pub struct FolderOutput {
+    dir: PathBuf,
+    created: bool,
+    config: Option<AtomicFile>,
+    committed: bool,
+}
+
+impl FolderOutput {
+    /// Makes `dir` if needed (its parent must exist) and prepares `config` as its config.json.
+    pub fn create(dir: &Path, config: Option<&[u8]>, force: bool) -> Result<FolderOutput> {
+        let created = !dir.exists();
+        if created {
+            let parent = parent_dir(dir.components().as_path());
+            if !parent.is_dir() {
+                bail!(
+                    "{}: output folder {} does not exist",
+                    dir.display(),
+                    parent.display()
+                );
+            }
+            std::fs::create_dir(dir)
+                .with_context(|| format!("{}: cannot make the output folder", dir.display()))?;
+        }
+        let mut out = FolderOutput {
+            dir: dir.to_path_buf(),
+            created,
+            config: None,
+            committed: false,
+        };
+        if let Some(bytes) = config {
+            let f = AtomicFile::create(&dir.join(super::folder::CONFIG_NAME), force)?;
+            f.set_len(bytes.len() as u64)?;
+            f.write_at(bytes, 0)?;
+            out.config = Some(f);
+        }
+        Ok(out)
+    }
+
+    /// Where the weights go: `model.safetensors`, or shards of `shard_size` and their index.
+    pub fn layout(&self, shard_size: Option<u64>) -> OutputLayout {
+        match shard_size {
+            None => OutputLayout::Single(self.dir.join("model.safetensors")),
+            Some(max_bytes) => OutputLayout::Sharded {
+                index: self.dir.join("model.safetensors.index.json"),
+                max_bytes,
+            },
+        }
+    }
+
+    /// Makes config.json visible, once the weights are.
+    pub fn commit(mut self) -> Result<()> {
+        if let Some(f) = self.config.take() {
+            f.commit()?;
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for FolderOutput {
+    fn drop(&mut self) {
+        self.config = None;
+        if !self.committed && self.created {
+            // Only an empty folder: weights committed before a failure are left, named.
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+}

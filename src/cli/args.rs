@@ -94,7 +94,9 @@ fn parse_float_dtype(s: &str) -> Result<crate::checkpoint::DType, String> {
 /// Where and how a command writes a checkpoint.
 #[derive(Args, Debug, Clone)]
 pub struct OutputArgs {
-    /// Output checkpoint (safetensors). With sharding: a folder, or a name for the index
+    /// Output checkpoint (safetensors). With sharding: a folder, or a name for the index. swa and
+    /// ema write a folder (DIR/, or one that exists) as a model folder: model.safetensors (or
+    /// shards and their index) and the first input's config.json when it is a model folder
     #[arg(short, long, value_name = "OUT")]
     pub output: PathBuf,
     /// Replace an existing output (atomically)
@@ -189,24 +191,29 @@ impl DataArgs {
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Data")]
 pub struct DataOptions {
-    /// Side of the square images fed to the model
-    #[arg(long, default_value_t = 224, value_name = "S")]
-    pub size: u32,
+    /// Side of the square images fed to the model (default: 224, or a model folder's
+    /// input_size)
+    #[arg(long, value_name = "S")]
+    pub size: Option<u32>,
     /// Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res
-    /// takes a list: P1,P2,...)
-    #[arg(long, value_delimiter = ',', default_value = "0.875", value_name = "P")]
+    /// takes a list: P1,P2,...) (default: 0.875, or a model folder's crop_pct)
+    #[arg(long, value_delimiter = ',', value_name = "P")]
     pub crop_pct: Vec<f64>,
-    /// Resampling filter, antialiased as PIL's when downscaling
-    #[arg(long, value_enum, default_value = "bilinear", value_name = "FILTER")]
-    pub interpolation: crate::data::Interpolation,
+    /// Resampling filter, antialiased as PIL's when downscaling (default: bilinear, or a model
+    /// folder's interpolation)
+    #[arg(long, value_enum, value_name = "FILTER")]
+    pub interpolation: Option<crate::data::Interpolation>,
     /// Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash
-    /// resizes both sides to floor(S / P); timm's crop modes
-    #[arg(long, value_enum, default_value = "center", value_name = "MODE")]
-    pub crop_mode: crate::data::CropMode,
-    /// Per-channel means subtracted after scaling to [0, 1] (default: ImageNet's)
+    /// resizes both sides to floor(S / P); timm's crop modes (default: center, or a model
+    /// folder's crop_mode)
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub crop_mode: Option<crate::data::CropMode>,
+    /// Per-channel means subtracted after scaling to [0, 1] (default: ImageNet's, or a model
+    /// folder's mean)
     #[arg(long, value_name = "R,G,B", value_parser = parse_rgb)]
     pub mean: Option<[f32; 3]>,
-    /// Per-channel standard deviations divided by (default: ImageNet's)
+    /// Per-channel standard deviations divided by (default: ImageNet's, or a model folder's
+    /// std)
     #[arg(long, value_name = "R,G,B", value_parser = parse_rgb)]
     pub std: Option<[f32; 3]>,
     /// eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale
@@ -303,13 +310,124 @@ fn parse_rgb(s: &str) -> Result<[f32; 3], String> {
     }
 }
 
+/// The data options' defaults when neither a flag nor a model folder gives them.
+pub const DEFAULT_SIZE: u32 = 224;
+pub const DEFAULT_CROP_PCT: f64 = 0.875;
+
 impl DataOptions {
+    /// `--size`, or its default.
+    pub fn size(&self) -> u32 {
+        self.size.unwrap_or(DEFAULT_SIZE)
+    }
+
+    /// `--crop-pct`'s values, or the default.
+    pub fn crop_pcts(&self) -> Vec<f64> {
+        if self.crop_pct.is_empty() {
+            vec![DEFAULT_CROP_PCT]
+        } else {
+            self.crop_pct.clone()
+        }
+    }
+
     /// The one `--crop-pct` of commands that are not sweeps.
     pub fn single_crop_pct(&self) -> anyhow::Result<f64> {
-        match self.crop_pct[..] {
+        match self.crop_pcts()[..] {
             [p] => Ok(p),
             _ => anyhow::bail!("--crop-pct takes one value here (a list is for sweep-res)"),
         }
+    }
+
+    fn normalize(&self) -> crate::data::Normalize {
+        crate::data::Normalize {
+            mean: self.mean.unwrap_or(crate::data::IMAGENET_MEAN),
+            std: self.std.unwrap_or(crate::data::IMAGENET_STD),
+        }
+    }
+
+    /// Fills the options no flag gave from a model folder's `pretrained_cfg` (timm's
+    /// `resolve_data_config`: input_size, interpolation, mean, std, crop_pct, crop_mode), and
+    /// returns the line that says where they came from (`None` when the config gives none of
+    /// them). Values ckpt cannot apply are refused, naming the field and the flag that
+    /// overrides it.
+    pub fn take_model_defaults(
+        &mut self,
+        folder: &crate::checkpoint::folder::ModelFolder,
+    ) -> anyhow::Result<Option<String>> {
+        use crate::checkpoint::folder::rgb;
+        use anyhow::bail;
+        use clap::ValueEnum;
+        let p = &folder.pretrained_cfg;
+        let config = folder.config_path.display();
+        let mut took = Vec::new();
+        let mut kept = Vec::new();
+        if let Some([_, h, w]) = p.input_size {
+            match self.size {
+                Some(_) => kept.push("--size"),
+                None if h != w => {
+                    bail!("{config}: pretrained_cfg.input_size is {h}x{w}, not square; give --size")
+                }
+                None => {
+                    self.size = Some(h);
+                    took.push(format!("size {h} (input_size)"));
+                }
+            }
+        }
+        if let Some(c) = p.crop_pct {
+            if self.crop_pct.is_empty() {
+                self.crop_pct = vec![c];
+                took.push(format!("crop_pct {c}"));
+            } else {
+                kept.push("--crop-pct");
+            }
+        }
+        if let Some(name) = &p.interpolation {
+            if self.interpolation.is_some() {
+                kept.push("--interpolation");
+            } else {
+                let Ok(i) = crate::data::Interpolation::from_str(name, true) else {
+                    bail!("{config}: pretrained_cfg.interpolation {name:?} is not one ckpt has (bilinear, bicubic); give --interpolation");
+                };
+                self.interpolation = Some(i);
+                took.push(format!("interpolation {name}"));
+            }
+        }
+        if let Some(name) = &p.crop_mode {
+            if self.crop_mode.is_some() {
+                kept.push("--crop-mode");
+            } else {
+                let Ok(m) = crate::data::CropMode::from_str(name, true) else {
+                    bail!("{config}: pretrained_cfg.crop_mode {name:?} is not one ckpt has (center, squash); give --crop-mode");
+                };
+                self.crop_mode = Some(m);
+                took.push(format!("crop_mode {name}"));
+            }
+        }
+        for (name, value, flag, field) in [
+            ("mean", p.mean, "--mean", &mut self.mean),
+            ("std", p.std, "--std", &mut self.std),
+        ] {
+            if let Some(v) = value {
+                if field.is_some() {
+                    kept.push(flag);
+                } else {
+                    *field = Some(v);
+                    took.push(format!("{name} {}", rgb(v)));
+                }
+            }
+        }
+        if took.is_empty() && kept.is_empty() {
+            return Ok(None);
+        }
+        let mut line = format!("{config}: data options from pretrained_cfg: ");
+        line += &if took.is_empty() {
+            "none".to_string()
+        } else {
+            took.join(", ")
+        };
+        if !kept.is_empty() {
+            line += &format!(" (the flags given win: {})", kept.join(", "));
+        }
+        Ok(Some(line))
     }
 
     /// The eval transform at `size` and `crop_pct` with these options' filter, crop mode and
@@ -318,12 +436,9 @@ impl DataOptions {
         crate::data::EvalTransform {
             size,
             crop_pct,
-            interpolation: self.interpolation,
-            crop_mode: self.crop_mode,
-            normalize: crate::data::Normalize {
-                mean: self.mean.unwrap_or(crate::data::IMAGENET_MEAN),
-                std: self.std.unwrap_or(crate::data::IMAGENET_STD),
-            },
+            interpolation: self.interpolation.unwrap_or_default(),
+            crop_mode: self.crop_mode.unwrap_or_default(),
+            normalize: self.normalize(),
         }
     }
 
@@ -345,24 +460,14 @@ impl DataOptions {
         crop_pct: f64,
     ) -> anyhow::Result<crate::data::DataConfig> {
         use crate::data::{
-            DataConfig, DatasetOptions, DecodeOptions, EvalTransform, LoaderOptions, Normalize,
-            TrainTransform, Transform,
+            DataConfig, DatasetOptions, DecodeOptions, LoaderOptions, TrainTransform, Transform,
         };
-        let normalize = Normalize {
-            mean: self.mean.unwrap_or(crate::data::IMAGENET_MEAN),
-            std: self.std.unwrap_or(crate::data::IMAGENET_STD),
-        };
+        let normalize = self.normalize();
         let transform = match self.transform {
-            TransformKind::Eval => Transform::Eval(EvalTransform {
-                size: self.size,
-                crop_pct,
-                interpolation: self.interpolation,
-                crop_mode: self.crop_mode,
-                normalize,
-            }),
+            TransformKind::Eval => Transform::Eval(self.eval_transform(self.size(), crop_pct)),
             TransformKind::Train => Transform::Train(TrainTransform {
-                size: self.size,
-                interpolation: self.interpolation,
+                size: self.size(),
+                interpolation: self.interpolation.unwrap_or_default(),
                 normalize,
                 seed: self.seed,
                 ..TrainTransform::default()

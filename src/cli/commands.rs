@@ -176,7 +176,8 @@ pub struct RecalBnArgs {
     /// Combine --stats-out files of shards instead of reading images
     #[arg(long, value_name = "PART", num_args = 1.., conflicts_with = "data")]
     pub merge: Vec<PathBuf>,
-    /// Output checkpoint (or, with --stats-out, the statistics file)
+    /// Output checkpoint (or, with --stats-out, the statistics file); DIR/ writes a model folder:
+    /// model.safetensors and the model folder's config.json
     #[arg(short, long, value_name = "OUT", required_unless_present = "stats_out")]
     pub output: Option<PathBuf>,
     /// Replace an existing output
@@ -198,7 +199,7 @@ pub struct RecalBnArgs {
 /// their own folders.
 #[derive(Args, Debug)]
 #[command(
-    mut_arg("size", |a| a.long("train-size").help("Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it, and deltas are against it")),
+    mut_arg("size", |a| a.long("train-size").help("Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it (and a model folder's test_input_size), and deltas are against it (default: 224, or a model folder's input_size)")),
     mut_arg("batch_size", |a| a.default_value("64")),
     mut_arg("shard", |a| a.help("Evaluate only every n-th image of --data starting at the i-th (0-based), after --max-images; the --recal-bn passes read all of DIR"))
 )]

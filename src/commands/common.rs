@@ -10,7 +10,9 @@ use anyhow::Result;
 
 use crate::average::{self, select, Config, OutputSpec, Plan, Target};
 use crate::bn;
-use crate::checkpoint::write::{check_outputs, destinations, write_file, OutputLayout};
+use crate::checkpoint::write::{
+    check_outputs, destinations, wants_folder, write_file, FolderOutput, OutputLayout,
+};
 use crate::checkpoint::{bn_layers, provenance, Checkpoint, Format};
 use crate::cli::{
     AverageArgs, FineTuneArgs, GlobalArgs, JsonArg, OptimizerKind, OutputArgs, RecalArgs,
@@ -64,25 +66,47 @@ pub fn config(args: &AverageArgs, out: &OutputArgs) -> Config {
     }
 }
 
-/// The layout of an output: shards when asked, or when the inputs were sharded.
-pub fn layout(path: &std::path::Path, out: &OutputArgs, inputs: &[Checkpoint]) -> OutputLayout {
+/// The layout of an output: shards when asked, or when the inputs were sharded; in a model folder
+/// (`-o DIR/`, see `write::FolderOutput`) `model.safetensors` or shards there, with the folder
+/// to make.
+pub fn layout(
+    path: &std::path::Path,
+    out: &OutputArgs,
+    inputs: &[Checkpoint],
+) -> (OutputLayout, Option<PathBuf>) {
     let sharded_input = inputs
         .iter()
         .any(|c| c.format == Format::ShardedSafetensors);
-    match (out.shard_size, sharded_input) {
+    if wants_folder(path) {
+        let shard = out.shard_size.or(sharded_input.then_some(5_000_000_000));
+        let l = match shard {
+            None => OutputLayout::Single(path.join("model.safetensors")),
+            Some(max_bytes) => OutputLayout::Sharded {
+                index: path.join("model.safetensors.index.json"),
+                max_bytes,
+            },
+        };
+        return (l, Some(path.to_path_buf()));
+    }
+    let l = match (out.shard_size, sharded_input) {
         (Some(s), _) => OutputLayout::new(path, Some(s)),
         (None, true) => OutputLayout::new(path, Some(5_000_000_000)),
         (None, false) => OutputLayout::new(path, None),
-    }
+    };
+    (l, None)
 }
 
 /// Checks the outputs against the inputs, records provenance, runs the pass and reports; with
 /// `recal`, averages into memory, recalibrates each average's BN statistics there and writes
 /// only the recalibrated outputs (no intermediate file, so an interrupted run leaves nothing).
+/// `folders` are the model folders to make (from [`layout`]), each given the first input's
+/// config.json when it has one.
+#[allow(clippy::too_many_arguments)]
 pub fn write_outputs(
     inputs: &[Checkpoint],
     plan: &Plan,
     mut outputs: Vec<OutputSpec>,
+    folders: Vec<PathBuf>,
     cfg: &Config,
     recal: &RecalArgs,
     global: &GlobalArgs,
@@ -101,6 +125,11 @@ pub fn write_outputs(
         .iter()
         .flat_map(|l| destinations(l, &planned))
         .collect();
+    let config = inputs[0].model_folder.as_ref().map(|f| f.bytes.as_slice());
+    let folders = folders
+        .iter()
+        .map(|d| FolderOutput::create(d, config, cfg.force))
+        .collect::<Result<Vec<_>>>()?;
     check_outputs(&dests, &files, cfg.force)?;
     if !plan.partial.is_empty() {
         rep.note(format!(
@@ -119,7 +148,10 @@ pub fn write_outputs(
     }
     let mut recal_setup = None;
     if let Some(dir) = &recal.recal_bn {
-        let mut data = recal.data.config(dir, global.threads)?;
+        // A model folder's preprocessing (the first snapshot's) where no flag gives it.
+        let mut opts = recal.data.clone();
+        super::model_data_defaults(&mut opts, &inputs[0], rep)?;
+        let mut data = opts.config(dir, global.threads)?;
         let shard = data.dataset.shard.take();
         data.scan()?; // a bad folder fails before the averaging, not after
         let dev = super::device(global, rep)?;
@@ -143,6 +175,9 @@ pub fn write_outputs(
             m.extend(bn::estimate_metadata(&bn_stats, recal.estimator));
             bn::recalibrated(avg, &bn_stats, recal.estimator, layout, &m, cfg.force)?;
         }
+    }
+    for f in folders {
+        f.commit()?;
     }
     let mut stdout = std::io::stdout().lock();
     for (o, layout) in outputs.iter().zip(&layouts) {

@@ -16,11 +16,15 @@ use crate::report::Reporter;
 use crate::train::resume::Progress;
 use crate::train::{self, Schedule};
 
-pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
+pub fn run(mut args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let ck = Checkpoint::open(&args.model.model, &args.model.open.options())?;
     if let Some(n) = ck.origin_note() {
         rep.note(n);
     }
+    // A student model folder's architecture and preprocessing (the teachers see the same
+    // batches, so theirs are not applied).
+    let arch = super::model_arch(args.model.arch.get(), &ck)?;
+    super::model_data_defaults(&mut args.data.opts, &ck, &rep)?;
     let force = args.out.force;
     let teacher_cks = args
         .teachers
@@ -81,7 +85,8 @@ pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
         .iter()
         .zip(&args.teachers)
         .map(|(t, path)| {
-            let m = super::load_model(t, None, global, &rep)?;
+            let arch = super::model_arch(None, t)?;
+            let m = super::load_model(t, arch.as_deref(), global, &rep)?;
             rep.note(format!("teacher {}: {}", path.display(), m.config));
             Ok(m)
         })
@@ -114,7 +119,7 @@ pub fn run(args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
     };
     let out = train::distill::distill(
         &ck,
-        args.model.arch.get(),
+        arch.as_deref(),
         &refs,
         &dev,
         &cfg,

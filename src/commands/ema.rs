@@ -48,11 +48,14 @@ pub fn run(args: EmaArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let cfg = common::config(&args.average, &args.output);
     let plan = average::plan(&inputs, &cfg)?;
     let mut outputs = Vec::new();
+    let mut folders = Vec::new();
     for (text, d) in &decays {
         let w = weights::ema(*d, inputs.len(), &sched)?;
         let path = PathBuf::from(template.replace("{decay}", text));
+        let (layout, folder) = common::layout(&path, &args.output, &inputs);
+        folders.extend(folder);
         outputs.push(OutputSpec {
-            target: Target::File(common::layout(&path, &args.output, &inputs)),
+            target: Target::File(layout),
             weights: w,
             metadata: [
                 ("ckpt.method".to_string(), "ema".to_string()),
@@ -61,5 +64,14 @@ pub fn run(args: EmaArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
             .into(),
         });
     }
-    common::write_outputs(&inputs, &plan, outputs, &cfg, &args.recal, global, &rep)
+    common::write_outputs(
+        &inputs,
+        &plan,
+        outputs,
+        folders,
+        &cfg,
+        &args.recal,
+        global,
+        &rep,
+    )
 }

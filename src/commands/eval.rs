@@ -10,8 +10,9 @@ use crate::data::Loader;
 use crate::eval;
 use crate::report::Reporter;
 
-pub fn run(args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
+pub fn run(mut args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let (ck, model) = super::open_model(&args.model, global, &rep)?;
+    super::model_data_defaults(&mut args.data.opts, &ck, &rep)?;
     common::check_json(&args.json, &ck.files, args.force)?;
     let cfg = args.data.config(global.threads)?;
     let mut ds = cfg.scan()?;
@@ -41,8 +42,8 @@ pub fn run(args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         "top5": acc.top5(),
         "loss": acc.loss(),
         "images_per_second": pass.summary.images_per_second(),
-        "size": args.data.opts.size,
-        "crop_pct": args.data.opts.crop_pct[0],
+        "size": args.data.opts.size(),
+        "crop_pct": args.data.opts.single_crop_pct()?,
         "labelling": labels.record(),
     });
     if !args.json.to_stdout() {

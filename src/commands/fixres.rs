@@ -17,11 +17,13 @@ use crate::models::Model;
 use crate::report::Reporter;
 use crate::train;
 
-pub fn run(args: FixresArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
+pub fn run(mut args: FixresArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let ck = Checkpoint::open(&args.model.model, &args.model.open.options())?;
     if let Some(n) = ck.origin_note() {
         rep.note(n);
     }
+    let arch = super::model_arch(args.model.arch.get(), &ck)?;
+    super::model_data_defaults(&mut args.data.opts, &ck, &rep)?;
     let force = args.out.force;
     check_outputs(std::slice::from_ref(&args.out.output), &ck.files, force)?;
     common::check_json(&args.json, &ck.files, force)?;
@@ -50,7 +52,7 @@ pub fn run(args: FixresArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     };
     let cfg = common::fine_tune_config(&args.train, data, args.data.opts.seed, global)?;
     let dev = super::device(global, &rep)?;
-    let arch = args.model.arch.get();
+    let arch = arch.as_deref();
     let load = |c: &Checkpoint| -> Result<Model> {
         Ok(Model::load(c, arch, &dev)?.with_kernels(global.kernels))
     };
@@ -102,7 +104,7 @@ pub fn run(args: FixresArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
 
     let report = serde_json::json!({
         "output": args.out.output.display().to_string(),
-        "size": args.data.opts.size,
+        "size": args.data.opts.size(),
         "classifier": out.head.classifier,
         "last_bn": out.head.last_bn,
         "images": out.images,
@@ -129,7 +131,7 @@ pub fn run(args: FixresArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         args.out.output.display(),
         out.head.classifier,
         out.head.last_bn,
-        args.data.opts.size,
+        args.data.opts.size(),
         out.images,
         args.train.epochs,
         out.steps

@@ -16,7 +16,13 @@ use crate::report::{human_bytes, Reporter};
 pub fn run(args: InspectArgs, _global: &GlobalArgs, _rep: Reporter) -> Result<()> {
     let ck = Checkpoint::open(&args.path, &args.open.options())?;
     let mut s = summarize(&ck, args.tensors);
-    let found = detect_unwrapped(&weight_shapes(&ck), None).ok();
+    // A model folder's architecture selects as --arch would; a config that does not fit the
+    // weights is said, not refused: inspect is where one looks for why.
+    let (arch, config_problem) = match super::model_arch(None, &ck) {
+        Ok(a) => (a, None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    let found = detect_unwrapped(&weight_shapes(&ck), arch.as_deref()).ok();
     s.arch_prefix = found.as_ref().and_then(|(_, p)| p.clone());
     if let Some((c, _)) = &found {
         s.num_classes = Some(c.num_classes());
@@ -28,9 +34,29 @@ pub fn run(args: InspectArgs, _global: &GlobalArgs, _rep: Reporter) -> Result<()
     let part = PartRecord::from_metadata(&ck.metadata).ok().flatten();
     common::check_json(&args.json, &ck.files, args.force)?;
     if !args.json.to_stdout() {
-        print_text(&mut std::io::stdout().lock(), &s, part.as_ref())?;
+        let mut out = std::io::stdout().lock();
+        print_text(&mut out, &s, part.as_ref())?;
+        if let Some(f) = &ck.model_folder {
+            writeln!(
+                out,
+                "config      {}: {}",
+                f.config_path.display(),
+                f.describe()
+            )?;
+        }
+        if let Some(p) = &config_problem {
+            writeln!(out, "config does not fit: {p}")?;
+        }
     }
     let mut v = serde_json::to_value(&s)?;
+    if let Some(f) = &ck.model_folder {
+        let config: serde_json::Value = serde_json::from_slice(&f.bytes)?;
+        v["config"] = config;
+        v["config_path"] = f.config_path.display().to_string().into();
+    }
+    if let Some(p) = config_problem {
+        v["config_problem"] = p.into();
+    }
     if let Some(r) = &part {
         let fields: serde_json::Map<String, serde_json::Value> = r
             .fields()

@@ -10,10 +10,13 @@ use crate::cli::{GlobalArgs, LogitsArgs};
 use crate::eval;
 use crate::report::Reporter;
 
-pub fn run(args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
+pub fn run(mut args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let ck = super::open_for_model(&args.model.model, &args.model.open, args.model.arch.get())?;
     if let Some(n) = ck.origin_note() {
         rep.note(n);
+    }
+    if args.data.is_some() {
+        super::model_data_defaults(&mut args.data_opts, &ck, &rep)?;
     }
     let input_ck = match &args.input {
         Some(p) => Some(Checkpoint::open(p, &Default::default())?),
@@ -28,7 +31,8 @@ pub fn run(args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         &inputs,
         args.out.force,
     )?;
-    let model = super::load_model(&ck, args.model.arch.get(), global, &rep)?;
+    let arch = super::model_arch(args.model.arch.get(), &ck)?;
+    let model = super::load_model(&ck, arch.as_deref(), global, &rep)?;
     rep.note(format!("{}: {}", args.model.model.display(), model.config));
     let x = match &input_ck {
         Some(input_ck) => Some(eval::read_input_batch(input_ck, &args.input_key, &model)?),

@@ -21,7 +21,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::checkpoint::Checkpoint;
-use crate::cli::{Cli, Command, GlobalArgs, LabelArgs, ModelArgs, OpenArgs};
+use crate::cli::{Cli, Command, DataOptions, GlobalArgs, LabelArgs, ModelArgs, OpenArgs};
 use crate::data::{labels, Dataset, Labels};
 use crate::models::{self, Model};
 use crate::report::Reporter;
@@ -55,12 +55,43 @@ pub fn device(global: &GlobalArgs, rep: &Reporter) -> Result<candle_core::Device
 }
 
 /// Opens a checkpoint to run as a model, its names made the model's (a wrapper's prefix
-/// removed when only that makes them fit; see `models::use_model_names`).
+/// removed when only that makes them fit; see `models::use_model_names`). `arch` is `--arch`;
+/// a model folder's config stands in for it (see [`model_arch`]).
 pub fn open_for_model(path: &Path, open: &OpenArgs, arch: Option<&str>) -> Result<Checkpoint> {
     let mut ck = Checkpoint::open(path, &open.options())?;
-    models::use_model_names(&mut ck, arch, open.keep_prefix)
+    let arch = model_arch(arch, &ck)?;
+    models::use_model_names(&mut ck, arch.as_deref(), open.keep_prefix)
         .with_context(|| path.display().to_string())?;
     Ok(ck)
+}
+
+/// The architecture a checkpoint runs as: `--arch` when given, else a model folder's
+/// `architecture` (through `models::arch_for_model_name`), else `None` (detection alone). A
+/// folder's `num_classes` must be the classifier's.
+pub fn model_arch(flag: Option<&str>, ck: &Checkpoint) -> Result<Option<String>> {
+    let Some(folder) = &ck.model_folder else {
+        return Ok(flag.map(str::to_string));
+    };
+    let config = folder.config_path.display();
+    let shapes = models::weight_shapes(ck);
+    let arch = match (flag, &folder.architecture) {
+        (Some(a), _) => Some(a.to_string()),
+        (None, Some(name)) => {
+            Some(models::arch_for_model_name(&shapes, name).with_context(|| config.to_string())?)
+        }
+        (None, None) => None,
+    };
+    if let Some(n) = folder.num_classes {
+        let (found, _) = models::detect_unwrapped(&shapes, arch.as_deref())
+            .with_context(|| ck.path.display().to_string())?;
+        if found.num_classes() != n {
+            anyhow::bail!(
+                "{config}: num_classes is {n}, but the weights' classifier has {} classes ({found})",
+                found.num_classes()
+            );
+        }
+    }
+    Ok(arch)
 }
 
 /// Opens a model checkpoint, says how its state dict was found, and builds the network on the
@@ -74,8 +105,20 @@ pub fn open_model(
     if let Some(n) = ck.origin_note() {
         rep.note(n);
     }
-    let model = load_model(&ck, args.arch.get(), global, rep)?;
+    let arch = model_arch(args.arch.get(), &ck)?;
+    let model = load_model(&ck, arch.as_deref(), global, rep)?;
     Ok((ck, model))
+}
+
+/// Fills the data options no flag gave from a model folder's `pretrained_cfg` (nothing for other
+/// checkpoints), saying once where they came from.
+pub fn model_data_defaults(opts: &mut DataOptions, ck: &Checkpoint, rep: &Reporter) -> Result<()> {
+    if let Some(folder) = &ck.model_folder {
+        if let Some(line) = opts.take_model_defaults(folder)? {
+            rep.note(line);
+        }
+    }
+    Ok(())
 }
 
 /// Builds the network of an open checkpoint (see [`open_model`]).
@@ -87,7 +130,8 @@ pub fn load_model(
 ) -> Result<Model> {
     let dev = device(global, rep)?;
     let model = Model::load(ck, arch, &dev)?.with_kernels(global.kernels);
-    if let Some(n) = model.config.notice() {
+    // The notice is about a choice made without a name; a folder's config names one.
+    if let Some(n) = model.config.notice().filter(|_| arch.is_none()) {
         rep.note(n);
     }
     Ok(model)

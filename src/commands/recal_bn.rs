@@ -8,15 +8,18 @@ use anyhow::{bail, Context, Result};
 
 use crate::bn::part::{self, PartRecord};
 use crate::bn::{self, apply, Estimator, Stats};
-use crate::checkpoint::write::{check_outputs, OutputLayout};
+use crate::checkpoint::write::{check_outputs, wants_folder, FolderOutput, OutputLayout};
 use crate::checkpoint::{provenance, Checkpoint};
 use crate::cli::{GlobalArgs, JsonArg, RecalBnArgs};
 use crate::commands::common;
 use crate::data::Shard;
 use crate::report::Reporter;
 
-pub fn run(args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
+pub fn run(mut args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let (ck, model) = super::open_model(&args.model, global, &rep)?;
+    if args.data.is_some() {
+        super::model_data_defaults(&mut args.data_opts, &ck, &rep)?;
+    }
     if model.bn_layers.is_empty() {
         bail!(
             "{}: {} has no BatchNorm layers: nothing to recalibrate",
@@ -32,6 +35,22 @@ pub fn run(args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
         .map(|p| Checkpoint::open(p, &Default::default()))
         .collect::<Result<Vec<_>>>()?;
     inputs.extend(parts.iter().flat_map(|p| p.files.clone()));
+    // -o DIR/: a model folder with the input folder's config.json (see write::FolderOutput).
+    let folder = match &args.output {
+        Some(o) if args.stats_out.is_none() && wants_folder(o) => {
+            let config = ck.model_folder.as_ref().map(|f| f.bytes.as_slice());
+            Some(FolderOutput::create(o, config, args.force)?)
+        }
+        _ => None,
+    };
+    let layout = match &folder {
+        Some(f) => f.layout(None),
+        None => OutputLayout::new(&dest, None),
+    };
+    let dest = match &layout {
+        OutputLayout::Single(p) => p.clone(),
+        OutputLayout::Sharded { index, .. } => index.clone(),
+    };
     check_outputs(std::slice::from_ref(&dest), &inputs, args.force)?;
     common::check_json(&args.json, &inputs, args.force)?;
 
@@ -92,14 +111,10 @@ pub fn run(args: RecalBnArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> 
         return Ok(());
     }
     meta.extend(bn::estimate_metadata(&stats, estimator));
-    let changes = bn::recalibrated(
-        ck,
-        &stats,
-        estimator,
-        &OutputLayout::new(&dest, None),
-        &meta,
-        args.force,
-    )?;
+    let changes = bn::recalibrated(ck, &stats, estimator, &layout, &meta, args.force)?;
+    if let Some(f) = folder {
+        f.commit()?;
+    }
     report(
         &dest, &stats, estimator, &changes, &args.json, args.force, &rep,
     )

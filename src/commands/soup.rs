@@ -16,11 +16,19 @@ use crate::models;
 use crate::report::{human_bytes, Reporter};
 use crate::soup::{self, Judge, Method, Score};
 
-pub fn run(args: SoupArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
+pub fn run(mut args: SoupArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     let (paths, inputs) = common::open_snapshots(&args.candidates, &rep)?;
+    // A model folder's preprocessing (the first candidate's) where no flag gives it.
+    super::model_data_defaults(&mut args.data_opts, &inputs[0], &rep)?;
     let cfg = common::config(&args.average, &args.output);
     let plan = average::plan(&inputs, &cfg)?;
-    let layout = common::layout(&args.output.output, &args.output, &inputs);
+    let (layout, folder) = common::layout(&args.output.output, &args.output, &inputs);
+    if folder.is_some() {
+        bail!(
+            "{}: soup writes a safetensors file, not a model folder (-o DIR/ is swa's, ema's and recal-bn's)",
+            args.output.output.display()
+        );
+    }
     let files: Vec<PathBuf> = inputs.iter().flat_map(|c| c.files.clone()).collect();
     check_outputs(
         &destinations(&layout, &plan.planned_tensors()),
@@ -28,7 +36,8 @@ pub fn run(args: SoupArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
         args.output.force,
     )?;
     common::check_json(&args.json, &files, args.output.force)?;
-    let arch = args.arch.get();
+    let arch = super::model_arch(args.arch.get(), &inputs[0])?;
+    let arch = arch.as_deref();
     let dev = super::device(global, &rep)?;
 
     // The network, recognised from the first candidate: its classes label the folder, its BN

@@ -15,10 +15,20 @@ pub fn run(args: SwaArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     };
     let cfg = common::config(&args.average, &args.output);
     let plan = average::plan(&inputs, &cfg)?;
+    let (layout, folder) = common::layout(&args.output.output, &args.output, &inputs);
     let out = OutputSpec {
-        target: Target::File(common::layout(&args.output.output, &args.output, &inputs)),
+        target: Target::File(layout),
         weights: w,
         metadata: [("ckpt.method".to_string(), "swa".to_string())].into(),
     };
-    common::write_outputs(&inputs, &plan, vec![out], &cfg, &args.recal, global, &rep)
+    common::write_outputs(
+        &inputs,
+        &plan,
+        vec![out],
+        folder.into_iter().collect(),
+        &cfg,
+        &args.recal,
+        global,
+        &rep,
+    )
 }

@@ -19,23 +19,7 @@ use crate::models::{BuildOptions, Model};
 use crate::report::Reporter;
 use crate::train;
 
-pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
-    let sizes = args
-        .sizes
-        .clone()
-        .unwrap_or_else(|| sweep::default_sizes(args.data_opts.size));
-    if sizes.is_empty() || sizes.contains(&0) {
-        bail!("--sizes needs positive sizes");
-    }
-    let train = args.data_opts.size;
-    let points: Vec<EvalTransform> = sizes
-        .iter()
-        .flat_map(|&s| args.data_opts.crop_pct.iter().map(move |&c| (s, c)))
-        .map(|(s, c)| args.data_opts.eval_transform(s, c))
-        .collect();
-    for t in &points {
-        t.check()?;
-    }
+pub fn run(mut args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()> {
     for m in &args.models {
         if !m.exists() && m.extension().is_some_and(|e| e == "json") {
             bail!(
@@ -50,6 +34,39 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
         .iter()
         .map(|p| super::open_for_model(p, &args.open, args.arch.get()))
         .collect::<Result<Vec<_>>>()?;
+    // A model folder's preprocessing (the first model's, when several are swept together).
+    if let Some(ck) = cks.first() {
+        super::model_data_defaults(&mut args.data_opts, ck, &rep)?;
+    }
+    // Around the training size, and the size timm's validate.py tests at when the folder has one.
+    let test_size = cks
+        .first()
+        .and_then(|c| c.model_folder.as_ref())
+        .and_then(|f| f.pretrained_cfg.test_input_size)
+        .map(|[_, h, _]| h);
+    let sizes = match &args.sizes {
+        Some(s) => s.clone(),
+        None => {
+            let mut s = sweep::default_sizes(args.data_opts.size());
+            if let Some(t) = test_size.filter(|t| !s.contains(t)) {
+                s.push(t);
+                s.sort();
+            }
+            s
+        }
+    };
+    if sizes.is_empty() || sizes.contains(&0) {
+        bail!("--sizes needs positive sizes");
+    }
+    let train = args.data_opts.size();
+    let points: Vec<EvalTransform> = sizes
+        .iter()
+        .flat_map(|&s| args.data_opts.crop_pcts().into_iter().map(move |c| (s, c)))
+        .map(|(s, c)| args.data_opts.eval_transform(s, c))
+        .collect();
+    for t in &points {
+        t.check()?;
+    }
     if args.save_best.is_some() && cks.len() != 1 {
         bail!("--save-best needs exactly one MODEL");
     }
@@ -66,7 +83,8 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
     check_outputs(&outs, &inputs, args.force)?;
     let dev = super::device(global, &rep)?;
     let load = |ck: &Checkpoint, opts: &BuildOptions| -> Result<Model> {
-        Ok(Model::load_with(ck, args.arch.get(), &dev, opts)?.with_kernels(global.kernels))
+        let arch = super::model_arch(args.arch.get(), ck)?;
+        Ok(Model::load_with(ck, arch.as_deref(), &dev, opts)?.with_kernels(global.kernels))
     };
     let eval_cfg = args
         .data_opts
@@ -80,7 +98,8 @@ pub fn run(args: SweepResArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
     }
     let mut classes = Vec::new();
     for ck in &cks {
-        let c = crate::models::detect(&crate::models::shapes_of(ck), args.arch.get())
+        let arch = super::model_arch(args.arch.get(), ck)?;
+        let c = crate::models::detect(&crate::models::shapes_of(ck), arch.as_deref())
             .with_context(|| ck.path.display().to_string())?;
         classes.push((ck.path.display().to_string(), c.num_classes()));
     }
@@ -309,7 +328,8 @@ fn fine_tuned_at(
     dev: &candle_core::Device,
     rep: &Reporter,
 ) -> Result<(Model, Tuned)> {
-    let arch = args.arch.get();
+    let arch = super::model_arch(args.arch.get(), ck)?;
+    let arch = arch.as_deref();
     let load = |c: &Checkpoint| -> Result<Model> {
         Ok(Model::load(c, arch, dev)?.with_kernels(global.kernels))
     };

@@ -482,6 +482,39 @@ pub fn detect_unwrapped(shapes: &Shapes, arch: Option<&str>) -> Result<(Config, 
     bail!("{as_is}{}", prefix_hint(shapes, arch))
 }
 
+/// The `--arch` value a timm model name (a model folder's `architecture`) stands for: the name
+/// itself when the shapes are that configuration (`resnet50`, `tf_efficientnet_b0`), else the
+/// family that answers to the name, with its `tf_` variant kept (timm names configurations
+/// ckpt's tables do not, `resnet10t`, and a config's `model_args` can change the widths of a
+/// named model: such a model is its family, described by its shapes). An error when no family
+/// takes the name, or the shapes are not of the family it names.
+pub fn arch_for_model_name(shapes: &Shapes, name: &str) -> Result<String> {
+    let families: Vec<&Family> = FAMILIES.iter().filter(|f| (f.accepts)(name)).collect();
+    if families.is_empty() {
+        bail!(
+            "architecture {name}: not one ckpt runs (known families: {})",
+            family_names().join(", ")
+        );
+    }
+    let mut candidates = vec![name.to_string()];
+    for f in &families {
+        if name.starts_with("tf_") {
+            candidates.push(format!("tf_{}", f.name));
+        }
+        candidates.push(f.name.to_string());
+    }
+    let mut last = None;
+    for c in candidates {
+        match detect_unwrapped(shapes, Some(&c)) {
+            Ok(_) => return Ok(c),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .expect("at least one candidate")
+        .context(format!("architecture {name}")))
+}
+
 /// Makes `ck`'s names the model's, for a command that runs it: when they fit no family as they
 /// are, removes the shared leading components that make them fit (see [`detect_unwrapped`]), so
 /// that the command's outputs use the plain names. With `keep_prefix` (`--keep-prefix`) the names
