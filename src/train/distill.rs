@@ -210,8 +210,13 @@ pub fn distill(
         trainable: Some(&pick),
         overrides: None,
     };
-    // Autograd needs candle's ops: ckpt's fast CPU kernels keep no graph.
-    let student = Model::load_with(ck, arch, device, &opts)?.with_kernels(Kernels::Candle);
+    // The train kernels (the fast ones, with backward passes), or candle's ops where the teachers
+    // run on them (`--kernels candle`).
+    let kernels = match teachers.first().map(|t| t.kernels) {
+        Some(Kernels::Candle) => Kernels::Candle,
+        _ => Kernels::Train,
+    };
+    let student = Model::load_with(ck, arch, device, &opts)?.with_kernels(kernels);
     let classes = student.config.num_classes();
     if teachers.is_empty() {
         bail!("no teacher given");
