@@ -131,7 +131,6 @@ pub fn conv2d(
     if train_kernels_for(x, k)
         && weight.dtype() == DType::F32
         && (x.track_op() || weight.track_op())
-        && train::supports(act)
     {
         let y = train::conv2d(x, weight, g)?;
         let y = match shift {

@@ -365,18 +365,21 @@ impl BatchNorm {
                 channel_affine(k, x, Some(&scale), &shift, residual, act)
             }
             BnMode::Train
-                if cpu_conv::train_kernels_for(x, k)
-                    && self.weight.dtype() == DType::F32
-                    && cpu_conv::train::supports(act) =>
+                if cpu_conv::train_kernels_for(x, k) && self.weight.dtype() == DType::F32 =>
             {
                 let (n, _, h, w) = x.dims4()?;
-                let fused = if residual.is_none() { act } else { Act::None };
+                let fused = if residual.is_none() && cpu_conv::train::supports(act) {
+                    act
+                } else {
+                    Act::None
+                };
                 let (y, mean, var) =
                     cpu_conv::train::batch_norm(x, &self.weight, &self.bias, self.eps, fused)?;
                 self.update_running(mean, var, n * h * w, ctx)?;
-                match residual {
-                    Some(r) => cpu_conv::train::add_act(&y, Some(r), act),
-                    None => Ok(y),
+                if residual.is_none() && fused == act {
+                    Ok(y)
+                } else {
+                    cpu_conv::train::add_act(&y, residual, act)
                 }
             }
             BnMode::Train => {

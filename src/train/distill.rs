@@ -3,7 +3,8 @@
 //! `KL(softmax(t / T) || softmax(s / T))` averaged over the batch ("batchmean") times `T^2`.
 //!
 //! Every student parameter trains, with the student in train mode (BN batch statistics, running
-//! statistics moved with the family's momentum) on candle's differentiable ops; the teachers run
+//! statistics moved with the family's momentum) on the train kernels (`Kernels::Train`: the fast
+//! CPU kernels with backward passes; candle's ops on other devices); the teachers run
 //! in eval mode, forward only, on their own kernels, on the same batch, and several teachers'
 //! logits are averaged (an ensemble teacher). SGD or AdamW as torch's, in two parameter groups:
 //! weight decay on the weights, none on biases and one-dimensional parameters (BN's) unless
@@ -191,7 +192,7 @@ impl forward::Visitor for Trainer<'_> {
 
 /// Distils `teachers` into the student `ck`; returns the replaced tensors without writing.
 /// `teachers` are built models (any family, the student's class count); the student is built
-/// here, every parameter trainable, on candle's ops.
+/// here, every parameter trainable, on the train kernels.
 pub fn distill(
     ck: &Checkpoint,
     arch: Option<&str>,

@@ -48,9 +48,15 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, g: Geometry) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&weight.contiguous()?, Conv { g })
 }
 
-/// `act(x + residual)` (or `act(x)`) with a backward pass; `act` must be one that
-/// [`supports`] takes.
+/// `act(x + residual)` (or `act(x)`) with a backward pass: one op for the activations that
+/// [`supports`] takes, candle's ops for the others.
 pub fn add_act(x: &Tensor, residual: Option<&Tensor>, act: Act) -> Result<Tensor> {
+    if !supports(act) {
+        return act.tensor(&match residual {
+            Some(r) => (x + r)?,
+            None => x.clone(),
+        });
+    }
     let x = x.contiguous()?;
     match residual {
         Some(r) => x.apply_op2(&r.contiguous()?, AddAct { act }),
@@ -59,8 +65,9 @@ pub fn add_act(x: &Tensor, residual: Option<&Tensor>, act: Act) -> Result<Tensor
     }
 }
 
-/// Train-mode BatchNorm with `act` fused in, over [N, C, H, W]: returns the output and the
-/// batch's per-channel mean and biased variance.
+/// Train-mode BatchNorm with `act` fused in (candle's ops after it for an activation that
+/// [`supports`] does not take), over [N, C, H, W]: returns the output and the batch's
+/// per-channel mean and biased variance.
 pub fn batch_norm(
     x: &Tensor,
     gamma: &Tensor,
@@ -68,6 +75,10 @@ pub fn batch_norm(
     eps: f64,
     act: Act,
 ) -> Result<(Tensor, Vec<f32>, Vec<f32>)> {
+    if !supports(act) {
+        let (y, mean, var) = batch_norm(x, gamma, beta, eps, Act::None)?;
+        return Ok((act.tensor(&y)?, mean, var));
+    }
     let saved = Arc::new(Mutex::new(None));
     let op = BnTrain {
         eps,
@@ -1323,7 +1334,7 @@ mod tests {
     #[test]
     fn batch_norm_and_activations_are_candles() {
         let (n, c, side) = (4, 5, 7);
-        for act in [Act::None, Act::Relu, Act::Relu6] {
+        for act in [Act::None, Act::Relu, Act::Relu6, Act::Silu, Act::Hardswish] {
             for with_residual in [false, true] {
                 // Shifted and scaled per channel, so that ReLU6 clips at both ends.
                 let x = Var::from_tensor(
