@@ -5,6 +5,11 @@
 //!
 //!     cargo bench --bench cpu_conv [-- --batch 32 --reps 3]
 //!     cargo bench --bench cpu_conv -- --peak    # only the machine's f32 peak, in GFLOP/s
+//!     cargo bench --bench cpu_conv -- --backward
+//!
+//! `--backward` times the train kernels (`ckpt::models::cpu_conv::train`) instead, per layer:
+//! the forward, the weight gradient and the input gradient, each in GFLOP/s of the forward's
+//! multiply-adds, which each gradient repeats.
 //!
 //! The peak is measured, not looked up: every thread runs independent chains of 8-wide fused
 //! multiply-adds (AVX2 + FMA) for about a second.
@@ -13,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use ckpt::models::cpu_conv::{candle_conv2d, conv2d, Act, Geometry, Kernels};
+use ckpt::models::cpu_conv::{candle_conv2d, conv2d, train, Act, Geometry, Kernels};
 
 /// As in the binary (see `ckpt::alloc`): without it every fresh 100 MB output is page-faulted in.
 #[global_allocator]
@@ -195,11 +200,13 @@ fn peak_gflops() -> f64 {
 fn main() -> Result<()> {
     let mut batch = 32;
     let mut reps = 3;
+    let mut backward = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--batch" => batch = args.next().context("--batch N")?.parse()?,
             "--reps" => reps = args.next().context("--reps N")?.parse()?,
+            "--backward" => backward = true,
             "--peak" => {
                 println!("{:.1}", peak_gflops());
                 return Ok(());
@@ -211,6 +218,9 @@ fn main() -> Result<()> {
     let threads = rayon::current_num_threads();
     println!("batch {batch}, {threads} threads, best of {reps}");
     println!("machine f32 peak (measured): {:.1} GFLOP/s", peak_gflops());
+    if backward {
+        return backward_table(batch, reps);
+    }
     println!(
         "{:26} {:>12} {:>12} {:>7}",
         "layer", "ckpt GFLOP/s", "candle", "ratio"
@@ -267,5 +277,56 @@ fn main() -> Result<()> {
         flops_total / candle_total / 1e9,
         candle_total / fast_total
     );
+    Ok(())
+}
+
+/// Best-of-`reps` seconds of `f`.
+fn best_of(reps: usize, f: &dyn Fn() -> Result<()>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn backward_table(batch: usize, reps: usize) -> Result<()> {
+    let dev = Device::Cpu;
+    println!(
+        "{:26} {:>10} {:>10} {:>10}   (train kernels, GFLOP/s)",
+        "layer", "forward", "weight", "input"
+    );
+    for l in LAYERS {
+        let x = Tensor::randn(0f32, 1.0, (batch, l.cin, l.hw, l.hw), &dev)?;
+        let w = Tensor::randn(0f32, 0.1, (l.cout, l.cin / l.groups, l.k, l.k), &dev)?;
+        let g = Geometry {
+            stride: l.stride,
+            padding: (l.k - 1) / 2,
+            groups: l.groups,
+        };
+        let ho = (l.hw + 2 * g.padding - l.k) / l.stride + 1;
+        let flops = 2.0 * (batch * l.cout * ho * ho * (l.cin / l.groups) * l.k * l.k) as f64;
+        let dy = Tensor::randn(0f32, 1.0, (batch, l.cout, ho, ho), &dev)?;
+        let fwd = best_of(reps, &|| {
+            train::conv2d(&x, &w, g)?;
+            Ok(())
+        })?;
+        let tw = best_of(reps, &|| {
+            train::conv2d_weight_grad(&x, &w, &dy, g)?;
+            Ok(())
+        })?;
+        let tx = best_of(reps, &|| {
+            train::conv2d_input_grad(&x, &w, &dy, g)?;
+            Ok(())
+        })?;
+        println!(
+            "{:26} {:10.1} {:10.1} {:10.1}",
+            l.name,
+            flops / fwd / 1e9,
+            flops / tw / 1e9,
+            flops / tx / 1e9
+        );
+    }
     Ok(())
 }

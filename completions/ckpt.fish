@@ -65,20 +65,20 @@ max\t'Element-wise maximum'
 sum\t'Element-wise sum (an error if it overflows the dtype)'
 error\t'Refuse integer tensors'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l dtype -d 'Output dtype of floating tensors: f32, f16, bf16 or f64 (default: as stored). The average is accumulated in f64 and rounded once' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index. swa and ema write a folder (DIR/, or one that exists) as a model folder: model.safetensors (or shards and their index) and the first input\'s config.json when it is a model folder' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l shard-size -d 'Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when the input was sharded, at 5GB)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l recal-bn -d 'Recompute the BatchNorm statistics of the averaged weights over the images in DIR (precise BN, as `ckpt recal-bn`) before writing; the data options below apply' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
@@ -110,20 +110,20 @@ max\t'Element-wise maximum'
 sum\t'Element-wise sum (an error if it overflows the dtype)'
 error\t'Refuse integer tensors'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l dtype -d 'Output dtype of floating tensors: f32, f16, bf16 or f64 (default: as stored). The average is accumulated in f64 and rounded once' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index. swa and ema write a folder (DIR/, or one that exists) as a model folder: model.safetensors (or shards and their index) and the first input\'s config.json when it is a model folder' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l shard-size -d 'Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when the input was sharded, at 5GB)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l recal-bn -d 'Recompute the BatchNorm statistics of the averaged weights over the images in DIR (precise BN, as `ckpt recal-bn`) before writing; the data options below apply' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
@@ -151,14 +151,14 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l key -d 'Key of the 
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l input -d 'File holding the input batch as tensor `input` (see --input-key)' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l data -d 'Folder of images instead (eval transform, see the data options); also writes `labels` for an ImageFolder (the model\'s classes: see --class-map) and records the image paths in the metadata' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand logits" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
@@ -185,14 +185,14 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l arch -d 'Architecture
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l data -d 'Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class indices as torchvision\'s, unless --class-map) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
@@ -217,14 +217,14 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l arch -d 'Architec
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l data -d 'Folder of (training) images; see the data options' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
@@ -233,7 +233,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l estimator -d 'How
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l stats-out -d 'Write the mergeable per-layer sums (f64) to this file instead of a checkpoint' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l merge -d 'Combine --stats-out files of shards instead of reading images' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s o -l output -d 'Output checkpoint (or, with --stats-out, the statistics file)' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s o -l output -d 'Output checkpoint (or, with --stats-out, the statistics file); DIR/ writes a model folder: model.safetensors and the model folder\'s config.json' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -l batch-size -d 'Images per batch' -r
@@ -249,13 +249,13 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s q -l quiet -d 'Pr
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand recal-bn" -s V -l version -d 'Print version'
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l data -d 'Folder of labelled images (ImageFolder)' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
@@ -285,7 +285,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l plot -d 'Plot to
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l train-size -d 'Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it, and deltas are against it' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l train-size -d 'Training image size: the default sizes are multiples of 32 from 0.75x to 1.5x of it (and a model folder\'s test_input_size), and deltas are against it (default: 224, or a model folder\'s input_size)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l batch-size -d 'Images per batch' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l shard -d 'Evaluate only every n-th image of --data starting at the i-th (0-based), after --max-images; the --recal-bn passes read all of DIR' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand sweep-res" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
@@ -306,13 +306,13 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l arch -d 'Architectu
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l data -d 'Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class indices as torchvision\'s, unless --class-map) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
@@ -358,14 +358,14 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l every -d 'Keep every 
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l key -d 'Key of the state dict inside a torch.save training checkpoint (nested keys as a.b). Default: the first of state_dict_ema, model_ema, state_dict, model, module that is present' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l data -d 'Labelled folder (ImageFolder) the candidates and soups are judged on: held-out images' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l max-images -d 'Read at most N images: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
@@ -389,7 +389,7 @@ max\t'Element-wise maximum'
 sum\t'Element-wise sum (an error if it overflows the dtype)'
 error\t'Refuse integer tensors'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l dtype -d 'Output dtype of floating tensors: f32, f16, bf16 or f64 (default: as stored). The average is accumulated in f64 and rounded once' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index. swa and ema write a folder (DIR/, or one that exists) as a model folder: model.safetensors (or shards and their index) and the first input\'s config.json when it is a model folder' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l shard-size -d 'Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when the input was sharded, at 5GB)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
@@ -413,14 +413,14 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l key -d 'Key of the
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l strip-prefix -d 'Also remove this prefix from every key (every key must carry it), e.g. model' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l teacher -d 'Teacher checkpoint; repeat for an ensemble (logits averaged)' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l data -d 'Folder of images: ImageFolder layout (one sub-folder per class, in sorted order: class indices as torchvision\'s, unless --class-map) or flat (unlabelled). Files ending in .jpg, .jpeg, .png, .webp or .bmp are read; hidden and other files are skipped' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l size -d 'Side of the square images fed to the model' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l size -d 'Side of the square images fed to the model (default: 224, or a model folder\'s input_size)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l crop-pct -d 'Eval transform: resize to floor(S / P), then crop S x S from the centre (sweep-res takes a list: P1,P2,...) (default: 0.875, or a model folder\'s crop_pct)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l interpolation -d 'Resampling filter, antialiased as PIL\'s when downscaling (default: bilinear, or a model folder\'s interpolation)' -r -f -a "bilinear\t'PIL\'s BILINEAR (triangle filter, antialiased): torchvision\'s default'
 bicubic\t'PIL\'s BICUBIC (Keys cubic, a = -0.5, antialiased): timm\'s usual choice'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l crop-mode -d 'Eval transform: center keeps the aspect ratio (shorter side to floor(S / P)), squash resizes both sides to floor(S / P); timm\'s crop modes (default: center, or a model folder\'s crop_mode)' -r -f -a "center\t'Resize the shorter side to size / crop_pct keeping the aspect ratio, then crop the centre'
 squash\t'Resize both sides to size / crop_pct (aspect ratio not kept), then crop the centre'"
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s)' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l mean -d 'Per-channel means subtracted after scaling to [0, 1] (default: ImageNet\'s, or a model folder\'s mean)' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l std -d 'Per-channel standard deviations divided by (default: ImageNet\'s, or a model folder\'s std)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l seed -d 'Seed of --max-images\' subset and of the train transform' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l shard -d 'Read only every n-th image starting at the i-th (0-based), after --max-images: n machines with shards 0/n .. n-1/n split one pass over the images' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l max-image-pixels -d 'Refuse images whose header claims more than N pixels (decompression bombs), before decoding them; the default is PIL\'s limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no limit' -r
@@ -437,6 +437,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l weight-decay -d 'W
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l schedule -d 'Learning-rate schedule over the steps' -r -f -a "constant\t'The same learning rate every step'
 cosine\t'Half a cosine from --lr to 0 over the steps (after any warm-up)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l warmup-epochs -d 'Epochs of linear warm-up to --lr before the schedule' -r
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l save-every -d 'Save the run\'s state (student, optimiser buffers, steps) to OUT.resume every N epochs, atomically, so that --resume can continue it; removed once OUT is written' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
@@ -453,6 +454,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l force -d 'Replace 
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l nesterov -d 'Nesterov momentum (SGD)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l decay-all -d 'Also decay biases and one-dimensional parameters (BN\'s weight and bias)'
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l no-shuffle -d 'Keep the folder\'s order every epoch instead of a shuffle seeded by --seed'
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l resume -d 'Continue the run saved in OUT.resume (by --save-every) with the same settings: the result equals an uninterrupted run\'s'
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -s q -l quiet -d 'Print results, warnings and errors only: no notes, no progress bars'
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -s V -l version -d 'Print version'

@@ -49,7 +49,8 @@ fn distill(d: &TestDir, teachers: &[&str], extra: &[&str]) -> Run {
     d.run(&args)
 }
 
-fn assert_student_close(got: &HashMap<String, T>, want: &HashMap<String, T>) -> f64 {
+/// `floor`: an absolute error allowed on top of the relative one (see `adamw_is_torchs_adamw`).
+fn assert_student_close(got: &HashMap<String, T>, want: &HashMap<String, T>, floor: f64) -> f64 {
     assert_eq!(sorted_keys(got), sorted_keys(want));
     let mut worst = 0f64;
     for (k, w) in want {
@@ -63,7 +64,7 @@ fn assert_student_close(got: &HashMap<String, T>, want: &HashMap<String, T>) -> 
         for (i, (a, b)) in gv.iter().zip(&wv).enumerate() {
             let err = (a - b).abs();
             assert!(
-                err <= 1e-4 * b.abs() + 1e-6 * scale,
+                err <= 1e-4 * b.abs() + 1e-6 * scale + floor,
                 "{k}[{i}]: {a} vs PyTorch's {b}"
             );
             worst = worst.max(err / (b.abs() + 1e-2 * scale));
@@ -74,12 +75,17 @@ fn assert_student_close(got: &HashMap<String, T>, want: &HashMap<String, T>) -> 
 
 /// Runs a case and holds every tensor, and the first batch's KD loss, to PyTorch's.
 fn case(name: &str, teachers: &[&str], extra: &[&str]) -> (TestDir, Run) {
+    case_within(name, teachers, extra, 0.0)
+}
+
+fn case_within(name: &str, teachers: &[&str], extra: &[&str], floor: f64) -> (TestDir, Run) {
     let d = TestDir::new();
     let run = distill(&d, teachers, extra).ok();
     let reference = fixture(&format!("distill/{name}.safetensors"));
     assert_student_close(
         &read_st(&d.path("student.safetensors")),
         &read_st(&reference),
+        floor,
     );
     let want: serde_json::Value =
         serde_json::from_str(&read_metadata(&reference)["losses"]).unwrap();
@@ -133,10 +139,17 @@ fn an_ensemble_teacher_averages_logits_as_pytorch() {
 
 #[test]
 fn adamw_is_torchs_adamw() {
-    case(
+    // AdamW moves a weight by about lr per step whatever the size of its gradient, so a weight
+    // whose gradient is zero in one implementation and rounding noise in the other ends a
+    // fraction of a step apart. Weight 16766 of layer4.0.conv1 (PyTorch's gradient exactly 0 in
+    // three of the four steps) lands 0.6 or 1.7 times the relative tolerance away on candle's
+    // ops, depending only on which kernels run the teacher, and 2.5 times on the train kernels
+    // (2e-5); every other tensor stays under a tenth of it. Allowed on top: 5 % of one step.
+    case_within(
         "adamw",
         &["tiny/epoch_10.safetensors"],
         &["--opt", "adamw", "--lr", "0.001"],
+        5e-5,
     );
 }
 

@@ -2,6 +2,7 @@
 
 mod util;
 
+mod backward;
 mod bad_inputs;
 mod completions;
 mod data;

@@ -23,14 +23,20 @@
 //! picked at run time; gemm dispatches its own. Measured speeds: README.md, "Performance", and
 //! `cargo bench --bench cpu_conv`.
 //!
-//! Everything else (other devices and dtypes, or `the candle kernels chosen for a model, to
-//! measure the difference or to train) takes candle's conv2d and tensor ops, so a model is one description for CPU and
-//! CUDA. Results agree with candle's path to float rounding (summation order): tests in
+//! These kernels keep no autograd graph. A model being trained runs on [`Kernels::Train`]: the
+//! same kernels where nothing is trained, and where something is, the ones in [`train`], which
+//! have backward passes of their own.
+//!
+//! Everything else (other devices and dtypes, or the candle kernels chosen for a model, to
+//! measure the difference) takes candle's conv2d and tensor ops, so a model is one description
+//! for CPU and CUDA. Results agree with candle's path to float rounding (summation order): tests in
 //! `tests/models.rs` hold them to 1e-5 of the output's scale for every shape class the supported
 //! families use.
 
 use std::ops::Range;
 use std::sync::OnceLock;
+
+pub mod train;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -82,12 +88,32 @@ pub enum Kernels {
     Fast,
     /// candle's ops everywhere: the path CUDA takes, differentiable.
     Candle,
+    /// Fast and differentiable, for a model being trained: where a tensor carries an autograd
+    /// graph (its input or its parameters are trained), the kernels of [`train`] (convolutions,
+    /// train-mode BN, ReLU/ReLU6 with a residual, the stem's max pool) with backward passes of
+    /// their own, candle's ops for the rest; where none does, the same as `Fast`.
+    Train,
 }
 
-/// Whether the CPU kernels here and in `fused` take `x` under `k`: an f32 tensor on the CPU
-/// with the fast kernels chosen.
+/// Whether the CPU kernels here and in `fused`, which keep no autograd graph, take `x` under
+/// `k`: an f32 tensor on the CPU with the fast kernels chosen, or the train kernels and no graph
+/// to keep.
 pub fn cpu_kernels_for(x: &Tensor, k: Kernels) -> bool {
-    k == Kernels::Fast && x.device().is_cpu() && x.dtype() == DType::F32
+    let fast = match k {
+        Kernels::Fast => true,
+        Kernels::Train => !x.track_op(),
+        Kernels::Candle => false,
+    };
+    fast && on_cpu_f32(x)
+}
+
+/// Whether the train kernels take `x` under `k` (whether it needs them is the caller's test).
+pub fn train_kernels_for(x: &Tensor, k: Kernels) -> bool {
+    k == Kernels::Train && on_cpu_f32(x)
+}
+
+fn on_cpu_f32(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// `act(conv2d(x, weight) + shift[c] + residual)`: x is [N, Cin, H, W], weight
@@ -102,6 +128,17 @@ pub fn conv2d(
     residual: Option<&Tensor>,
     act: Act,
 ) -> Result<Tensor> {
+    if train_kernels_for(x, k)
+        && weight.dtype() == DType::F32
+        && (x.track_op() || weight.track_op())
+    {
+        let y = train::conv2d(x, weight, g)?;
+        let y = match shift {
+            Some((_, s)) => y.broadcast_add(&s.reshape(((), 1, 1))?)?,
+            None => y,
+        };
+        return train::add_act(&y, residual, act);
+    }
     if cpu_kernels_for(x, k) && weight.dtype() == DType::F32 {
         let op = ConvOp {
             g,
@@ -631,43 +668,9 @@ fn depthwise_plane<const FMA: bool>(
     buf: &mut PaddedPlane,
     out: &mut [f32],
 ) {
-    let (k, s, pad) = (d.k, g.stride, g.padding);
-    let (hp, wp) = (d.h + 2 * pad, d.w + 2 * pad);
-    let lp = wp.div_ceil(s);
-    let row_len = s * lp;
-    // The padding is zeroed when the layout changes and never written after: the planes of one
-    // layer share a layout, and each overwrites exactly the interior of the one before.
-    let layout = [d.h, d.w, k, s, pad];
-    if buf.layout != layout {
-        buf.layout = layout;
-        buf.data.clear();
-        buf.data.resize(hp * row_len, 0.0);
-    }
-    let buf = &mut buf.data[..];
-    for iy in 0..d.h {
-        let src = &x[iy * d.w..][..d.w];
-        let row = &mut buf[(iy + pad) * row_len..][..row_len];
-        match s {
-            1 => row[pad..pad + d.w].copy_from_slice(src),
-            2 => {
-                let (even, odd) = row.split_at_mut(lp);
-                for (ix, &v) in src.iter().enumerate() {
-                    let c = ix + pad;
-                    if c & 1 == 0 {
-                        even[c >> 1] = v;
-                    } else {
-                        odd[c >> 1] = v;
-                    }
-                }
-            }
-            _ => {
-                for (ix, &v) in src.iter().enumerate() {
-                    let c = ix + pad;
-                    row[(c % s) * lp + c / s] = v;
-                }
-            }
-        }
-    }
+    let (k, s) = (d.k, g.stride);
+    let (row_len, lp) = buf.fill(x, d, g);
+    let buf = &buf.data[..];
     for oy in 0..d.ho {
         let dst = &mut out[oy * d.wo..][..d.wo];
         for ky in 0..k {
@@ -680,6 +683,52 @@ fn depthwise_plane<const FMA: bool>(
                 }
             }
         }
+    }
+}
+
+impl PaddedPlane {
+    /// Copies plane `x` [H, W] in, zero-padded and phase-split (see [`depthwise_plane`]);
+    /// returns (row length, values per phase).
+    #[inline(always)]
+    fn fill(&mut self, x: &[f32], d: Dims, g: Geometry) -> (usize, usize) {
+        let (k, s, pad) = (d.k, g.stride, g.padding);
+        let (hp, wp) = (d.h + 2 * pad, d.w + 2 * pad);
+        let lp = wp.div_ceil(s);
+        let row_len = s * lp;
+        // The padding is zeroed when the layout changes and never written after: the planes of
+        // one layer share a layout, and each overwrites exactly the interior of the one before.
+        let layout = [d.h, d.w, k, s, pad];
+        if self.layout != layout {
+            self.layout = layout;
+            self.data.clear();
+            self.data.resize(hp * row_len, 0.0);
+        }
+        let buf = &mut self.data[..];
+        for iy in 0..d.h {
+            let src = &x[iy * d.w..][..d.w];
+            let row = &mut buf[(iy + pad) * row_len..][..row_len];
+            match s {
+                1 => row[pad..pad + d.w].copy_from_slice(src),
+                2 => {
+                    let (even, odd) = row.split_at_mut(lp);
+                    for (ix, &v) in src.iter().enumerate() {
+                        let c = ix + pad;
+                        if c & 1 == 0 {
+                            even[c >> 1] = v;
+                        } else {
+                            odd[c >> 1] = v;
+                        }
+                    }
+                }
+                _ => {
+                    for (ix, &v) in src.iter().enumerate() {
+                        let c = ix + pad;
+                        row[(c % s) * lp + c / s] = v;
+                    }
+                }
+            }
+        }
+        (row_len, lp)
     }
 }
 
@@ -752,6 +801,9 @@ impl CustomOp3 for ConvOp<'_> {
 /// the gradient where PyTorch gives it to the first maximum; the ties that occur (an edge and
 /// its replicated copy, zeros after a ReLU, which passes no gradient) do not change the result.
 pub fn max_pool_3x3_s2_p1(k: Kernels, x: &Tensor) -> Result<Tensor> {
+    if x.track_op() && train_kernels_for(x, k) && x.rank() == 4 {
+        return train::max_pool_3x3_s2_p1(x);
+    }
     if x.track_op() {
         return max_pool_3x3_s2_p1_differentiable(x);
     }

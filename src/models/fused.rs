@@ -148,7 +148,8 @@ pub fn channel_affine(
     residual: Option<&Tensor>,
     act: Act,
 ) -> Result<Tensor> {
-    if cpu_kernels_for(x, k) && x.rank() >= 2 {
+    let graph = scale.is_some_and(|s| s.track_op()) || shift.track_op();
+    if cpu_kernels_for(x, k) && x.rank() >= 2 && !(graph && k == Kernels::Train) {
         let x = x.contiguous()?;
         let op = ChannelAffine {
             scale: scale.map(|s| s.to_vec1::<f32>()).transpose()?,

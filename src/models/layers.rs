@@ -347,6 +347,24 @@ impl BatchNorm {
                 let (scale, shift) = (scale.to_dtype(x.dtype())?, shift.to_dtype(x.dtype())?);
                 channel_affine(k, x, Some(&scale), &shift, residual, act)
             }
+            BnMode::Train
+                if cpu_conv::train_kernels_for(x, k) && self.weight.dtype() == DType::F32 =>
+            {
+                let (n, _, h, w) = x.dims4()?;
+                let fused = if residual.is_none() && cpu_conv::train::supports(act) {
+                    act
+                } else {
+                    Act::None
+                };
+                let (y, mean, var) =
+                    cpu_conv::train::batch_norm(x, &self.weight, &self.bias, self.eps, fused)?;
+                self.update_running(mean, var, n * h * w, ctx)?;
+                if residual.is_none() && fused == act {
+                    Ok(y)
+                } else {
+                    cpu_conv::train::add_act(&y, residual, act)
+                }
+            }
             BnMode::Train => {
                 let y = self.train_forward(x, ctx)?;
                 let y = match residual {
@@ -421,6 +439,21 @@ impl BatchNorm {
             .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
         let mean_v: Vec<f32> = mean.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let var_v: Vec<f32> = var.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        self.update_running(mean_v, var_v, count, ctx)?;
+        Ok(y)
+    }
+
+    /// Moves the running statistics towards one batch's mean and biased variance `var_v` over
+    /// `count` elements per channel (PyTorch's update: unbiased variance, the layer's or the
+    /// context's momentum), and reports the batch to the context's observer.
+    fn update_running(
+        &self,
+        mean_v: Vec<f32>,
+        var_v: Vec<f32>,
+        count: usize,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let c = mean_v.len();
         let m = ctx.momentum.unwrap_or(self.momentum);
         let bessel = if count > 1 {
             count as f64 / (count as f64 - 1.0)
@@ -445,7 +478,7 @@ impl BatchNorm {
                 },
             )?;
         }
-        Ok(y)
+        Ok(())
     }
 }
 

@@ -3,7 +3,8 @@
 //! `KL(softmax(t / T) || softmax(s / T))` averaged over the batch ("batchmean") times `T^2`.
 //!
 //! Every student parameter trains, with the student in train mode (BN batch statistics, running
-//! statistics moved with the family's momentum) on candle's differentiable ops; the teachers run
+//! statistics moved with the family's momentum) on the train kernels (`Kernels::Train`: the fast
+//! CPU kernels with backward passes; candle's ops on other devices); the teachers run
 //! in eval mode, forward only, on their own kernels, on the same batch, and several teachers'
 //! logits are averaged (an ensemble teacher). SGD or AdamW as torch's, in two parameter groups:
 //! weight decay on the weights, none on biases and one-dimensional parameters (BN's) unless
@@ -216,7 +217,7 @@ pub struct Saves<'a> {
 
 /// Distils `teachers` into the student `ck`; returns the replaced tensors without writing.
 /// `teachers` are built models (any family, the student's class count); the student is built
-/// here, every parameter trainable, on candle's ops.
+/// here, every parameter trainable, on the train kernels.
 ///
 /// See [`Saves`] for continuing a saved run and saving this one.
 pub fn distill(
@@ -240,8 +241,13 @@ pub fn distill(
         trainable: Some(&pick),
         overrides: saved.as_ref(),
     };
-    // Autograd needs candle's ops: ckpt's fast CPU kernels keep no graph.
-    let student = Model::load_with(ck, arch, device, &opts)?.with_kernels(Kernels::Candle);
+    // The train kernels (the fast ones, with backward passes), or candle's ops where the teachers
+    // run on them (`--kernels candle`).
+    let kernels = match teachers.first().map(|t| t.kernels) {
+        Some(Kernels::Candle) => Kernels::Candle,
+        _ => Kernels::Train,
+    };
+    let student = Model::load_with(ck, arch, device, &opts)?.with_kernels(kernels);
     let classes = student.config.num_classes();
     if teachers.is_empty() {
         bail!("no teacher given");
