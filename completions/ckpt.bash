@@ -147,7 +147,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__distill)
-            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --teacher --data --size --crop-pct --interpolation --crop-mode --mean --std --seed --shard --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --output --force --alpha --temperature --epochs --opt --lr --momentum --nesterov --weight-decay --decay-all --schedule --warmup-epochs --no-shuffle --save-every --resume --json --transform --batch-size --max-images --device --threads --quiet --kernels --help --version"
+            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --teacher --data --size --crop-pct --interpolation --crop-mode --mean --std --seed --shard --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --force --alpha --temperature --epochs --opt --lr --momentum --nesterov --weight-decay --decay-all --schedule --warmup-epochs --no-shuffle --save-every --resume --json --output --transform --batch-size --max-images --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -213,14 +213,6 @@ _ckpt() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                --output)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                -o)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
                 --alpha)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -262,6 +254,14 @@ _ckpt() {
                     return 0
                     ;;
                 --json)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -o)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -521,7 +521,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__fixres)
-            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --data --crop-pct --interpolation --crop-mode --mean --std --transform --seed --shard --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --output --force --epochs --opt --lr --momentum --weight-decay --nesterov --lr-schedule --warmup-steps --no-shuffle --bn-momentum --train-bn-affine --cache-mb --recal-bn --estimator --val --json --size --batch-size --max-images --device --threads --quiet --kernels --help --version"
+            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --data --crop-pct --interpolation --crop-mode --mean --std --transform --seed --shard --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --force --epochs --opt --lr --momentum --weight-decay --nesterov --lr-schedule --warmup-steps --no-shuffle --bn-momentum --train-bn-affine --cache-mb --recal-bn --estimator --val --json --output --size --batch-size --max-images --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -583,14 +583,6 @@ _ckpt() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                --output)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                -o)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
                 --epochs)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -640,6 +632,14 @@ _ckpt() {
                     return 0
                     ;;
                 --json)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -o)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -65,7 +65,7 @@ max\t'Element-wise maximum'
 sum\t'Element-wise sum (an error if it overflows the dtype)'
 error\t'Refuse integer tensors'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l dtype -d 'Output dtype of floating tensors: f32, f16, bf16 or f64 (default: as stored). The average is accumulated in f64 and rounded once' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index. swa and ema write a folder (DIR/, or one that exists) as a model folder: model.safetensors (or shards and their index) and the first input\'s config.json when it is a model folder' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index. A folder (DIR/, or one that exists) is written as a model folder: model.safetensors (or shards and their index) and the first input\'s config.json when it is a model folder' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l shard-size -d 'Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when the input was sharded, at 5GB)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l recal-bn -d 'Recompute the BatchNorm statistics of the averaged weights over the images in DIR (precise BN, as `ckpt recal-bn`) before writing; the data options below apply' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand swa" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
@@ -110,7 +110,7 @@ max\t'Element-wise maximum'
 sum\t'Element-wise sum (an error if it overflows the dtype)'
 error\t'Refuse integer tensors'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l dtype -d 'Output dtype of floating tensors: f32, f16, bf16 or f64 (default: as stored). The average is accumulated in f64 and rounded once' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index. swa and ema write a folder (DIR/, or one that exists) as a model folder: model.safetensors (or shards and their index) and the first input\'s config.json when it is a model folder' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index. A folder (DIR/, or one that exists) is written as a model folder: model.safetensors (or shards and their index) and the first input\'s config.json when it is a model folder' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l shard-size -d 'Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when the input was sharded, at 5GB)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l recal-bn -d 'Recompute the BatchNorm statistics of the averaged weights over the images in DIR (precise BN, as `ckpt recal-bn`) before writing; the data options below apply' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand ema" -l estimator -d 'Estimator for --recal-bn (see `ckpt recal-bn --help`)' -r -f -a "population\t'fvcore\'s precise BN: statistics of all elements seen, weighted by count'
@@ -319,7 +319,6 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l seed -d 'Seed of --
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l shard -d 'Read only every n-th image starting at the i-th (0-based), after --max-images: n machines with shards 0/n .. n-1/n split one pass over the images' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l max-image-pixels -d 'Refuse images whose header claims more than N pixels (decompression bombs), before decoding them; the default is PIL\'s limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no limit' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l class-map -d 'Class map in timm\'s format: one class folder name per line, the line number (from 0) being the model\'s class index; images of folders it does not name are left out (with a warning). Without it: the ImageNet-1k synset order when the model has 1000 classes and every class folder is a WordNet id (n01440764, ...), else the folders\' sorted order' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -s o -l output -d 'Output file (safetensors)' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l epochs -d 'Passes over the training images' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l opt -d 'Optimiser: torch.optim.SGD, or torch.optim.AdamW (betas 0.9, 0.999, eps 1e-8; its decoupled weight decay is --weight-decay)' -r -f -a "sgd\t'torch.optim.SGD: --momentum, --nesterov, --weight-decay'
 adamw\t'torch.optim.AdamW: betas (0.9, 0.999), eps 1e-8, decoupled --weight-decay'"
@@ -336,6 +335,7 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l estimator -d 'Estim
 torch\t'torch.optim.swa_utils.update_bn: mean of batch means and of unbiased batch variances'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l val -d 'Labelled folder to report top-1/top-5 at --size before, after --recal-bn, and after the fine-tune' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -s o -l output -d 'Output file (safetensors); DIR/ writes a model folder: model.safetensors and the model\'s config.json when it is a model folder' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l size -d 'Test size to fine-tune at (side of the square images)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l batch-size -d 'Images per batch' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand fixres" -l max-images -d 'Fine-tune on at most N images of --data: a random subset (seeded by --seed) when the folder has more, kept in folder order' -r
@@ -389,7 +389,7 @@ max\t'Element-wise maximum'
 sum\t'Element-wise sum (an error if it overflows the dtype)'
 error\t'Refuse integer tensors'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l dtype -d 'Output dtype of floating tensors: f32, f16, bf16 or f64 (default: as stored). The average is accumulated in f64 and rounded once' -r
-complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index. swa and ema write a folder (DIR/, or one that exists) as a model folder: model.safetensors (or shards and their index) and the first input\'s config.json when it is a model folder' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -s o -l output -d 'Output checkpoint (safetensors). With sharding: a folder, or a name for the index. A folder (DIR/, or one that exists) is written as a model folder: model.safetensors (or shards and their index) and the first input\'s config.json when it is a model folder' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l shard-size -d 'Write shards of at most this size plus an index, e.g. 2GB or 500MB (default: shard when the input was sharded, at 5GB)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand soup" -l arch -d 'Architecture, instead of recognising it from the tensors: a family (resnet, mobilenet_v2, efficientnet), a torchvision name (resnet50, efficientnet_b0, ...) or a timm name (regnety_004, tf_efficientnetv2_s, tf_mobilenetv3, ...: a tf_ port\'s padding and BN eps come only from its name)' -r
@@ -425,7 +425,6 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l seed -d 'Seed of -
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l shard -d 'Read only every n-th image starting at the i-th (0-based), after --max-images: n machines with shards 0/n .. n-1/n split one pass over the images' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l max-image-pixels -d 'Refuse images whose header claims more than N pixels (decompression bombs), before decoding them; the default is PIL\'s limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no limit' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l class-map -d 'Class map in timm\'s format: one class folder name per line, the line number (from 0) being the model\'s class index; images of folders it does not name are left out (with a warning). Without it: the ImageNet-1k synset order when the model has 1000 classes and every class folder is a WordNet id (n01440764, ...), else the folders\' sorted order' -r -F
-complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -s o -l output -d 'Output file (safetensors)' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l alpha -d 'Weight of the distillation loss: (1 - A) CE + A KD (default: CE + KD, the seed\'s sum); 1 needs no labels' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l temperature -d 'Softening temperature T of both softmaxes' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l epochs -d 'Passes over the training images' -r
@@ -439,6 +438,7 @@ cosine\t'Half a cosine from --lr to 0 over the steps (after any warm-up)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l warmup-epochs -d 'Epochs of linear warm-up to --lr before the schedule' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l save-every -d 'Save the run\'s state (student, optimiser buffers, steps) to OUT.resume every N epochs, atomically, so that --resume can continue it; removed once OUT is written' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -s o -l output -d 'Output file (safetensors); DIR/ writes a model folder: model.safetensors and the model\'s config.json when it is a model folder' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l transform -d 'eval: resize, centre crop (--crop-pct, --crop-mode); train: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) and a horizontal flip, seeded by --seed per image' -r -f -a "eval\t'Resize and centre crop (deterministic)'
 train\t'Random resized crop and flip (seeded)'"
 complete -c ckpt -n "__fish_ckpt_using_subcommand distill" -l batch-size -d 'Images per batch' -r

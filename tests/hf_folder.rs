@@ -307,7 +307,28 @@ fn outputs_written_as_model_folders_carry_the_config_issue_16() {
     .ok();
     d.run(&["recal-bn", &folders[0], "--data", &train, "-o", "recal/"])
         .ok();
-    for out in ["swa", "ema", "recal"] {
+    let (size, few) = (["--size", "40"], ["--max-images", "32"]);
+    d.run(
+        &[
+            &["fixres", &folders[0], "--data", &train, "-o", "fixres/"][..],
+            &size,
+            &few,
+        ]
+        .concat(),
+    )
+    .ok();
+    let distill = [
+        "distill",
+        &folders[0],
+        "--teacher",
+        &folders[1],
+        "--data",
+        &train,
+        "-o",
+        "distill/",
+    ];
+    d.run(&[&distill[..], &size, &few].concat()).ok();
+    for out in ["swa", "ema", "recal", "fixres", "distill"] {
         assert_eq!(
             std::fs::read(d.path(out).join("config.json")).unwrap(),
             config,
@@ -352,6 +373,25 @@ fn soup_of_model_folders_uses_their_preprocessing_issue_16() {
         ])
         .ok();
     assert!(r.stderr.contains("size 40 (input_size)"), "{}", r.stderr);
+    // As a model folder, with the first candidate's config.
+    d.run(&[
+        "soup",
+        &folder("resnet18_digits"),
+        &folder("resnet18_digits_bin"),
+        "--data",
+        &val(),
+        "-o",
+        "soup/",
+    ])
+    .ok();
+    assert_eq!(
+        std::fs::read(d.path("soup/config.json")).unwrap(),
+        std::fs::read(fixture("hf/resnet18_digits/config.json")).unwrap()
+    );
+    assert_eq!(
+        key_shapes(&d.path("soup/model.safetensors")),
+        timm_state_dict()
+    );
     assert!(r.stdout.contains("top-1 82.50 %"), "{}", r.stdout);
     d.run(&[
         "soup",
@@ -361,5 +401,6 @@ fn soup_of_model_folders_uses_their_preprocessing_issue_16() {
         "-o",
         "soup/",
     ])
-    .fails_with(&["not a model folder"]);
+    // Written again into the same folder: its files need --force.
+    .fails_with(&["soup/config.json", "exists already", "--force"]);
 }

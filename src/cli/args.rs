@@ -94,8 +94,8 @@ fn parse_float_dtype(s: &str) -> Result<crate::checkpoint::DType, String> {
 /// Where and how a command writes a checkpoint.
 #[derive(Args, Debug, Clone)]
 pub struct OutputArgs {
-    /// Output checkpoint (safetensors). With sharding: a folder, or a name for the index. swa and
-    /// ema write a folder (DIR/, or one that exists) as a model folder: model.safetensors (or
+    /// Output checkpoint (safetensors). With sharding: a folder, or a name for the index. A
+    /// folder (DIR/, or one that exists) is written as a model folder: model.safetensors (or
     /// shards and their index) and the first input's config.json when it is a model folder
     #[arg(short, long, value_name = "OUT")]
     pub output: PathBuf,

@@ -265,6 +265,7 @@ pub struct SweepResArgs {
 /// for byte. With --recal-bn DIR every BN layer's statistics are first re-estimated at --size
 /// (as recal-bn) and the fine-tune starts from them.
 #[derive(Args, Debug)]
+#[command(mut_arg("output", |a| a.help(MODEL_OUT_HELP)))]
 #[command(
     mut_arg("size", |a| a.help("Test size to fine-tune at (side of the square images)")),
     mut_arg("batch_size", |a| a.default_value("64")),
@@ -373,6 +374,7 @@ pub struct SoupArgs {
 /// output holds every student tensor after the run, in its stored dtype.
 #[derive(Args, Debug)]
 #[command(
+    mut_arg("output", |a| a.help(MODEL_OUT_HELP)),
     mut_arg("transform", |a| a.default_value("train")),
     mut_arg("batch_size", |a| a.default_value("64")),
     mut_arg("max_images", |a| a.help("Train on at most N images of --data: a random subset (seeded by --seed) when the folder has more, kept in folder order"))
@@ -449,3 +451,6 @@ pub struct CompletionsArgs {
     #[arg(value_enum, value_name = "SHELL")]
     pub shell: Shell,
 }
+
+/// `-o` of the commands that write one fine-tuned model.
+const MODEL_OUT_HELP: &str = "Output file (safetensors); DIR/ writes a model folder: model.safetensors and the model's config.json when it is a model folder";

@@ -66,6 +66,22 @@ pub fn config(args: &AverageArgs, out: &OutputArgs) -> Config {
     }
 }
 
+/// Where a one-model command's result (fixres, distill) goes: `-o DIR/` makes a model folder
+/// holding `model.safetensors` and `ck`'s config.json (see `write::FolderOutput`; commit it after
+/// the weights), any other path is the file itself.
+pub fn model_output(
+    path: &std::path::Path,
+    ck: &Checkpoint,
+    force: bool,
+) -> Result<(OutputLayout, Option<FolderOutput>)> {
+    if wants_folder(path) {
+        let config = ck.model_folder.as_ref().map(|f| f.bytes.as_slice());
+        let f = FolderOutput::create(path, config, force)?;
+        return Ok((f.layout(None), Some(f)));
+    }
+    Ok((OutputLayout::new(path, None), None))
+}
+
 /// The layout of an output: shards when asked, or when the inputs were sharded; in a model folder
 /// (`-o DIR/`, see `write::FolderOutput`) `model.safetensors` or shards there, with the folder
 /// to make.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::bn::apply;
-use crate::checkpoint::write::{check_outputs, OutputLayout};
+use crate::checkpoint::write::check_outputs;
 use crate::checkpoint::{provenance, Checkpoint};
 use crate::cli::{DistillArgs, GlobalArgs};
 use crate::commands::common;
@@ -147,13 +147,11 @@ pub fn run(mut args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<
         tensors: out.tensors.clone(),
         changes: Vec::new(),
     };
-    apply::write(
-        &ck,
-        &replacement,
-        &OutputLayout::new(&args.out.output, None),
-        &meta,
-        force,
-    )?;
+    let (layout, folder) = common::model_output(&args.out.output, &ck, force)?;
+    apply::write(&ck, &replacement, &layout, &meta, force)?;
+    if let Some(f) = folder {
+        f.commit()?;
+    }
 
     if state_path.exists() {
         std::fs::remove_file(&state_path)
@@ -199,9 +197,10 @@ pub fn run(mut args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<
     Ok(())
 }
 
-/// Where `--save-every` keeps a run's state: next to the output, `OUT.resume`.
+/// Where `--save-every` keeps a run's state: next to the output, `OUT.resume` (`DIR.resume` for
+/// a model folder `-o DIR/`).
 fn resume_path(out: &Path) -> PathBuf {
-    let mut p = out.as_os_str().to_owned();
+    let mut p = out.components().as_path().as_os_str().to_owned();
     p.push(".resume");
     PathBuf::from(p)
 }

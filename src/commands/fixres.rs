@@ -7,7 +7,7 @@ use std::io::Write;
 use anyhow::{bail, Result};
 
 use crate::bn::{self, apply};
-use crate::checkpoint::write::{check_outputs, OutputLayout};
+use crate::checkpoint::write::check_outputs;
 use crate::checkpoint::{provenance, Checkpoint};
 use crate::cli::{FixresArgs, GlobalArgs, TransformKind};
 use crate::commands::common;
@@ -99,8 +99,11 @@ pub fn run(mut args: FixresArgs, global: &GlobalArgs, rep: Reporter) -> Result<(
         tensors: out.tensors.clone(),
         changes: Vec::new(),
     };
-    let layout = OutputLayout::new(&args.out.output, None);
+    let (layout, folder) = common::model_output(&args.out.output, &ck, force)?;
     apply::write(base, &replacement, &layout, &meta, force)?;
+    if let Some(f) = folder {
+        f.commit()?;
+    }
 
     let report = serde_json::json!({
         "output": args.out.output.display().to_string(),

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::average;
 use crate::bn::apply::Replacement;
-use crate::checkpoint::write::{check_outputs, destinations};
+use crate::checkpoint::write::{check_outputs, destinations, FolderOutput};
 use crate::checkpoint::{bn_layers, provenance};
 use crate::cli::{GlobalArgs, SoupArgs};
 use crate::commands::common;
@@ -22,13 +22,15 @@ pub fn run(mut args: SoupArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
     super::model_data_defaults(&mut args.data_opts, &inputs[0], &rep)?;
     let cfg = common::config(&args.average, &args.output);
     let plan = average::plan(&inputs, &cfg)?;
+    // -o DIR/: a model folder with the first candidate's config.json (removed again if the
+    // soup fails before it is committed).
     let (layout, folder) = common::layout(&args.output.output, &args.output, &inputs);
-    if folder.is_some() {
-        bail!(
-            "{}: soup writes a safetensors file, not a model folder (-o DIR/ is swa's, ema's and recal-bn's)",
-            args.output.output.display()
-        );
-    }
+    let folder = folder
+        .map(|dir| {
+            let config = inputs[0].model_folder.as_ref().map(|f| f.bytes.as_slice());
+            FolderOutput::create(&dir, config, args.output.force)
+        })
+        .transpose()?;
     let files: Vec<PathBuf> = inputs.iter().flat_map(|c| c.files.clone()).collect();
     check_outputs(
         &destinations(&layout, &plan.planned_tensors()),
@@ -164,6 +166,9 @@ pub fn run(mut args: SoupArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
         &meta,
         args.output.force,
     )?;
+    if let Some(f) = folder {
+        f.commit()?;
+    }
 
     // The table and the record.
     let score_json = |s: &Score| serde_json::to_value(s).unwrap_or_default();
