@@ -423,7 +423,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__eval)
-            opts="-q -h -V --arch --key --strip-prefix --keep-prefix --data --size --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --shard --batch-size --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --json --force --device --threads --quiet --kernels --help --version"
+            opts="-q -h -V --arch --key --strip-prefix --keep-prefix --data --size --crop-pct --interpolation --crop-mode --mean --std --transform --max-images --seed --shard --batch-size --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --teacher --temperature --json --force --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -494,6 +494,14 @@ _ckpt() {
                     return 0
                     ;;
                 --class-map)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --teacher)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --temperature)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -201,6 +201,8 @@ complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l shard -d 'Read only e
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l batch-size -d 'Images per batch' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l max-image-pixels -d 'Refuse images whose header claims more than N pixels (decompression bombs), before decoding them; the default is PIL\'s limit (2 x Image.MAX_IMAGE_PIXELS); `none` for no limit' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l class-map -d 'Class map in timm\'s format: one class folder name per line, the line number (from 0) being the model\'s class index; images of folders it does not name are left out (with a warning). Without it: the ImageNet-1k synset order when the model has 1000 classes and every class folder is a WordNet id (n01440764, ...), else the folders\' sorted order' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l teacher -d 'A teacher to compare with (repeat for an ensemble: logits averaged): adds the KD loss (KLSoftLoss, as distill\'s) and the top-1 agreement between the model and the teacher' -r -F
+complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l temperature -d 'Softening temperature T of the KD loss (with --teacher)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l json -d 'Print the result as JSON instead of text; --json=FILE writes it to FILE instead' -r -F
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l device -d 'Device for forward passes: cpu, cuda, cuda:N, or auto (CUDA when built with it and a GPU is present, else the CPU)' -r
 complete -c ckpt -n "__fish_ckpt_using_subcommand eval" -l threads -d 'Worker threads (default: one per core)' -r

@@ -354,3 +354,71 @@ fn a_wrong_synset_name_is_named_issue_23() {
     assert_eq!(r.json()["images"], 40);
     assert_eq!(r.json()["labelling"]["unmapped_folders"][0], "n03888615");
 }
+
+/// `eval --teacher`: the KD loss and top-1 agreement equal what the two models' `ckpt logits`
+/// over the same folder give (KLSoftLoss written out here, in f64); a model against itself
+/// agrees everywhere with a KD loss of 0.
+#[test]
+fn eval_against_a_teacher_reports_kd_loss_and_agreement_issue_19() {
+    let d = TestDir::new();
+    let val = p(&fixture("digits/val"));
+    let (student, teacher) = (
+        p(&fixture("tiny/epoch_1.safetensors")),
+        p(&fixture("tiny/epoch_10.safetensors")),
+    );
+    let eval = |t: &str| -> serde_json::Value {
+        let mut args = vec!["eval", &student, "--data", &val, "--teacher", t, "--json"];
+        args.extend(DIGITS);
+        d.run(&args).ok().json()
+    };
+    let logits = |m: &str, out: &str| -> Vec<f64> {
+        let mut args = vec!["-q", "logits", m, "--data", &val, "-o", out];
+        args.extend(DIGITS);
+        d.run(&args).ok();
+        as_f64(&read_st(&d.path(out))["logits"])
+    };
+    let (s, t) = (
+        logits(&student, "s.safetensors"),
+        logits(&teacher, "t.safetensors"),
+    );
+    let classes = 10;
+    let temp = 5.0;
+    let log_softmax = |r: &[f64]| {
+        let m = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        // log softmax(r / T) = (r - m) / T - log(sum(exp((r - m) / T)))
+        let lse = r.iter().map(|x| ((x - m) / temp).exp()).sum::<f64>().ln();
+        r.iter().map(|x| (x - m) / temp - lse).collect::<Vec<_>>()
+    };
+    let (mut kl, mut agree) = (0.0, 0usize);
+    let argmax = |r: &[f64]| (0..r.len()).fold(0, |b, i| if r[i] > r[b] { i } else { b });
+    for (rs, rt) in s.chunks(classes).zip(t.chunks(classes)) {
+        let (ls, lt) = (log_softmax(rs), log_softmax(rt));
+        kl += lt
+            .iter()
+            .zip(&ls)
+            .map(|(a, b)| a.exp() * (a - b))
+            .sum::<f64>();
+        agree += (argmax(rs) == argmax(rt)) as usize;
+    }
+    let n = (s.len() / classes) as f64;
+    let (want_kd, want_agree) = (kl / n * temp * temp, 100.0 * agree as f64 / n);
+    let got = eval(&teacher);
+    let kd = got["kd_loss"].as_f64().unwrap();
+    assert!(kd > 0.01, "{got}");
+    assert!(
+        (kd - want_kd).abs() <= 1e-5 * want_kd,
+        "KD {kd} vs {want_kd}"
+    );
+    assert_eq!(got["teacher_agreement"].as_f64().unwrap(), want_agree);
+    assert!(want_agree < 100.0);
+    let itself = eval(&student);
+    assert!(itself["kd_loss"].as_f64().unwrap().abs() < 1e-9, "{itself}");
+    assert_eq!(itself["teacher_agreement"].as_f64().unwrap(), 100.0);
+    // A teacher of other classes is refused in one line.
+    let mut args = vec!["eval", &student, "--data", &val, "--teacher"];
+    let vgg = p(&fixture("zoo2/vgg_tiny.safetensors"));
+    args.push(&vgg);
+    args.extend(DIGITS);
+    d.run(&args)
+        .fails_with(&["vgg_tiny.safetensors", "classes"]);
+}

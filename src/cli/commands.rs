@@ -130,6 +130,13 @@ pub struct EvalArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub data: DataArgs,
+    /// A teacher to compare with (repeat for an ensemble: logits averaged): adds the KD loss
+    /// (KLSoftLoss, as distill's) and the top-1 agreement between the model and the teacher
+    #[arg(long = "teacher", value_name = "T")]
+    pub teachers: Vec<std::path::PathBuf>,
+    /// Softening temperature T of the KD loss (with --teacher)
+    #[arg(long, default_value_t = 5.0, value_name = "T")]
+    pub temperature: f64,
     #[command(flatten)]
     pub json: JsonArg,
     /// Replace an existing --json=FILE

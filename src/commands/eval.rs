@@ -30,9 +30,54 @@ pub fn run(mut args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
         model.config,
         ds.len()
     ));
-    let pass = eval::eval_pass(&model, &mut loader, false)?;
+    if !(args.temperature.is_finite() && args.temperature > 0.0) {
+        bail!(
+            "--temperature must be a positive number, not {}",
+            args.temperature
+        );
+    }
+    let teachers = args
+        .teachers
+        .iter()
+        .map(|t| {
+            let ck = super::open_for_model(t, &args.model.open, None)?;
+            let arch = super::model_arch(None, &ck)?;
+            let m = super::load_model(&ck, arch.as_deref(), global, &rep)?;
+            if m.config.num_classes() != model.config.num_classes() {
+                bail!(
+                    "{}: the teacher has {} classes, the model {}",
+                    t.display(),
+                    m.config.num_classes(),
+                    model.config.num_classes()
+                );
+            }
+            rep.note(format!("teacher {}: {}", t.display(), m.config));
+            Ok(m)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let keep = !teachers.is_empty();
+    let pass = eval::eval_pass(&model, &mut loader, keep)?;
+    // Each teacher over the same images (decoded again), their logits averaged.
+    let mut teacher_logits: Option<Vec<f32>> = None;
+    for t in &teachers {
+        let mut loader = Loader::new(&ds, cfg.transform, &cfg.loader, &rep)?;
+        let tp = eval::eval_pass(t, &mut loader, true)?;
+        if tp.paths != pass.paths {
+            bail!("the teacher's pass read other images than the model's (a file changed?)");
+        }
+        let sum = teacher_logits.get_or_insert_with(|| vec![0.0; tp.logits.len()]);
+        for (a, b) in sum.iter_mut().zip(&tp.logits) {
+            *a += b / teachers.len() as f32;
+        }
+    }
+    let teacher = teacher_logits
+        .map(|t| eval::compare_with_teacher(&pass.logits, &t, pass.classes, args.temperature));
     let acc = pass.accuracy.unwrap_or_default();
     let report = serde_json::json!({
+        "teachers": args.teachers.iter().map(|t| t.display().to_string()).collect::<Vec<_>>(),
+        "temperature": keep.then_some(args.temperature),
+        "kd_loss": teacher.map(|c| c.kd_loss),
+        "teacher_agreement": teacher.map(|c| c.agreement),
         "model": args.model.model.display().to_string(),
         "arch": model.config.name(),
         "data": ds.root.display().to_string(),
@@ -56,6 +101,16 @@ pub fn run(mut args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
             acc.images,
             pass.summary.images_per_second()
         )?;
+        if let Some(c) = teacher {
+            writeln!(
+                std::io::stdout().lock(),
+                "against the teacher{}: KD loss {:.4} (T = {}), top-1 agreement {:.3} %",
+                if teachers.len() > 1 { "s' average" } else { "" },
+                c.kd_loss,
+                args.temperature,
+                c.agreement
+            )?;
+        }
     }
     common::emit_json(&args.json, &report, args.force)?;
     for s in &pass.summary.skipped {
