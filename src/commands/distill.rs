@@ -103,11 +103,8 @@ pub fn run(mut args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<
     if let Some(p) = &resuming {
         p.check_settings(&state_path, &settings)?;
     }
-    let mut save = |p: &Progress| -> Result<()> {
-        let p = Progress {
-            settings: settings.clone(),
-            ..p.clone()
-        };
+    let mut save = |mut p: Progress| -> Result<()> {
+        p.settings = settings.clone();
         p.save(&state_path)?;
         rep.note(format!(
             "saved the run after epoch {} to {}",

@@ -56,22 +56,16 @@ pub fn run(mut args: EvalArgs, global: &GlobalArgs, rep: Reporter) -> Result<()>
         })
         .collect::<Result<Vec<_>>>()?;
     let keep = !teachers.is_empty();
-    let pass = eval::eval_pass(&model, &mut loader, keep)?;
-    // Each teacher over the same images (decoded again), their logits averaged.
-    let mut teacher_logits: Option<Vec<f32>> = None;
-    for t in &teachers {
-        let mut loader = Loader::new(&ds, cfg.transform, &cfg.loader, &rep)?;
-        let tp = eval::eval_pass(t, &mut loader, true)?;
-        if tp.paths != pass.paths {
-            bail!("the teacher's pass read other images than the model's (a file changed?)");
-        }
-        let sum = teacher_logits.get_or_insert_with(|| vec![0.0; tp.logits.len()]);
-        for (a, b) in sum.iter_mut().zip(&tp.logits) {
-            *a += b / teachers.len() as f32;
-        }
-    }
-    let teacher = teacher_logits
-        .map(|t| eval::compare_with_teacher(&pass.logits, &t, pass.classes, args.temperature));
+    let refs: Vec<&crate::models::Model> = teachers.iter().collect();
+    let pass = eval::eval_pass_with(&model, &refs, &mut loader, keep)?;
+    let teacher = keep.then(|| {
+        eval::compare_with_teacher(
+            &pass.logits,
+            &pass.teacher_logits,
+            pass.classes,
+            args.temperature,
+        )
+    });
     let acc = pass.accuracy.unwrap_or_default();
     let report = serde_json::json!({
         "teachers": args.teachers.iter().map(|t| t.display().to_string()).collect::<Vec<_>>(),

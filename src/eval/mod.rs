@@ -94,12 +94,25 @@ pub struct Pass {
     /// For labelled folders.
     pub accuracy: Option<Accuracy>,
     pub summary: LoadSummary,
+    /// The teachers' logits, averaged, row-major as `logits` (passes with teachers only).
+    pub teacher_logits: Vec<f32>,
 }
 
 /// Runs the model in eval mode over every batch of `loader`, measuring accuracy when the folder
 /// is labelled and keeping the logits when `keep_logits`.
 pub fn eval_pass(model: &Model, loader: &mut Loader, keep_logits: bool) -> Result<Pass> {
-    let mut pass = eval_batches(model, loader.by_ref(), keep_logits)?;
+    eval_pass_with(model, &[], loader, keep_logits)
+}
+
+/// As [`eval_pass`], with `teachers` run on the same batches (each image decoded once) and
+/// their averaged logits kept in [`Pass::teacher_logits`].
+pub fn eval_pass_with(
+    model: &Model,
+    teachers: &[&Model],
+    loader: &mut Loader,
+    keep_logits: bool,
+) -> Result<Pass> {
+    let mut pass = eval_batches_with(model, teachers, loader.by_ref(), keep_logits)?;
     pass.summary = loader.summary().clone();
     Ok(pass)
 }
@@ -110,18 +123,45 @@ pub fn eval_batches<I>(model: &Model, batches: I, keep_logits: bool) -> Result<P
 where
     I: Iterator<Item = Result<Batch>>,
 {
+    eval_batches_with(model, &[], batches, keep_logits)
+}
+
+fn eval_batches_with<I>(
+    model: &Model,
+    teachers: &[&Model],
+    batches: I,
+    keep_logits: bool,
+) -> Result<Pass>
+where
+    I: Iterator<Item = Result<Batch>>,
+{
     struct Collect {
         pass: Pass,
         keep_logits: bool,
+        teachers: usize,
     }
     impl forward::Visitor for Collect {
         fn ctx(&mut self, _: usize, _: usize) -> Ctx<'_> {
             Ctx::eval()
         }
-        fn output(&mut self, _: usize, _: usize, f: &Feed, y: &Tensor, _: f64) -> Result<()> {
+        fn output(&mut self, m: usize, _: usize, f: &Feed, y: &Tensor, _: f64) -> Result<()> {
             let b = f.batch().context("eval pass over a tensor")?;
             let v: Vec<f32> = y.flatten_all()?.to_vec1()?;
             let pass = &mut self.pass;
+            if m > 0 {
+                // Teacher m of the batch: the first starts the batch's rows, the rest add in.
+                let w = 1.0 / self.teachers as f32;
+                let t = &mut pass.teacher_logits;
+                if m == 1 {
+                    t.extend(v.iter().map(|x| x * w));
+                } else {
+                    let start = t.len() - v.len();
+                    for (a, x) in t[start..].iter_mut().zip(&v) {
+                        *a += x * w;
+                    }
+                }
+                return Ok(());
+            }
             if let Some(labels) = &b.labels {
                 pass.accuracy.get_or_insert_with(Accuracy::default).add(
                     &v,
@@ -143,8 +183,11 @@ where
             ..Pass::default()
         },
         keep_logits,
+        teachers: teachers.len(),
     };
-    forward::run(forward::single(batches), &[vec![model]], &mut c)?;
+    let mut models = vec![vec![model]];
+    models.extend(teachers.iter().map(|t| vec![*t]));
+    forward::run(forward::single(batches), &models, &mut c)?;
     Ok(c.pass)
 }
 

@@ -212,7 +212,7 @@ impl forward::Visitor for Trainer<'_> {
 /// progress every `cfg.save_every` epochs.
 pub struct Saves<'a> {
     pub resume: Option<&'a Progress>,
-    pub save: &'a mut dyn FnMut(&Progress) -> Result<()>,
+    pub save: &'a mut dyn FnMut(Progress) -> Result<()>,
 }
 
 /// Distils `teachers` into the student `ck`; returns the replaced tensors without writing.
@@ -346,7 +346,7 @@ pub fn distill(
         let done = epoch + 1;
         if cfg.save_every.is_some_and(|n| done % n == 0) && done < cfg.epochs {
             let p = progress(&student, &t.groups, &t.steps, done)?;
-            bar.suspend(|| save(&p))?;
+            bar.suspend(|| save(p))?;
         }
     }
     bar.finish_and_clear();
