@@ -5,9 +5,10 @@
 //! own (`threads` workers) decodes and transforms the images, each written straight into its
 //! fixed slot of the batch tensor, so a batch holds the same images and bytes whatever the
 //! thread count, and no copy follows. Finished
-//! batches wait in a bounded channel (`prefetch` batches): the producer runs ahead of the
-//! consumer by at most that much memory and blocks when it is full; the consumer waits only
-//! when decoding is slower than the model. Dropping the loader stops the producer.
+//! batches wait in a bounded channel (`prefetch` batches, and at most [`PREFETCH_BYTES`] of them):
+//! the producer runs ahead of the consumer by at most that much memory and blocks when it is
+//! full; the consumer waits only when decoding is slower than the model. Dropping the loader
+//! stops the producer.
 //!
 //! A file that cannot be read or decoded ends the pass with an error naming it, unless
 //! `skip_bad`: then it is left out of its batch (which comes out short) and listed in the
@@ -34,7 +35,7 @@ pub struct LoaderOptions {
     pub batch_size: usize,
     /// Decoding threads (default: one per core).
     pub threads: Option<usize>,
-    /// Batches decoded ahead of the consumer.
+    /// Batches decoded ahead of the consumer (fewer where they would pass [`PREFETCH_BYTES`]).
     pub prefetch: usize,
     /// Leave out unreadable or corrupt images (counted) instead of failing.
     pub skip_bad: bool,
@@ -51,6 +52,23 @@ impl Default for LoaderOptions {
             decode: DecodeOptions::default(),
         }
     }
+}
+
+/// Most bytes of finished steps waiting for the consumer. A resolution sweep's step holds a batch
+/// per size (six sizes from 160 to 320 px at batch 32: 140 MB), so a count of steps alone let
+/// the queue reach most of a sweep's peak memory (issue 21); where one step is over this, none
+/// waits: the producer decodes the next step while the consumer runs the current one, and hands
+/// it over when asked.
+pub const PREFETCH_BYTES: usize = 128 << 20;
+
+/// Steps the channel holds: `prefetch`, but no more than fit in [`PREFETCH_BYTES`] (zero: the
+/// step being decoded is handed over directly).
+pub fn prefetch_steps(transforms: &[Transform], opts: &LoaderOptions) -> usize {
+    let step: usize = transforms
+        .iter()
+        .map(|t| tensor_len(t.size()) * opts.batch_size * std::mem::size_of::<f32>())
+        .sum();
+    opts.prefetch.min(PREFETCH_BYTES / step.max(1))
 }
 
 /// A batch of images at one size.
@@ -128,7 +146,7 @@ impl MultiLoader {
         }
         let pool = pool.build().context("starting image decoding threads")?;
 
-        let (tx, rx) = sync_channel(opts.prefetch.max(1));
+        let (tx, rx) = sync_channel(prefetch_steps(transforms, opts));
         let items = dataset.items.clone();
         let labelled = dataset.is_labelled();
         let transforms = transforms.to_vec();
@@ -331,4 +349,35 @@ fn load_step(
         })
         .collect();
     Ok(Step { batches, skipped })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(size: u32) -> Transform {
+        Transform::Eval(EvalTransform {
+            size,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn regression_21_prefetch_is_bounded_in_bytes() {
+        let opts = LoaderOptions::default();
+        // An eval pass at 224, batch 32: 19 MB a step, the usual four steps ahead.
+        assert_eq!(prefetch_steps(&[eval(224)], &opts), 4);
+        // A six-size sweep's step is 140 MB: none waits beside the one being decoded.
+        let sweep: Vec<Transform> = [160, 192, 224, 256, 288, 320].map(eval).to_vec();
+        assert_eq!(prefetch_steps(&sweep, &opts), 0);
+        // Two sizes at batch 32 (17 MB): four again; at batch 256, one.
+        let two = [eval(160), eval(192)];
+        assert_eq!(prefetch_steps(&two, &opts), 4);
+        let big = LoaderOptions {
+            batch_size: 256,
+            ..opts
+        };
+        assert_eq!(prefetch_steps(&two, &big), 0);
+        assert_eq!(prefetch_steps(&[eval(128)], &big), 2);
+    }
 }

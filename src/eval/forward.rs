@@ -22,10 +22,20 @@ pub enum Feed {
 }
 
 impl Feed {
-    /// The input as a tensor [n, 3, H, W] on `device`.
-    pub fn tensor(&self, device: &candle_core::Device) -> Result<Tensor> {
+    /// The input as a tensor [n, 3, H, W] on `device`, taken out of the feed: a batch's pixels
+    /// move into the tensor without a copy (on the CPU) and the feed keeps its labels and paths.
+    /// A second call gives an error.
+    pub fn take_tensor(&mut self, device: &candle_core::Device) -> Result<Tensor> {
         match self {
-            Feed::Images(b) => super::batch_tensor(b, device),
+            Feed::Images(b) => {
+                let s = b.size as usize;
+                let images = std::mem::take(&mut b.images);
+                if images.len() != b.n * 3 * s * s {
+                    anyhow::bail!("internal error: a batch's pixels were taken twice");
+                }
+                let t = Tensor::from_vec(images, (b.n, 3, s, s), &candle_core::Device::Cpu)?;
+                Ok(t.to_device(device)?)
+            }
             Feed::Tensor(t) => Ok(t.to_device(device)?),
         }
     }
@@ -65,24 +75,34 @@ pub trait Visitor {
 }
 
 /// Runs `models[m][p]` (model `m` at point `p`) over each step of `steps`, whose `p`-th feed is
-/// point `p`'s, telling `visitor` each output.
+/// point `p`'s, telling `visitor` each output: within a step, point by point, and at each point
+/// the models in order.
 pub fn run<I>(steps: I, models: &[Vec<&Model>], visitor: &mut dyn Visitor) -> Result<()>
 where
     I: Iterator<Item = Result<Vec<Feed>>>,
 {
     for step in steps {
-        let feeds = step?;
-        for (m, per_point) in models.iter().enumerate() {
-            for (p, (model, feed)) in per_point.iter().zip(&feeds).enumerate() {
-                let x = feed.tensor(&model.device)?;
+        // Point by point, so that each point's input is freed once its models have seen it: a
+        // sweep's step holds a batch per size, and the larger ones are most of the step.
+        for (p, mut feed) in step?.into_iter().enumerate() {
+            let mut x: Option<Tensor> = None;
+            for (m, per_point) in models.iter().enumerate() {
+                let Some(model) = per_point.get(p) else {
+                    continue;
+                };
+                let input = match &x {
+                    Some(x) => x.to_device(&model.device)?,
+                    None => x.insert(feed.take_tensor(&model.device)?).clone(),
+                };
                 let t0 = Instant::now();
                 let y = {
                     let mut ctx = visitor.ctx(m, p);
-                    model.forward(&x, &mut ctx)?
+                    model.forward(&input, &mut ctx)?
                 };
+                drop(input);
                 let y = y.to_dtype(candle_core::DType::F32)?;
                 let secs = t0.elapsed().as_secs_f64();
-                visitor.output(m, p, feed, &y, secs)?;
+                visitor.output(m, p, &feed, &y, secs)?;
             }
         }
     }
