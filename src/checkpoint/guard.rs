@@ -226,6 +226,20 @@ impl MappedInput {
         &self.map
     }
 
+    /// Drops the map's pages from this process's resident memory. The file's pages stay in the
+    /// page cache, and a later read faults them back in with the same bytes: the map is a
+    /// read-only view of the file, never written.
+    pub fn release_pages(&self) {
+        // SAFETY: DONTNEED on a read-only file mapping discards no data (it only unmaps the
+        // pages); slices into the map stay valid and read the file's bytes again. Failure
+        // (an old kernel) leaves the pages resident, which is only what happens without it.
+        #[cfg(unix)]
+        let _ = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
+    }
+
     /// The identity recorded when the file was opened.
     pub fn identity(&self) -> Identity {
         self.identity

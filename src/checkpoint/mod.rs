@@ -183,6 +183,18 @@ fn map_file(path: &Path) -> Result<Blob> {
 }
 
 impl Checkpoint {
+    /// Lets the kernel take back the pages of the mapped files that reading the tensors brought
+    /// into this process's resident memory, once their bytes have been copied out (a model is
+    /// built): they stay in the page cache, and any later read maps them again. Without this, a
+    /// job holds every weight twice for its whole run (the file's pages and the model's copy).
+    pub fn release_pages(&self) {
+        for b in &self.blobs {
+            if let Blob::Map(m) = b {
+                m.release_pages();
+            }
+        }
+    }
+
     /// Opens `path` in whichever supported form it is.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Checkpoint> {
         let path = path.as_ref();

@@ -634,8 +634,12 @@ impl Model {
             naming: config.naming.clone(),
             overrides: opts.overrides.unwrap_or(&empty),
         };
-        Self::build_with(config, Box::new(backend), device, opts)
-            .with_context(|| ck.path.display().to_string())
+        let model = Self::build_with(config, Box::new(backend), device, opts)
+            .with_context(|| ck.path.display().to_string())?;
+        // The model holds its own copies of the tensors now (issue 21: the file's pages were
+        // a second copy of the weights in the resident memory of every job).
+        ck.release_pages();
+        Ok(model)
     }
 
     /// Builds a detected configuration from any tensor source that serves checkpoint keys.
