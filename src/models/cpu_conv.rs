@@ -38,7 +38,9 @@ use std::sync::OnceLock;
 
 pub mod train;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Tensor,
+};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -180,6 +182,8 @@ type Uninit = std::mem::MaybeUninit<f32>;
 struct ColBuffers {
     col: Vec<f32>,
     phases: Vec<f32>,
+    /// One image's output, for [`ConvOp::dense_into_residual`].
+    out: Vec<f32>,
 }
 
 /// Size of one unfolded block of the input (see `dense`): a core's L2 on the machines measured.
@@ -325,47 +329,49 @@ impl ConvOp<'_> {
 
     /// Grouped or dense convolution: per image, per group, im2col + gemm; then the epilogue.
     fn dense(&self, x: &[f32], w: &[f32], residual: Option<&[f32]>, d: Dims, out: &mut [Uninit]) {
-        let g = self.g;
-        let (cin_g, cout_g) = (d.cin / g.groups, d.cout / g.groups);
-        let p = d.ho * d.wo;
-        let kk = cin_g * d.k * d.k;
-        let direct = d.k == 1 && g.stride == 1 && g.padding == 0;
-        let plane_in = d.h * d.w;
-        // Unfold a block of output rows at a time, so that the unfolded block (written once,
-        // read by gemm's packing) stays in L2 instead of going out to memory and back.
-        let chunk_rows = (COL_BLOCK_BYTES / (4 * kk * d.wo).max(1)).clamp(1, d.ho);
-        let image = |i: usize, out_img: &mut [Uninit], bufs: &mut ColBuffers, par: Parallelism| {
-            let ColBuffers { col, phases } = bufs;
-            let x_img = &x[i * d.cin * plane_in..][..d.cin * plane_in];
-            for gi in 0..g.groups {
-                let xg = &x_img[gi * cin_g * plane_in..][..cin_g * plane_in];
-                let wg = &w[gi * cout_g * kk..][..cout_g * kk];
-                let dst_g = &mut out_img[gi * cout_g * p..][..cout_g * p];
-                if direct {
-                    // SAFETY: as below, with the whole plane as the right-hand side.
-                    unsafe { gemm_into(dst_g, p, 0, p, wg, cout_g, kk, xg, par) };
-                    continue;
-                }
-                let xg = split_phases(xg, d, g, phases);
-                for rows in (0..d.ho)
-                    .step_by(chunk_rows)
-                    .map(|r| r..(r + chunk_rows).min(d.ho))
-                {
-                    let n = rows.len() * d.wo;
-                    col.resize(kk * n, 0.0);
-                    im2col(&xg, cin_g, d, g, rows.clone(), col);
-                    // SAFETY: dst_g is cout_g x p, wg cout_g x kk, col kk x n, and the columns
-                    // rows.start * wo .. + n lie inside p; dst_g aliases neither input.
-                    unsafe { gemm_into(dst_g, p, rows.start * d.wo, n, wg, cout_g, kk, col, par) };
-                }
-            }
-            // SAFETY: the gemms above wrote every element of this image's output.
+        let img_len = d.cout * d.ho * d.wo;
+        self.per_image(d, out, |i, out_img, bufs, par| {
+            self.dense_image(x, w, d, i, out_img, bufs, par);
+            // SAFETY: dense_image wrote every element of this image's output.
             let out_img = unsafe { assume_init(out_img) };
-            let r = residual.map(|r| &r[i * d.cout * p..][..d.cout * p]);
-            self.epilogue(out_img, r, 0, p);
-        };
+            let r = residual.map(|r| &r[i * img_len..][..img_len]);
+            self.epilogue(out_img, r, 0, d.ho * d.wo);
+        });
+    }
+
+    /// [`Self::dense`] written over the residual: each image's output is computed in a buffer
+    /// of one image, finished by the same epilogue, and copied over that image's residual, so
+    /// the result has the same bits as the dense path's and no batch-sized output is allocated.
+    fn dense_into_residual(&self, x: &[f32], w: &[f32], d: Dims, residual: &mut [f32]) {
+        let img_len = d.cout * d.ho * d.wo;
+        // SAFETY: a view of initialised values as possibly uninitialised ones, only written
+        // through with initialised values.
+        let res = unsafe { &mut *(residual as *mut [f32] as *mut [Uninit]) };
+        self.per_image(d, res, |i, res_img, bufs, par| {
+            let mut own = std::mem::take(&mut bufs.out);
+            own.clear();
+            own.reserve(img_len);
+            let spare = &mut own.spare_capacity_mut()[..img_len];
+            self.dense_image(x, w, d, i, spare, bufs, par);
+            // SAFETY: dense_image wrote all img_len values.
+            unsafe { own.set_len(img_len) };
+            // SAFETY: the residual was initialised (it is a tensor's storage).
+            let r = unsafe { assume_init(res_img) };
+            self.epilogue(&mut own, Some(r), 0, d.ho * d.wo);
+            r.copy_from_slice(&own);
+            bufs.out = own;
+        });
+    }
+
+    /// Runs `image(i, that image's output, scratch, gemm parallelism)` for every image: one
+    /// image per rayon task when the batch keeps every thread busy, else one at a time with
+    /// gemm's own threads.
+    fn per_image<F>(&self, d: Dims, out: &mut [Uninit], image: F)
+    where
+        F: Fn(usize, &mut [Uninit], &mut ColBuffers, Parallelism) + Sync,
+    {
         let threads = rayon::current_num_threads();
-        let img_len = d.cout * p;
+        let img_len = d.cout * d.ho * d.wo;
         if d.n >= threads || threads == 1 {
             out.par_chunks_mut(img_len)
                 .enumerate()
@@ -376,6 +382,53 @@ impl ConvOp<'_> {
             let mut bufs = ColBuffers::default();
             for (i, o) in out.chunks_mut(img_len).enumerate() {
                 image(i, o, &mut bufs, Parallelism::Rayon(threads));
+            }
+        }
+    }
+
+    /// Image `i`'s convolution (no epilogue) into `out_img`, every element written.
+    #[allow(clippy::too_many_arguments)]
+    fn dense_image(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        d: Dims,
+        i: usize,
+        out_img: &mut [Uninit],
+        bufs: &mut ColBuffers,
+        par: Parallelism,
+    ) {
+        let g = self.g;
+        let (cin_g, cout_g) = (d.cin / g.groups, d.cout / g.groups);
+        let p = d.ho * d.wo;
+        let kk = cin_g * d.k * d.k;
+        let direct = d.k == 1 && g.stride == 1 && g.padding == 0;
+        let plane_in = d.h * d.w;
+        // Unfold a block of output rows at a time, so that the unfolded block (written once,
+        // read by gemm's packing) stays in L2 instead of going out to memory and back.
+        let chunk_rows = (COL_BLOCK_BYTES / (4 * kk * d.wo).max(1)).clamp(1, d.ho);
+        let ColBuffers { col, phases, .. } = bufs;
+        let x_img = &x[i * d.cin * plane_in..][..d.cin * plane_in];
+        for gi in 0..g.groups {
+            let xg = &x_img[gi * cin_g * plane_in..][..cin_g * plane_in];
+            let wg = &w[gi * cout_g * kk..][..cout_g * kk];
+            let dst_g = &mut out_img[gi * cout_g * p..][..cout_g * p];
+            if direct {
+                // SAFETY: as below, with the whole plane as the right-hand side.
+                unsafe { gemm_into(dst_g, p, 0, p, wg, cout_g, kk, xg, par) };
+                continue;
+            }
+            let xg = split_phases(xg, d, g, phases);
+            for rows in (0..d.ho)
+                .step_by(chunk_rows)
+                .map(|r| r..(r + chunk_rows).min(d.ho))
+            {
+                let n = rows.len() * d.wo;
+                col.resize(kk * n, 0.0);
+                im2col(&xg, cin_g, d, g, rows.clone(), col);
+                // SAFETY: dst_g is cout_g x p, wg cout_g x kk, col kk x n, and the columns
+                // rows.start * wo .. + n lie inside p; dst_g aliases neither input.
+                unsafe { gemm_into(dst_g, p, rows.start * d.wo, n, wg, cout_g, kk, col, par) };
             }
         }
     }
@@ -790,6 +843,81 @@ impl CustomOp3 for ConvOp<'_> {
     }
 }
 
+impl InplaceOp3 for ConvOp<'_> {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-into-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        rs: &mut CpuStorage,
+        rl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<()> {
+        let d = self.dims(xl, wl)?;
+        if rl.shape().dims() != [d.n, d.cout, d.ho, d.wo] {
+            candle_core::bail!(
+                "cpu conv: residual {:?} for output {:?}",
+                rl.shape(),
+                (d.n, d.cout, d.ho, d.wo)
+            );
+        }
+        if self.g.groups == d.cin && d.cout == d.cin {
+            candle_core::bail!("cpu conv: a depthwise convolution is not written in place");
+        }
+        let (x, w) = (f32_slice(xs, xl, "input")?, f32_slice(ws, wl, "weight")?);
+        let (start, end) = rl.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("cpu conv: residual is not contiguous".into())
+        })?;
+        let r = match rs {
+            CpuStorage::F32(v) => &mut v[start..end],
+            _ => candle_core::bail!("cpu conv: residual is not f32"),
+        };
+        self.dense_into_residual(x, w, d, r);
+        Ok(())
+    }
+}
+
+/// [`conv2d`] with a residual nobody else holds: `act(conv(x) + shift + residual)` written over
+/// the residual's storage and returned, the same values as [`conv2d`]'s. A residual block's end
+/// then holds the shortcut and no second output-sized tensor (issue 21). The caller vouches that
+/// no other tensor shares `residual`'s storage (a fresh output of the block's projection, or a
+/// block input handed over by value). Where the fast kernels do not run (other devices, dtypes,
+/// a graph to differentiate, a depthwise convolution), this is [`conv2d`] into a new tensor.
+pub fn conv2d_into_residual(
+    k: Kernels,
+    x: &Tensor,
+    weight: &Tensor,
+    g: Geometry,
+    shift: Option<(&[f32], &Tensor)>,
+    residual: Tensor,
+    act: Act,
+) -> Result<Tensor> {
+    // As `ConvOp::run` tells them apart.
+    let (cin, cout) = (x.dim(1)?, weight.dim(0)?);
+    let depthwise = g.groups == cin && cout == cin;
+    let in_place = cpu_kernels_for(x, k)
+        && weight.dtype() == DType::F32
+        && residual.dtype() == DType::F32
+        && !(x.track_op() || weight.track_op() || residual.track_op())
+        && !residual.is_variable()
+        && residual.is_contiguous()
+        && !depthwise;
+    if !in_place {
+        return conv2d(k, x, weight, g, shift, Some(&residual), act);
+    }
+    let op = ConvOp {
+        g,
+        shift: shift.map(|s| s.0),
+        act,
+    };
+    residual.inplace_op3(&x.contiguous()?, &weight.contiguous()?, &op)?;
+    Ok(residual)
+}
+
 /// torch.nn.MaxPool2d(3, stride 2, padding 1) over [N, C, H, W] (the ResNet stem's pool). On
 /// the CPU in f32 one pass per plane (a row maximum of three input rows, then of three columns);
 /// elsewhere candle's pool over an edge-replicated copy, which is exact for a maximum since the
@@ -897,6 +1025,84 @@ mod tests {
         assert!(worst < 4e-7, "worst relative error {worst:e}");
         // Saturates instead of overflowing: SiLU of a large negative input is -0, not NaN.
         assert!(exp::<false>(200.0).is_finite() && exp::<false>(-200.0) >= 0.0);
+    }
+
+    /// A convolution written over its residual gives the bits of the one into a new tensor, for
+    /// dense, strided and grouped convolutions, on one thread and on several (a batch smaller
+    /// than the pool runs gemm's own threads); a depthwise one falls back to a new tensor.
+    fn got_vec(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn regression_21_conv_into_residual_is_the_conv_with_the_residual() {
+        let dev = candle_core::Device::Cpu;
+        let val = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919 + seed * 104_729) % 1999) as f32 / 1999.0 - 0.5)
+                .collect()
+        };
+        // (n, cin, cout, k, stride, padding, groups, side)
+        let cases = [
+            (2, 8, 16, 1, 1, 0, 1, 9),
+            (3, 8, 16, 3, 1, 1, 1, 7),
+            (1, 8, 12, 3, 2, 1, 1, 9),
+            (4, 8, 8, 3, 1, 1, 4, 6),
+            (2, 6, 6, 3, 1, 1, 6, 5),
+        ];
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for (case, &(n, cin, cout, k, stride, padding, groups, side)) in
+                cases.iter().enumerate()
+            {
+                let g = Geometry {
+                    stride,
+                    padding,
+                    groups,
+                };
+                let ho = (side + 2 * padding - k) / stride + 1;
+                let x =
+                    Tensor::from_vec(val(n * cin * side * side, case), (n, cin, side, side), &dev)
+                        .unwrap();
+                let w_shape = (cout, cin / groups, k, k);
+                let w = Tensor::from_vec(val(cout * cin / groups * k * k, case + 7), w_shape, &dev)
+                    .unwrap();
+                let shift: Vec<f32> = val(cout, case + 3);
+                let shift_t = Tensor::new(shift.as_slice(), &dev).unwrap();
+                let r_vals = val(n * cout * ho * ho, case + 11);
+                let r = Tensor::from_vec(r_vals.clone(), (n, cout, ho, ho), &dev).unwrap();
+                let fresh = Tensor::from_vec(r_vals.clone(), (n, cout, ho, ho), &dev).unwrap();
+                // A second handle on the residual's storage shows where the result went (the
+                // caller of the real thing vouches that there is none).
+                let spy = fresh.clone();
+                let (want, got) = pool.install(|| {
+                    let s = Some((shift.as_slice(), &shift_t));
+                    let want = conv2d(Kernels::Fast, &x, &w, g, s, Some(&r), Act::Relu).unwrap();
+                    let got = conv2d_into_residual(Kernels::Fast, &x, &w, g, s, fresh, Act::Relu)
+                        .unwrap();
+                    (want, got)
+                });
+                let spied: Vec<f32> = spy.flatten_all().unwrap().to_vec1().unwrap();
+                let depthwise = groups == cin && cout == cin;
+                let expect_spy = if depthwise { &r_vals } else { &got_vec(&got) };
+                assert_eq!(&spied, expect_spy, "case {case}: in place {}", !depthwise);
+                let (want, got): (Vec<f32>, Vec<f32>) = (
+                    want.flatten_all().unwrap().to_vec1().unwrap(),
+                    got.flatten_all().unwrap().to_vec1().unwrap(),
+                );
+                let same = want
+                    .iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "case {case}, {threads} threads: not the same bits");
+                // The residual the reference read is untouched.
+                let r_now: Vec<f32> = r.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(r_now, r_vals, "case {case}");
+            }
+        }
     }
 
     /// The differentiable pool gives the fast pool's values, and its gradient reaches each

@@ -572,6 +572,36 @@ impl ConvBn {
             }
         }
     }
+
+    /// [`ConvBn::forward_add_act`] with the residual handed over: in eval mode on the fast
+    /// kernels the result is written over the residual's storage
+    /// ([`cpu_conv::conv2d_into_residual`]), so the block's end holds no second output-sized
+    /// tensor. The caller vouches that no other tensor shares `residual`'s storage.
+    pub fn forward_add_act_into(
+        &self,
+        x: &Tensor,
+        residual: Tensor,
+        ctx: &mut Ctx,
+        act: Act,
+    ) -> Result<Tensor> {
+        match ctx.mode_of(self.bn.index) {
+            BnMode::Eval => {
+                let shift = Some((self.shift.0.as_slice(), &self.shift.1));
+                let f = &self.folded;
+                let x = f.padded(x)?;
+                cpu_conv::conv2d_into_residual(
+                    ctx.kernels,
+                    &x,
+                    &f.weight,
+                    f.geometry,
+                    shift,
+                    residual,
+                    act,
+                )
+            }
+            BnMode::Calibrate | BnMode::Train => self.forward_add_act(x, Some(&residual), ctx, act),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

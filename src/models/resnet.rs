@@ -258,15 +258,21 @@ struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+    /// The block over `x`, taken by value: with every BN in eval mode, the output is written
+    /// over the shortcut (the projection's fresh output, or `x` itself, which the caller hands
+    /// over and nobody else holds), so the block's end keeps one output-sized tensor, not two.
+    fn forward(&self, x: Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let (last, inner) = self.convs.split_last().expect("a block has convolutions");
-        let mut y = x.clone();
-        for c in inner {
+        let mut y = inner
+            .first()
+            .expect("a block has two convolutions or more")
+            .forward_relu(&x, ctx)?;
+        for c in &inner[1..] {
             y = c.forward_relu(&y, ctx)?;
         }
-        let identity = |ctx: &mut Ctx| match &self.downsample {
-            Some(d) => d.forward(x, ctx),
-            None => Ok(x.clone()),
+        let identity = |ctx: &mut Ctx, x: Tensor| match &self.downsample {
+            Some(d) => d.forward(&x, ctx),
+            None => Ok(x),
         };
         let own_eval = self
             .convs
@@ -277,17 +283,17 @@ impl Block {
         // (`add_act_owned`), so that calibrate mode holds no further activation for them.
         if let Some(se) = &self.se {
             let y = se.forward(&last.forward(&y, ctx)?, ctx)?;
-            return add_act_owned(ctx.kernels, y, &identity(ctx)?, Act::Relu);
+            return add_act_owned(ctx.kernels, y, &identity(ctx, x)?, Act::Relu);
         }
         if !own_eval {
             // BN layers report (and train-mode layers update) in torchvision's forward order:
             // the last conv's before the projection's. A block whose BNs are all in eval mode
             // (the frozen blocks of a FixRes fine-tune) keeps the fused path below.
             let y = last.forward(&y, ctx)?;
-            return add_act_owned(ctx.kernels, y, &identity(ctx)?, Act::Relu);
+            return add_act_owned(ctx.kernels, y, &identity(ctx, x)?, Act::Relu);
         }
-        let identity = identity(ctx)?;
-        last.forward_add_act(&y, Some(&identity), ctx, Act::Relu)
+        let identity = identity(ctx, x)?;
+        last.forward_add_act_into(&y, identity, ctx, Act::Relu)
     }
 
     /// The block up to its last BN: that BN's input (the last convolution's output) and the
@@ -421,7 +427,7 @@ impl Network for ResNet {
         let mut x = max_pool_3x3_s2_p1(&x, ctx)?;
         for stage in &self.stages {
             for b in stage {
-                x = b.forward(&x, ctx)?;
+                x = b.forward(x, ctx)?;
             }
         }
         self.fc.forward(&global_avg_pool(&x)?)
@@ -435,7 +441,7 @@ impl Network for ResNet {
         }
         let mut x = max_pool_3x3_s2_p1(&x, ctx)?;
         for b in rest {
-            x = b.forward(&x, ctx)?;
+            x = b.forward(x, ctx)?;
         }
         last.trunk(&x, ctx)
     }

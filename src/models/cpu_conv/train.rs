@@ -389,7 +389,7 @@ fn dense_weight_grad(x: &[f32], dy: &[f32], d: Dims, g: Geometry) -> Vec<f32> {
     let kk = cin_g * d.k * d.k;
     let len = d.cout * kk;
     let images = |imgs: Range<usize>, acc: &mut [f32], bufs: &mut ColBuffers, par: Parallelism| {
-        let ColBuffers { col, phases } = bufs;
+        let ColBuffers { col, phases, .. } = bufs;
         for i in imgs {
             let x_img = &x[i * d.cin * plane_in..][..d.cin * plane_in];
             let dy_img = &dy[i * d.cout * p..][..d.cout * p];
