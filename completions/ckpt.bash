@@ -147,7 +147,7 @@ _ckpt() {
             return 0
             ;;
         ckpt__subcmd__distill)
-            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --teacher --data --size --crop-pct --interpolation --crop-mode --mean --std --seed --shard --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --force --alpha --temperature --epochs --opt --lr --momentum --nesterov --weight-decay --decay-all --schedule --warmup-epochs --no-shuffle --save-every --resume --json --output --transform --batch-size --max-images --device --threads --quiet --kernels --help --version"
+            opts="-o -q -h -V --arch --key --strip-prefix --keep-prefix --teacher --targets --data --size --crop-pct --interpolation --crop-mode --mean --std --seed --shard --skip-bad --exif-transpose --max-image-pixels --class-map --strict-labels --force --alpha --temperature --epochs --opt --lr --momentum --nesterov --weight-decay --decay-all --schedule --warmup-epochs --no-shuffle --save-every --resume --json --output --transform --batch-size --max-images --device --threads --quiet --kernels --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -166,6 +166,10 @@ _ckpt() {
                     return 0
                     ;;
                 --teacher)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --targets)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -50,7 +50,11 @@ fn distill(d: &TestDir, teachers: &[&str], extra: &[&str]) -> Run {
 }
 
 /// `floor`: an absolute error allowed on top of the relative one (see `adamw_is_torchs_adamw`).
-fn assert_student_close(got: &HashMap<String, T>, want: &HashMap<String, T>, floor: f64) -> f64 {
+pub(crate) fn assert_student_close(
+    got: &HashMap<String, T>,
+    want: &HashMap<String, T>,
+    floor: f64,
+) -> f64 {
     assert_eq!(sorted_keys(got), sorted_keys(want));
     let mut worst = 0f64;
     for (k, w) in want {

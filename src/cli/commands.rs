@@ -102,8 +102,8 @@ pub struct LogitsArgs {
     )]
     pub input: Option<PathBuf>,
     /// Folder of images instead (eval transform, see the data options); also writes `labels`
-    /// for an ImageFolder (the model's classes: see --class-map) and records the image paths in
-    /// the metadata
+    /// for an ImageFolder (the model's classes: see --class-map) and records the image paths
+    /// and the transform in the metadata (what `ckpt distill --targets` reads)
     #[arg(long = "data", value_name = "DIR")]
     pub data: Option<PathBuf>,
     #[command(flatten)]
@@ -379,19 +379,31 @@ pub struct SoupArgs {
 /// different families and sizes but must have the same classes. SGD or AdamW as torch's, weight
 /// decay on weights only (not biases and one-dimensional parameters) unless --decay-all. The
 /// output holds every student tensor after the run, in its stored dtype.
+///
+/// Offline teacher: --targets FILE (from `ckpt logits TEACHER --data` over the same folder)
+/// instead of --teacher; the teacher never runs. Every training image needs a row in FILE,
+/// found by its path under the folder; the transform must be deterministic (--transform eval,
+/// the default with --targets) and the one FILE was made with. Top-k files give the teacher's
+/// softmax at T renormalised over the stored classes, zero elsewhere.
 #[derive(Args, Debug)]
 #[command(
     mut_arg("output", |a| a.help(MODEL_OUT_HELP)),
-    mut_arg("transform", |a| a.default_value("train")),
+    mut_arg("transform", |a| a.default_value("train").default_value_if("targets", clap::builder::ArgPredicate::IsPresent, "eval")),
     mut_arg("batch_size", |a| a.default_value("64")),
     mut_arg("max_images", |a| a.help("Train on at most N images of --data: a random subset (seeded by --seed) when the folder has more, kept in folder order"))
 )]
 pub struct DistillArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Teacher checkpoint; repeat for an ensemble (logits averaged)
-    #[arg(long = "teacher", value_name = "T", required = true)]
+    /// Teacher checkpoint, run on every batch; repeat for an ensemble (logits averaged). One of
+    /// --teacher and --targets is needed
+    #[arg(long = "teacher", value_name = "T")]
     pub teachers: Vec<PathBuf>,
+    /// Offline teacher: the logits `ckpt logits TEACHER --data TRAIN` stored (dense or
+    /// --top-k), looked up by image path; no teacher runs. Needs a deterministic transform (the
+    /// default --transform becomes eval) and the data options FILE was made with
+    #[arg(long, value_name = "FILE")]
+    pub targets: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]

@@ -1,5 +1,5 @@
-//! `ckpt distill`: knowledge distillation of teachers into a student checkpoint (the engine is
-//! `train::distill`).
+//! `ckpt distill`: knowledge distillation of teachers, or of their stored logits (`--targets`,
+//! read by `train::targets`), into a student checkpoint (the engine is `train::distill`).
 
 use std::io::Write;
 
@@ -13,6 +13,7 @@ use crate::checkpoint::{provenance, Checkpoint};
 use crate::cli::{DistillArgs, GlobalArgs};
 use crate::commands::common;
 use crate::report::Reporter;
+use crate::train::distill::Teacher;
 use crate::train::resume::Progress;
 use crate::train::{self, Schedule};
 
@@ -26,6 +27,17 @@ pub fn run(mut args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<
     let arch = super::model_arch(args.model.arch.get(), &ck)?;
     super::model_data_defaults(&mut args.data.opts, &ck, &rep)?;
     let force = args.out.force;
+    let targets = match (&args.targets, args.teachers.is_empty()) {
+        (Some(f), false) => bail!(
+            "--targets {}: give either teachers to run (--teacher) or their stored logits (--targets), not both",
+            f.display()
+        ),
+        (None, true) => bail!(
+            "no teacher: give --teacher T (run on every batch) or --targets FILE (logits stored by ckpt logits --data)"
+        ),
+        (Some(f), true) => Some(train::targets::Targets::open(f)?),
+        (None, false) => None,
+    };
     let teacher_cks = args
         .teachers
         .iter()
@@ -33,6 +45,7 @@ pub fn run(mut args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<
         .collect::<Result<Vec<_>>>()?;
     let mut inputs = ck.files.clone();
     inputs.extend(teacher_cks.iter().flat_map(|t| t.files.clone()));
+    inputs.extend(args.targets.clone());
     check_outputs(std::slice::from_ref(&args.out.output), &inputs, force)?;
     common::check_json(&args.json, &inputs, force)?;
     let data = args.data.config(global.threads)?;
@@ -57,6 +70,7 @@ pub fn run(mut args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<
         temperature: args.temperature,
         alpha: args.alpha,
         save_every: args.save_every,
+        kernels: global.kernels,
     };
     cfg.check()?;
     let state_path = resume_path(&args.out.output);
@@ -93,8 +107,12 @@ pub fn run(mut args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<
         .collect::<Result<Vec<_>>>()?;
     let dev = super::device(global, &rep)?;
     let refs: Vec<&crate::models::Model> = teachers.iter().collect();
+    let teacher = match &targets {
+        Some(t) => Teacher::Targets(t),
+        None => Teacher::Models(&refs),
+    };
     let t0 = std::time::Instant::now();
-    let mut settings = train::distill::settings(&cfg, &refs);
+    let mut settings = train::distill::settings(&cfg, &teacher);
     settings.insert("student".into(), args.model.model.display().to_string());
     settings.insert(
         "teacher_files".into(),
@@ -117,7 +135,7 @@ pub fn run(mut args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<
     let out = train::distill::distill(
         &ck,
         arch.as_deref(),
-        &refs,
+        teacher,
         &dev,
         &cfg,
         &rep,
@@ -140,6 +158,9 @@ pub fn run(mut args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<
                 .collect::<Vec<_>>(),
         )?,
     );
+    if let Some(t) = &args.targets {
+        meta.insert("ckpt.distill.targets_file".into(), t.display().to_string());
+    }
     let replacement = apply::Replacement {
         tensors: out.tensors.clone(),
         changes: Vec::new(),
@@ -166,6 +187,12 @@ pub fn run(mut args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<
     let report = serde_json::json!({
         "output": args.out.output.display().to_string(),
         "teachers": args.teachers.iter().map(|t| t.display().to_string()).collect::<Vec<_>>(),
+        "targets": targets.as_ref().map(|t| serde_json::json!({
+            "file": t.path.display().to_string(),
+            "stored": t.stored.to_string(),
+            "model": t.arch,
+            "rows": t.len(),
+        })),
         "images": out.images,
         "epochs": args.epochs,
         "temperature": args.temperature,
@@ -180,13 +207,18 @@ pub fn run(mut args: DistillArgs, global: &GlobalArgs, rep: Reporter) -> Result<
         let last = out.steps.last();
         writeln!(
             std::io::stdout().lock(),
-            "wrote {}: {} steps over {} images x {} epoch(s); last step loss {:.4} (KD {:.4}); student agreed with the teacher(s) on {:.1} % of the images seen ({:.1} images/s)",
+            "wrote {}: {} steps over {} images x {} epoch(s); last step loss {:.4} (KD {:.4}); student agreed with the {} on {:.1} % of the images seen ({:.1} images/s)",
             args.out.output.display(),
             out.steps.len(),
             out.images,
             args.epochs,
             last.map_or(f64::NAN, |s| s.loss),
             last.map_or(f64::NAN, |s| s.kd),
+            if targets.is_some() {
+                "stored targets"
+            } else {
+                "teacher(s)"
+            },
             100.0 * agree as f64 / images.max(1) as f64,
             images_now as f64 / secs.max(1e-9)
         )?;

@@ -1,5 +1,5 @@
-//! `ckpt logits`: a model's eval-mode logits for an input batch, as distillation targets or to
-//! check ckpt against PyTorch.
+//! `ckpt logits`: a model's eval-mode logits for an input batch, as distillation targets (read
+//! back by `train::targets`) or to check ckpt against PyTorch.
 
 use anyhow::Result;
 
@@ -61,13 +61,14 @@ pub fn run(mut args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<(
             }
             let mut loader = crate::data::Loader::new(&ds, cfg.transform, &cfg.loader, &rep)?;
             let pass = eval::eval_pass(&model, &mut loader, true)?;
-            let rel: Vec<String> = pass
-                .paths
-                .iter()
-                .map(|p| p.strip_prefix(&ds.root).unwrap_or(p).display().to_string())
-                .collect();
+            let rel: Vec<String> = pass.paths.iter().map(|p| ds.relative_name(p)).collect();
             extra_meta.push(("ckpt.images".to_string(), serde_json::to_string(&rel)?));
             extra_meta.push(("ckpt.data".to_string(), ds.root.display().to_string()));
+            // What `distill --targets` checks its own pass against.
+            extra_meta.push((
+                "ckpt.transform".to_string(),
+                serde_json::to_string(&cfg.transform_record())?,
+            ));
             if ds.is_labelled() {
                 extra_meta.push((
                     "ckpt.classes".to_string(),
@@ -125,6 +126,7 @@ pub fn run(mut args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<(
     sources.extend(input_ck);
     let mut meta = provenance::metadata(&provenance::command_line(), &sources)?;
     meta.insert("ckpt.arch".into(), model.config.name());
+    meta.insert("ckpt.num_classes".into(), classes.to_string());
     meta.extend(extra_meta);
     write_owned(&args.out.output, &tensors, &meta, args.out.force)?;
     println!(

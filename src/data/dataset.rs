@@ -197,6 +197,15 @@ impl Dataset {
         self.items.is_empty()
     }
 
+    /// An image's path relative to the folder, as `ckpt logits --data` records it (`ckpt.images`)
+    /// and `ckpt distill --targets` looks it up: independent of where the folder lies.
+    pub fn relative_name(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    }
+
     /// The same images in a seeded random order (BatchNorm statistics want batches that mix
     /// classes; an ImageFolder listing is sorted by class).
     pub fn shuffled(mut self, seed: u64) -> Dataset {

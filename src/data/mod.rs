@@ -66,7 +66,7 @@ pub use loader::{
 pub use resize::Interpolation;
 pub use transform::{
     transform_many, CropMode, CropParams, EvalTransform, Normalize, TrainTransform, Transform,
-    IMAGENET_MEAN, IMAGENET_STD,
+    TransformRecord, IMAGENET_MEAN, IMAGENET_STD,
 };
 
 use crate::report::Reporter;
@@ -84,6 +84,12 @@ impl DataConfig {
     /// Scans the folder.
     pub fn scan(&self) -> Result<Dataset> {
         Dataset::scan(&self.dir, &self.dataset)
+    }
+
+    /// What this pass's images go through (the transform and the EXIF turn), as a file's
+    /// `ckpt.transform` records it.
+    pub fn transform_record(&self) -> TransformRecord {
+        TransformRecord::new(&self.transform, self.loader.decode.exif_transpose)
     }
 
     /// Scans the folder and starts loading it.

@@ -427,6 +427,107 @@ fn flip_horizontal(img: &DecodedImage) -> DecodedImage {
     }
 }
 
+/// What a pass's images went through, in a form a file's metadata can hold and a later pass can
+/// compare: `ckpt logits --data` records it as `ckpt.transform`, and `ckpt distill --targets`
+/// refuses logits made from other pixels than its own. Everything that changes a pixel is in it
+/// (the EXIF turn too); the train transform's seed as well, though no two train passes compare
+/// equal in the sense that matters (see `train::targets`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TransformRecord {
+    /// `eval` or `train`.
+    pub kind: String,
+    pub size: u32,
+    /// The eval transform's crop fraction (none for train).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop_pct: Option<f64>,
+    /// The eval transform's crop mode, `center` or `squash` (none for train).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop_mode: Option<String>,
+    pub interpolation: String,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Images turned by their EXIF orientation before the transform.
+    pub exif_transpose: bool,
+    /// The train transform's seed (none for eval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl TransformRecord {
+    pub fn new(transform: &Transform, exif_transpose: bool) -> TransformRecord {
+        match transform {
+            Transform::Eval(t) => TransformRecord {
+                kind: "eval".into(),
+                size: t.size,
+                crop_pct: Some(t.crop_pct),
+                crop_mode: Some(
+                    match t.crop_mode {
+                        CropMode::Center => "center",
+                        CropMode::Squash => "squash",
+                    }
+                    .into(),
+                ),
+                interpolation: t.interpolation.name().into(),
+                mean: t.normalize.mean,
+                std: t.normalize.std,
+                exif_transpose,
+                seed: None,
+            },
+            Transform::Train(t) => TransformRecord {
+                kind: "train".into(),
+                size: t.size,
+                crop_pct: None,
+                crop_mode: None,
+                interpolation: t.interpolation.name().into(),
+                mean: t.normalize.mean,
+                std: t.normalize.std,
+                exif_transpose,
+                seed: Some(t.seed),
+            },
+        }
+    }
+
+    /// The fields in which `self` and `other` differ, each as `NAME A here, B there`, in field
+    /// order (empty when they are the same).
+    pub fn differences(&self, other: &TransformRecord, here: &str, there: &str) -> Vec<String> {
+        let fields = |r: &TransformRecord| match serde_json::to_value(r) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        let show = |v: Option<&serde_json::Value>| match v {
+            None => "none".to_string(),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            // 1, not serde's 1.0: as the flags are written.
+            Some(serde_json::Value::Number(n)) if n.is_f64() => {
+                n.as_f64().map_or(n.to_string(), |x| x.to_string())
+            }
+            Some(v) => v.to_string(),
+        };
+        let (a, b) = (fields(self), fields(other));
+        [
+            "kind",
+            "size",
+            "crop_pct",
+            "crop_mode",
+            "interpolation",
+            "mean",
+            "std",
+            "exif_transpose",
+            "seed",
+        ]
+        .iter()
+        .filter(|n| a.get(**n) != b.get(**n))
+        .map(|n| {
+            format!(
+                "{n} {} {here}, {} {there}",
+                show(a.get(*n)),
+                show(b.get(*n))
+            )
+        })
+        .collect()
+    }
+}
+
 /// The transform of a data pass.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Transform {

@@ -10,6 +10,14 @@
 //! weight decay on the weights, none on biases and one-dimensional parameters (BN's) unless
 //! `decay_all`. The result is every trained parameter and every BN layer's statistics
 //! (`num_batches_tracked` advanced by the steps), each in its stored dtype.
+//!
+//! The teacher may also be offline ([`Teacher::Targets`]): logits stored by `ckpt logits`, looked
+//! up by image path (see [`super::targets`]), so that no teacher runs. Dense stored logits go
+//! through the very operations a live teacher's logits do ([`SoftTargets::from_logits`]): the
+//! same f32 logits give the same student, bit for bit. Top-k logits give the softmax of the k
+//! stored values at T, renormalised over the stored classes and zero elsewhere
+//! ([`SoftTargets::from_top_k`]), so that the KL sums over the stored classes only
+//! (`0 log 0 = 0`).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -17,12 +25,13 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::resume::Progress;
+use super::targets::{Rows, Targets};
 use super::{
     check_labels, counted_up, cross_entropy, epoch_order, stored, Optimizer, OptimizerConfig,
     Schedule,
 };
 use crate::checkpoint::Checkpoint;
-use crate::data::{DataConfig, Loader};
+use crate::data::{DataConfig, Dataset, Loader, Transform};
 use crate::eval::forward::{self, Feed};
 use crate::models::{BuildOptions, Ctx, Kernels, Model};
 use crate::report::Reporter;
@@ -46,6 +55,9 @@ pub struct Config {
     /// Hand the run's [`Progress`] to the caller after every this many epochs (not after the
     /// last, whose result is the output).
     pub save_every: Option<usize>,
+    /// The student's kernels follow this choice (`--kernels`): candle's ops for
+    /// `Kernels::Candle`, the train kernels otherwise.
+    pub kernels: Kernels,
 }
 
 impl Config {
@@ -78,13 +90,109 @@ impl Config {
     }
 }
 
+/// Where the teacher's logits come from.
+#[derive(Clone, Copy)]
+pub enum Teacher<'a> {
+    /// Models run forward, in eval mode, on every batch the student sees (several: their
+    /// logits averaged). Any family; the student's class count.
+    Models(&'a [&'a Model]),
+    /// Logits stored by `ckpt logits --data`, looked up by image path: no teacher runs.
+    Targets(&'a Targets),
+}
+
+impl Teacher<'_> {
+    fn models(&self) -> &[&Model] {
+        match self {
+            Teacher::Models(m) => m,
+            Teacher::Targets(_) => &[],
+        }
+    }
+
+    /// The teacher in a few words: the models' names, or the targets file and what it holds.
+    pub fn describe(&self) -> String {
+        match self {
+            Teacher::Models(m) => m
+                .iter()
+                .map(|t| t.config.name())
+                .collect::<Vec<_>>()
+                .join(","),
+            Teacher::Targets(t) => format!(
+                "offline: {} of {} in {}",
+                t.stored,
+                t.arch.as_deref().unwrap_or("an unrecorded model"),
+                t.path.display()
+            ),
+        }
+    }
+}
+
+/// A batch's teacher distribution at temperature T, as the KD loss needs it: its
+/// log-probabilities and probabilities [n, classes] (both zero where the teacher gives a class
+/// no mass), and each image's top-1 class.
+pub struct SoftTargets {
+    log_p: Tensor,
+    p: Tensor,
+    top1: Vec<u32>,
+}
+
+impl SoftTargets {
+    /// `softmax(logits / T)` (the logits of a live teacher, or dense stored ones).
+    pub fn from_logits(logits: &Tensor, temperature: f64) -> Result<SoftTargets> {
+        let log_p = candle_nn::ops::log_softmax(&(logits.detach() / temperature)?, D::Minus1)?;
+        Ok(SoftTargets {
+            p: log_p.exp()?,
+            log_p,
+            top1: argmax_rows(logits)?,
+        })
+    }
+
+    /// The softmax at T of each row's k stored logits `values` [n, k], renormalised over their
+    /// classes `indices` (row-major) and zero for the other classes of `classes`.
+    pub fn from_top_k(
+        values: &Tensor,
+        indices: &[usize],
+        classes: usize,
+        temperature: f64,
+    ) -> Result<SoftTargets> {
+        let (n, k) = values.dims2()?;
+        let log_pk = candle_nn::ops::log_softmax(&(values.detach() / temperature)?, D::Minus1)?;
+        let dense = |t: &Tensor| -> Result<Tensor> {
+            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            let mut out = vec![0f32; n * classes];
+            for (i, (&c, x)) in indices.iter().zip(v).enumerate() {
+                out[(i / k) * classes + c] = x;
+            }
+            Ok(Tensor::from_vec(out, (n, classes), values.device())?)
+        };
+        let top1 = argmax_rows(values)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, j)| indices[i * k + j as usize] as u32)
+            .collect();
+        Ok(SoftTargets {
+            p: dense(&log_pk.exp()?)?,
+            log_p: dense(&log_pk)?,
+            top1,
+        })
+    }
+}
+
 /// The seed's KLSoftLoss: `KL(softmax(teacher / T) || softmax(student / T))` summed over classes,
 /// averaged over the batch, times `T^2`; differentiable in `student` only.
 pub fn kd_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    soft_kd_loss(
+        student,
+        &SoftTargets::from_logits(teacher, temperature)?,
+        temperature,
+    )
+}
+
+/// [`kd_loss`] against a teacher distribution at T: `sum p (log p - log_softmax(student / T))`
+/// over the classes, averaged over the batch, times `T^2`.
+pub fn soft_kd_loss(student: &Tensor, teacher: &SoftTargets, temperature: f64) -> Result<Tensor> {
     let n = student.dim(0)?;
     let log_ps = candle_nn::ops::log_softmax(&(student / temperature)?, D::Minus1)?;
-    let log_pt = candle_nn::ops::log_softmax(&(teacher.detach() / temperature)?, D::Minus1)?;
-    let kl = (log_pt.exp()? * (log_pt - log_ps)?)?.sum_all()?;
+    let kl = (&teacher.p * (&teacher.log_p - log_ps)?)?.sum_all()?;
     Ok((kl * (temperature * temperature / n as f64))?)
 }
 
@@ -121,8 +229,11 @@ pub struct Outcome {
 }
 
 struct Trainer<'a> {
+    /// Teacher models, run before the student (model indices below this).
     teachers: usize,
     teacher_sum: Option<Tensor>,
+    targets: Option<&'a Targets>,
+    ds: &'a Dataset,
     cfg: &'a Config,
     groups: Vec<Optimizer>,
     total_steps: usize,
@@ -154,12 +265,24 @@ impl forward::Visitor for Trainer<'_> {
             return Ok(());
         }
         let b = feed.batch().context("distillation over a tensor")?;
-        let teacher = (self
-            .teacher_sum
-            .take()
-            .context("internal error: no teacher logits")?
-            / self.teachers as f64)?;
-        let kd = kd_loss(y, &teacher, self.cfg.temperature)?;
+        let temperature = self.cfg.temperature;
+        let teacher = match self.targets {
+            None => {
+                let mean = (self
+                    .teacher_sum
+                    .take()
+                    .context("internal error: no teacher logits")?
+                    / self.teachers as f64)?;
+                SoftTargets::from_logits(&mean, temperature)?
+            }
+            Some(t) => match t.rows(self.ds, &b.paths, y.device())? {
+                Rows::Logits(l) => SoftTargets::from_logits(&l, temperature)?,
+                Rows::TopK { values, indices } => {
+                    SoftTargets::from_top_k(&values, &indices, self.classes, temperature)?
+                }
+            },
+        };
+        let kd = soft_kd_loss(y, &teacher, temperature)?;
         let (loss, ce) = if self.cfg.needs_labels() {
             let labels = b
                 .labels
@@ -190,8 +313,8 @@ impl forward::Visitor for Trainer<'_> {
         }
         let agree = argmax_rows(y)?
             .iter()
-            .zip(argmax_rows(&teacher)?)
-            .filter(|(a, b)| **a == *b)
+            .zip(&teacher.top1)
+            .filter(|(a, b)| a == b)
             .count();
         self.steps.push(StepLoss {
             loss: l,
@@ -215,15 +338,16 @@ pub struct Saves<'a> {
     pub save: &'a mut dyn FnMut(Progress) -> Result<()>,
 }
 
-/// Distils `teachers` into the student `ck`; returns the replaced tensors without writing.
-/// `teachers` are built models (any family, the student's class count); the student is built
-/// here, every parameter trainable, on the train kernels.
+/// Distils `teacher` into the student `ck`; returns the replaced tensors without writing. The
+/// student is built here, every parameter trainable, on the train kernels (see
+/// [`Config::kernels`]). Offline targets need a deterministic transform, the file's own when it
+/// records one (a warning when it does not), and a row for every image.
 ///
 /// See [`Saves`] for continuing a saved run and saving this one.
 pub fn distill(
     ck: &Checkpoint,
     arch: Option<&str>,
-    teachers: &[&Model],
+    teacher: Teacher,
     device: &Device,
     cfg: &Config,
     rep: &Reporter,
@@ -231,6 +355,21 @@ pub fn distill(
 ) -> Result<Outcome> {
     let Saves { resume, save } = saves;
     cfg.check()?;
+    let teachers = teacher.models();
+    if let Teacher::Targets(t) = teacher {
+        if let Transform::Train(_) = cfg.data.transform {
+            bail!(
+                "--targets {}: stored logits fit only a deterministic transform, not --transform train (its random crops and flips are not the pixels the logits were made from); use --transform eval",
+                t.path.display()
+            );
+        }
+        if !t.check_transform(&cfg.data.transform_record())? {
+            rep.warn(format!(
+                "{}: records no transform (ckpt.transform: made by an older ckpt logits), so nothing checks that its logits were made with this run's data options",
+                t.path.display()
+            ));
+        }
+    }
     let pick = |p: &str| {
         !(p.ends_with(".running_mean")
             || p.ends_with(".running_var")
@@ -241,16 +380,18 @@ pub fn distill(
         trainable: Some(&pick),
         overrides: saved.as_ref(),
     };
-    // The train kernels (the fast ones, with backward passes), or candle's ops where the teachers
-    // run on them (`--kernels candle`).
-    let kernels = match teachers.first().map(|t| t.kernels) {
-        Some(Kernels::Candle) => Kernels::Candle,
+    // The train kernels (the fast ones, with backward passes), or candle's ops where
+    // `--kernels candle` asks for them (the teachers run on them too).
+    let kernels = match cfg.kernels {
+        Kernels::Candle => Kernels::Candle,
         _ => Kernels::Train,
     };
     let student = Model::load_with(ck, arch, device, &opts)?.with_kernels(kernels);
     let classes = student.config.num_classes();
-    if teachers.is_empty() {
-        bail!("no teacher given");
+    match teacher {
+        Teacher::Models([]) => bail!("no teacher given"),
+        Teacher::Models(_) => {}
+        Teacher::Targets(t) => t.check_classes(classes, &student.config.name())?,
     }
     for t in teachers {
         let n = t.config.num_classes();
@@ -263,6 +404,16 @@ pub fn distill(
         }
     }
     let ds = cfg.data.scan()?;
+    if let Teacher::Targets(t) = teacher {
+        let unused = t.match_images(&ds)?;
+        if unused > 0 {
+            rep.note(format!(
+                "{}: {unused} of its {} rows are not images of this run (unused)",
+                t.path.display(),
+                t.len()
+            ));
+        }
+    }
     if cfg.needs_labels() && !ds.is_labelled() {
         bail!(
             "{}: no class folders; the cross-entropy needs labels (ImageFolder layout), or --alpha 1 distils without them",
@@ -302,8 +453,11 @@ pub fn distill(
     let bs = cfg.data.loader.batch_size.max(1);
     let steps_per_epoch = ds.len().div_ceil(bs);
     rep.note(format!(
-        "distilling {} teacher(s) into {} ({trained} parameters trained) over {} images of {}, {} epoch(s) of {steps_per_epoch} steps, T = {}",
-        teachers.len(),
+        "distilling {} into {} ({trained} parameters trained) over {} images of {}, {} epoch(s) of {steps_per_epoch} steps, T = {}",
+        match teacher {
+            Teacher::Models(m) => format!("{} teacher(s)", m.len()),
+            Teacher::Targets(t) => format!("the {} of {}", t.stored, t.path.display()),
+        },
         student.config,
         ds.len(),
         ds.root.display(),
@@ -322,6 +476,11 @@ pub fn distill(
     let mut t = Trainer {
         teachers: teachers.len(),
         teacher_sum: None,
+        targets: match teacher {
+            Teacher::Targets(t) => Some(t),
+            Teacher::Models(_) => None,
+        },
+        ds: &ds,
         cfg,
         groups,
         total_steps: steps_per_epoch * cfg.epochs,
@@ -369,7 +528,7 @@ pub fn distill(
             tensors.insert(nbt, bytes);
         }
     }
-    let metadata = metadata(cfg, teachers, &t.steps);
+    let metadata = metadata(cfg, &teacher, &t.steps);
     Ok(Outcome {
         tensors,
         steps: t.steps,
@@ -413,27 +572,20 @@ fn progress(
 
 /// What a resumed run must share with the run it continues: every setting in the output's
 /// metadata but the per-step records.
-pub fn settings(cfg: &Config, teachers: &[&Model]) -> BTreeMap<String, String> {
-    let mut m = metadata(cfg, teachers, &[]);
+pub fn settings(cfg: &Config, teacher: &Teacher) -> BTreeMap<String, String> {
+    let mut m = metadata(cfg, teacher, &[]);
     for k in ["losses", "steps"] {
         m.remove(&format!("ckpt.distill.{k}"));
     }
     m
 }
 
-fn metadata(cfg: &Config, teachers: &[&Model], steps: &[StepLoss]) -> BTreeMap<String, String> {
+fn metadata(cfg: &Config, teacher: &Teacher, steps: &[StepLoss]) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     let mut put = |k: &str, v: String| {
         m.insert(format!("ckpt.distill.{k}"), v);
     };
-    put(
-        "teachers",
-        teachers
-            .iter()
-            .map(|t| t.config.name())
-            .collect::<Vec<_>>()
-            .join(","),
-    );
+    put("teachers", teacher.describe());
     put("temperature", cfg.temperature.to_string());
     put(
         "alpha",
@@ -507,5 +659,51 @@ mod tests {
                 .abs()
                 < 1e-6
         );
+    }
+
+    /// Top-k targets: the stored classes' softmax renormalised, zero elsewhere; with every class
+    /// stored (in any order), the dense teacher's loss.
+    #[test]
+    fn top_k_targets_renormalise_over_the_stored_classes() {
+        let dev = Device::Cpu;
+        let temp = 2.0;
+        let s = Tensor::new(&[[1.0f32, 2.0, 0.5, -1.0]], &dev).unwrap();
+        let t = [3.0f32, 1.0, 0.0, 2.0];
+        let top2 = SoftTargets::from_top_k(
+            &Tensor::new(&[[3.0f32, 2.0]], &dev).unwrap(),
+            &[0, 3],
+            4,
+            temp,
+        )
+        .unwrap();
+        let p: Vec<f32> = top2.p.flatten_all().unwrap().to_vec1().unwrap();
+        let z = (3.0f64 / temp).exp() + (2.0f64 / temp).exp();
+        let want = [
+            (3.0f64 / temp).exp() / z,
+            0.0,
+            0.0,
+            (2.0f64 / temp).exp() / z,
+        ];
+        for (g, w) in p.iter().zip(want) {
+            assert!((*g as f64 - w).abs() < 1e-6, "{p:?} vs {want:?}");
+        }
+        assert_eq!(top2.top1, vec![0]);
+        let loss = |teacher: &SoftTargets| -> f32 {
+            soft_kd_loss(&s, teacher, temp)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(loss(&top2).is_finite());
+        let all = SoftTargets::from_top_k(
+            &Tensor::new(&[[2.0f32, 0.0, 3.0, 1.0]], &dev).unwrap(),
+            &[3, 2, 0, 1],
+            4,
+            temp,
+        )
+        .unwrap();
+        let dense = SoftTargets::from_logits(&Tensor::new(&[t], &dev).unwrap(), temp).unwrap();
+        assert!((loss(&all) - loss(&dense)).abs() < 1e-6 * loss(&dense));
+        assert_eq!(all.top1, dense.top1);
     }
 }

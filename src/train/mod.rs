@@ -9,6 +9,8 @@
 //! - [`fixres`]: the FixRes fine-tune of a model's head at the test resolution.
 //! - [`distill`]: knowledge distillation of a whole student from teachers' softened logits.
 //! - [`resume`]: a run's state at an epoch's end, saved to continue it exactly.
+//! - [`targets`]: a teacher's logits stored by `ckpt logits`, read back by image path (the
+//!   offline teacher of distillation).
 //!
 //! Gradients come from candle's autograd over the parameters a model was built with as `Var`s
 //! (`models::BuildOptions::trainable`). What is frozen runs on the model's own kernels: the
@@ -23,6 +25,7 @@ pub mod distill;
 pub mod fixres;
 pub mod optim;
 pub mod resume;
+pub mod targets;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
