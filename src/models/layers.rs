@@ -488,12 +488,14 @@ impl BatchNorm {
 /// In eval mode the BN scale is folded into a copy of the convolution's weights, leaving one
 /// per-channel shift, applied with the activation (and a residual, if any) in the convolution's
 /// epilogue; the other modes run the original convolution so that BN sees the un-normalised
-/// activations.
+/// activations. The folded copy is made on the first eval-mode pass, so a job that only
+/// calibrates (recal-bn) never holds the weights twice (issue 21); for trained layers it is made
+/// with the layer, from the weights as built, as it always was.
 #[derive(Clone, Debug)]
 pub struct ConvBn {
     pub conv: Conv2d,
     pub bn: BatchNorm,
-    folded: Conv2d,
+    folded: std::sync::OnceLock<Conv2d>,
     shift: (Vec<f32>, Tensor),
 }
 
@@ -523,7 +525,10 @@ impl ConvBn {
     ) -> Result<ConvBn> {
         let conv = Conv2d::new(conv, s)?;
         let bn = BatchNorm::new(bn, s.cout, eps, reg)?;
-        let folded = conv.scaled(&bn.scale)?;
+        let folded = std::sync::OnceLock::new();
+        if conv.weight.track_op() || bn.scale.track_op() {
+            let _ = folded.set(conv.scaled(&bn.scale)?);
+        }
         let shift = match &conv.bias {
             Some((_, b)) => ((b * &bn.scale)? + &bn.shift)?,
             None => bn.shift.clone(),
@@ -534,6 +539,16 @@ impl ConvBn {
             folded,
             shift: (shift.to_dtype(DType::F32)?.to_vec1()?, shift),
         })
+    }
+
+    /// The convolution with the BN scale folded into its weights (made on first use).
+    fn folded(&self) -> Result<&Conv2d> {
+        if let Some(f) = self.folded.get() {
+            return Ok(f);
+        }
+        // Two threads may both fold; one result is kept, and both are the same.
+        let _ = self.folded.set(self.conv.scaled(&self.bn.scale)?);
+        Ok(self.folded.get().expect("set just above"))
     }
 
     /// Conv, BN.
@@ -562,7 +577,7 @@ impl ConvBn {
         match ctx.mode_of(self.bn.index) {
             BnMode::Eval => {
                 let shift = Some((self.shift.0.as_slice(), &self.shift.1));
-                let f = &self.folded;
+                let f = self.folded()?;
                 let x = f.padded(x)?;
                 cpu_conv::conv2d(ctx.kernels, &x, &f.weight, f.geometry, shift, residual, act)
             }
@@ -587,7 +602,7 @@ impl ConvBn {
         match ctx.mode_of(self.bn.index) {
             BnMode::Eval => {
                 let shift = Some((self.shift.0.as_slice(), &self.shift.1));
-                let f = &self.folded;
+                let f = self.folded()?;
                 let x = f.padded(x)?;
                 cpu_conv::conv2d_into_residual(
                     ctx.kernels,
