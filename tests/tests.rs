@@ -7,6 +7,7 @@ mod bad_inputs;
 mod completions;
 mod data;
 mod distill;
+mod distill_cross;
 mod distill_targets;
 mod ema;
 mod eval;
