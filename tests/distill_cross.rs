@@ -76,23 +76,10 @@ fn layer_floor(want: &HashMap<String, T>, key: &str) -> f64 {
     }
 }
 
-/// Every tensor of `got` within 1e-4 relative of `want` (see the module doc).
+/// Every tensor of `got` within 1e-4 relative of `want`, with the floors of `layer_floor` (see
+/// the module doc).
 fn assert_student_close(got: &HashMap<String, T>, want: &HashMap<String, T>) {
-    assert_eq!(sorted_keys(got), sorted_keys(want));
-    for (k, w) in want {
-        let g = &got[k];
-        if k.ends_with(".num_batches_tracked") {
-            assert_eq!(as_i64(g), as_i64(w), "{k}");
-            continue;
-        }
-        let (gv, wv) = (as_f64(g), as_f64(w));
-        let (scale, floor) = (largest(w), layer_floor(want, k));
-        for (i, (a, b)) in gv.iter().zip(&wv).enumerate() {
-            let err = (a - b).abs();
-            let allowed = 1e-4 * b.abs() + 1e-6 * scale + floor;
-            assert!(err <= allowed, "{k}[{i}]: {a} vs PyTorch's {b}");
-        }
-    }
+    crate::distill::assert_student_close_with(got, want, |k| layer_floor(want, k));
 }
 
 fn matches_pytorch(student: &str) {
