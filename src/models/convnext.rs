@@ -18,13 +18,15 @@
 //!
 //! The block's linear layers are run as 1x1 convolutions on the channels-first tensor, so that
 //! they use the CPU's convolution kernels (bias in the epilogue); the layer scale is folded into
-//! the second one's weights and bias, and the residual add into its epilogue. The LayerNorm over
-//! channels and GELU are candle's ops (separate passes: candidates for a fused kernel).
+//! the second one's weights and bias, and the residual add into its epilogue. GELU runs in the
+//! first one's epilogue (`Act::GeluErf`), and the LayerNorm over channels is one fused kernel on
+//! the CPU (`fused::channel_layer_norm`); candle's ops elsewhere.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::cpu_conv::{conv2d, Act, Geometry};
+use super::fused::channel_layer_norm;
 use super::layers::{get_reshaped, global_avg_pool, BnRegistry, Conv2d, ConvSpec, Ctx, Linear};
 use super::naming::stage_depths;
 use super::{Architecture, Family, HeadPaths, Miss, Naming, Network, Probe, Shapes};
@@ -197,25 +199,29 @@ pub fn detect(shapes: &Shapes) -> std::result::Result<Box<dyn Architecture>, Mis
 /// LayerNorm over the channels of [N, C, H, W] (torchvision's `LayerNorm2d`, and `nn.LayerNorm`
 /// on the channels-last view inside a block): biased variance, eps 1e-6.
 struct ChannelNorm {
-    weight: Tensor,
-    bias: Tensor,
+    /// [1, C, 1, 1], and the same values for the CPU kernel.
+    weight: (Tensor, Vec<f32>),
+    bias: (Tensor, Vec<f32>),
 }
 
 impl ChannelNorm {
     fn new(vb: VarBuilder, c: usize) -> Result<ChannelNorm> {
+        let (w, b) = (vb.get(c, "weight")?, vb.get(c, "bias")?);
+        let values = |t: &Tensor| t.to_dtype(DType::F32)?.to_vec1::<f32>();
         Ok(ChannelNorm {
-            weight: vb.get(c, "weight")?.reshape((1, c, 1, 1))?,
-            bias: vb.get(c, "bias")?.reshape((1, c, 1, 1))?,
+            weight: (w.reshape((1, c, 1, 1))?, values(&w)?),
+            bias: (b.reshape((1, c, 1, 1))?, values(&b)?),
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let centred = x.broadcast_sub(&x.mean_keepdim(1)?)?;
-        let var = centred.sqr()?.mean_keepdim(1)?;
-        centred
-            .broadcast_div(&(var + EPS)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        channel_layer_norm(
+            ctx.kernels,
+            x,
+            (&self.weight.1, &self.weight.0),
+            (&self.bias.1, &self.bias.0),
+            EPS,
+        )
     }
 }
 
@@ -257,6 +263,17 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor, residual: Option<&Tensor>, ctx: &Ctx) -> Result<Tensor> {
+        self.forward_act(x, residual, ctx, Act::None)
+    }
+
+    /// act(conv(x) + bias + residual), the activation in the convolution's epilogue.
+    fn forward_act(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        ctx: &Ctx,
+        act: Act,
+    ) -> Result<Tensor> {
         let bias = Some((self.bias.0.as_slice(), &self.bias.1));
         conv2d(
             ctx.kernels,
@@ -265,7 +282,7 @@ impl Conv {
             self.geometry,
             bias,
             residual,
-            Act::None,
+            act,
         )
     }
 }
@@ -291,8 +308,8 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let y = self.norm.forward(&self.depthwise.forward(x, ctx)?)?;
-        let y = self.expand.forward(&y, None, ctx)?.gelu_erf()?;
+        let y = self.norm.forward(&self.depthwise.forward(x, ctx)?, ctx)?;
+        let y = self.expand.forward_act(&y, None, ctx, Act::GeluErf)?;
         self.project.forward(&y, Some(x), ctx)
     }
 }
@@ -346,16 +363,20 @@ impl ConvNeXt {
 
 impl Network for ConvNeXt {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
-        let mut x = self.stem.1.forward(&self.stem.0.forward(x, None, ctx)?)?;
+        let mut x = self
+            .stem
+            .1
+            .forward(&self.stem.0.forward(x, None, ctx)?, ctx)?;
         for Stage { down, blocks } in &self.stages {
             if let Some((norm, conv)) = down {
-                x = conv.forward(&norm.forward(&x)?, None, ctx)?;
+                x = conv.forward(&norm.forward(&x, ctx)?, None, ctx)?;
             }
             for b in blocks {
                 x = b.forward(&x, ctx)?;
             }
         }
         let x = global_avg_pool(&x)?.unsqueeze(2)?.unsqueeze(3)?;
-        self.fc.forward(&self.norm.forward(&x)?.flatten_from(1)?)
+        self.fc
+            .forward(&self.norm.forward(&x, ctx)?.flatten_from(1)?)
     }
 }

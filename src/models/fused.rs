@@ -215,6 +215,90 @@ pub fn add_act_owned(k: Kernels, x: Tensor, residual: &Tensor, act: Act) -> Resu
     act.tensor(&(x + residual)?)
 }
 
+/// LayerNorm over the channels of each pixel (ConvNeXt's `LayerNorm2d`): biased variance.
+struct ChannelNorm<'a> {
+    weight: &'a [f32],
+    bias: &'a [f32],
+    eps: f32,
+}
+
+impl CustomOp1 for ChannelNorm<'_> {
+    fn name(&self) -> &'static str {
+        "channel-layer-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout)?;
+        let (_, c, h, w) = layout.shape().dims4()?;
+        if self.weight.len() != c || self.bias.len() != c {
+            candle_core::bail!(
+                "channel norm: {} weights for {c} channels",
+                self.weight.len()
+            );
+        }
+        let p = h * w;
+        let mut out = vec![0f32; x.len()];
+        if p == 0 || c == 0 {
+            return Ok((CpuStorage::F32(out), layout.shape().clone()));
+        }
+        let inv_c = 1.0 / c as f32;
+        out.par_chunks_mut(c * p)
+            .zip(x.par_chunks(c * p))
+            .for_each(|(o, xi)| {
+                // Per pixel, over the channel planes in turn: the mean, then the variance about
+                // it (two passes, as stable as candle's), then one pass writing the result.
+                let mut mean = vec![0f32; p];
+                for plane in xi.chunks_exact(p) {
+                    mean.iter_mut().zip(plane).for_each(|(m, &v)| *m += v);
+                }
+                mean.iter_mut().for_each(|m| *m *= inv_c);
+                let mut rstd = vec![0f32; p];
+                for plane in xi.chunks_exact(p) {
+                    rstd.iter_mut()
+                        .zip(&mean)
+                        .zip(plane)
+                        .for_each(|((s, &m), &v)| *s += (v - m) * (v - m));
+                }
+                rstd.iter_mut()
+                    .for_each(|s| *s = 1.0 / (*s * inv_c + self.eps).sqrt());
+                for (ci, (op, plane)) in o.chunks_exact_mut(p).zip(xi.chunks_exact(p)).enumerate() {
+                    let (wc, bc) = (self.weight[ci], self.bias[ci]);
+                    for (((y, &v), &m), &r) in op.iter_mut().zip(plane).zip(&mean).zip(&rstd) {
+                        *y = (v - m) * r * wc + bc;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// LayerNorm over the channels of `x` [N, C, H, W] with `weight` and `bias` [C] (the same values
+/// as `weight_t` and `bias_t`, shaped [1, C, 1, 1]): on the CPU's fast kernels one pass for the
+/// mean, one for the variance and one writing the result, per image; elsewhere (other devices
+/// and dtypes, a graph to differentiate, candle's kernels) candle's ops, seven passes.
+pub fn channel_layer_norm(
+    k: Kernels,
+    x: &Tensor,
+    (weight, weight_t): (&[f32], &Tensor),
+    (bias, bias_t): (&[f32], &Tensor),
+    eps: f64,
+) -> Result<Tensor> {
+    if cpu_kernels_for(x, k) && x.rank() == 4 && !x.track_op() {
+        let op = ChannelNorm {
+            weight,
+            bias,
+            eps: eps as f32,
+        };
+        return x.contiguous()?.apply_op1_no_bwd(&op);
+    }
+    let centred = x.broadcast_sub(&x.mean_keepdim(1)?)?;
+    let var = centred.sqr()?.mean_keepdim(1)?;
+    centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(weight_t)?
+        .broadcast_add(bias_t)
+}
+
 /// Sum of f(x) over `v` in f64, in 8 independent running sums: a single running sum is a chain
 /// of dependent additions (one per 4 cycles), eight of them vectorise and pipeline.
 #[inline]
@@ -292,7 +376,14 @@ mod tests {
         let (x, r) = (wave(0.7, 2.0), wave(1.3, 1.0));
         let s = Tensor::new(&[0.5f32, -2.0, 3.0], &Device::Cpu).unwrap();
         let b = Tensor::new(&[1.0f32, 0.0, -1.0], &Device::Cpu).unwrap();
-        for act in [Act::None, Act::Relu, Act::Relu6, Act::Silu, Act::Hardswish] {
+        for act in [
+            Act::None,
+            Act::Relu,
+            Act::Relu6,
+            Act::Silu,
+            Act::Hardswish,
+            Act::GeluErf,
+        ] {
             for res in [None, Some(&r)] {
                 let got = channel_affine(Kernels::Fast, &x, Some(&s), &b, res, act).unwrap();
                 // The same map written over a copy of x, on both kernel choices.
@@ -329,6 +420,39 @@ mod tests {
                     .unwrap();
                 assert!(d < 1e-6, "{act:?}, residual {}: {d:e}", res.is_some());
             }
+        }
+    }
+
+    /// The fused LayerNorm over channels against candle's seven passes, for a plane of several
+    /// pixels and for pooled [N, C, 1, 1] input.
+    #[test]
+    fn channel_layer_norm_equals_candles_ops() {
+        for (n, c, h, w) in [(3, 24, 5, 7), (2, 16, 1, 1)] {
+            let v: Vec<f32> = (0..n * c * h * w)
+                .map(|i| 3.0 * (i as f32 * 0.37).sin() + 0.5 * (i % 7) as f32)
+                .collect();
+            let x = Tensor::from_vec(v, (n, c, h, w), &Device::Cpu).unwrap();
+            let wv: Vec<f32> = (0..c).map(|i| 0.5 + 0.1 * i as f32).collect();
+            let bv: Vec<f32> = (0..c).map(|i| (i as f32 * 0.9).cos()).collect();
+            let wt = Tensor::from_vec(wv.clone(), (1, c, 1, 1), &Device::Cpu).unwrap();
+            let bt = Tensor::from_vec(bv.clone(), (1, c, 1, 1), &Device::Cpu).unwrap();
+            let run = |k| {
+                channel_layer_norm(k, &x, (&wv, &wt), (&bv, &bt), 1e-6)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let (fast, candle) = (run(Kernels::Fast), run(Kernels::Candle));
+            let worst = fast
+                .iter()
+                .zip(&candle)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "[{n}, {c}, {h}, {w}]: {worst:e}");
+            // Not the input, not constant: the normalisation happened.
+            assert!(candle.iter().any(|&y| (y - candle[0]).abs() > 0.1));
         }
     }
 }
