@@ -23,7 +23,8 @@
 //! Train (`TrainTransform`): torchvision's/timm's `RandomResizedCrop(size, scale=(0.08, 1),
 //! ratio=(3/4, 4/3))` and `RandomHorizontalFlip(0.5)`, drawing from a ChaCha8 generator seeded
 //! by `(seed, image index)`, so an image gets the same crop whatever the thread count, batch
-//! size, shard or order. The crop box follows torchvision's `get_params` exactly (ten tries,
+//! size, shard or order (a training loop mixes the epoch into the seed, `train::epoch_transform`,
+//! for new crops every epoch). The crop box follows torchvision's `get_params` exactly (ten tries,
 //! `int(round(..))` sizes, then the central fallback); the random numbers are ckpt's own, not
 //! torch's.
 

@@ -27,8 +27,8 @@ use candle_core::{DType, Device, Tensor, D};
 use super::resume::Progress;
 use super::targets::{Rows, Targets};
 use super::{
-    check_labels, counted_up, cross_entropy, epoch_order, stored, Optimizer, OptimizerConfig,
-    Schedule,
+    check_labels, counted_up, cross_entropy, epoch_order, epoch_transform, stored, Optimizer,
+    OptimizerConfig, Schedule,
 };
 use crate::checkpoint::Checkpoint;
 use crate::data::{DataConfig, Dataset, Loader, Transform};
@@ -493,7 +493,8 @@ pub fn distill(
     for epoch in start..cfg.epochs {
         let order = epoch_order(&ds, cfg.shuffle_seed, epoch);
         let quiet = Reporter::new(true);
-        let mut loader = Loader::new(&order, cfg.data.transform, &cfg.data.loader, &quiet)?;
+        let transform = epoch_transform(cfg.data.transform, epoch);
+        let mut loader = Loader::new(&order, transform, &cfg.data.loader, &quiet)?;
         let before = t.steps.len();
         forward::run(forward::single(loader.by_ref()), &models, &mut t)?;
         for s in &loader.summary().skipped {

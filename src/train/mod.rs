@@ -31,7 +31,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
 use crate::checkpoint::{dtype, Checkpoint};
-use crate::data::Dataset;
+use crate::data::{Dataset, Transform};
 
 pub use optim::{
     AdamW, AdamWConfig, Optimizer, OptimizerConfig, Schedule, ScheduleKind, Sgd, SgdConfig,
@@ -115,10 +115,45 @@ pub fn epoch_order(ds: &Dataset, seed: Option<u64>, epoch: usize) -> Dataset {
     }
 }
 
+/// The transform of epoch `epoch`: a train transform's seed mixed with the epoch, so that an
+/// image gets a new random crop and flip every epoch (as a DataLoader's fresh draws give; the
+/// crop is seeded by the image's number, which a shuffle does not change), the first epoch
+/// keeping the seed as given. Other transforms are returned as they are.
+pub fn epoch_transform(t: Transform, epoch: usize) -> Transform {
+    match t {
+        Transform::Train(mut tt) => {
+            tt.seed ^= (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            Transform::Train(tt)
+        }
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// A train transform draws other crops in another epoch, the first epoch's being the
+    /// seed's own; an eval transform does not change.
+    #[test]
+    fn every_epoch_draws_new_crops() {
+        let t = Transform::Train(crate::data::TrainTransform::default());
+        let Transform::Train(t0) = t else { panic!() };
+        let params = |e: usize, i: u64| match epoch_transform(t, e) {
+            Transform::Train(tt) => tt.params(640, 480, i),
+            Transform::Eval(_) => panic!("a train transform"),
+        };
+        assert_eq!(params(0, 3), t0.params(640, 480, 3));
+        let differ = (0..8u64).filter(|&i| params(1, i) != params(0, i)).count();
+        assert!(
+            differ >= 6,
+            "{differ} of 8 images got another crop in epoch 1"
+        );
+        assert_ne!(params(1, 0), params(2, 0));
+        let e = Transform::Eval(Default::default());
+        assert_eq!(epoch_transform(e, 5), e);
+    }
 
     /// log(sum(exp)) - x[label], averaged: checked by hand on a batch of two.
     #[test]
