@@ -551,6 +551,15 @@ impl ConvBn {
         Ok(self.folded.get().expect("set just above"))
     }
 
+    /// What eval mode convolves: the input padded as the layer pads, the folded convolution,
+    /// and the per-channel shift its epilogue adds.
+    #[allow(clippy::type_complexity)]
+    fn eval_operands(&self, x: &Tensor) -> Result<(Tensor, &Conv2d, Option<(&[f32], &Tensor)>)> {
+        let f = self.folded()?;
+        let shift = Some((self.shift.0.as_slice(), &self.shift.1));
+        Ok((f.padded(x)?, f, shift))
+    }
+
     /// Conv, BN.
     pub fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         self.forward_act(x, ctx, Act::None)
@@ -576,9 +585,7 @@ impl ConvBn {
     ) -> Result<Tensor> {
         match ctx.mode_of(self.bn.index) {
             BnMode::Eval => {
-                let shift = Some((self.shift.0.as_slice(), &self.shift.1));
-                let f = self.folded()?;
-                let x = f.padded(x)?;
+                let (x, f, shift) = self.eval_operands(x)?;
                 cpu_conv::conv2d(ctx.kernels, &x, &f.weight, f.geometry, shift, residual, act)
             }
             BnMode::Calibrate | BnMode::Train => {
@@ -601,9 +608,7 @@ impl ConvBn {
     ) -> Result<Tensor> {
         match ctx.mode_of(self.bn.index) {
             BnMode::Eval => {
-                let shift = Some((self.shift.0.as_slice(), &self.shift.1));
-                let f = self.folded()?;
-                let x = f.padded(x)?;
+                let (x, f, shift) = self.eval_operands(x)?;
                 cpu_conv::conv2d_into_residual(
                     ctx.kernels,
                     &x,
