@@ -22,20 +22,11 @@ pub enum Feed {
 }
 
 impl Feed {
-    /// The input as a tensor [n, 3, H, W] on `device`, taken out of the feed: a batch's pixels
-    /// move into the tensor without a copy (on the CPU) and the feed keeps its labels and paths.
-    /// A second call gives an error.
+    /// The input as a tensor [n, 3, H, W] on `device`, taken out of the feed (a batch's pixels
+    /// move, see [`super::batch_tensor`]; the feed keeps its labels and paths).
     pub fn take_tensor(&mut self, device: &candle_core::Device) -> Result<Tensor> {
         match self {
-            Feed::Images(b) => {
-                let s = b.size as usize;
-                let images = std::mem::take(&mut b.images);
-                if images.len() != b.n * 3 * s * s {
-                    anyhow::bail!("internal error: a batch's pixels were taken twice");
-                }
-                let t = Tensor::from_vec(images, (b.n, 3, s, s), &candle_core::Device::Cpu)?;
-                Ok(t.to_device(device)?)
-            }
+            Feed::Images(b) => super::batch_tensor(b, device),
             Feed::Tensor(t) => Ok(t.to_device(device)?),
         }
     }

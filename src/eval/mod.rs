@@ -77,10 +77,17 @@ pub fn logits(model: &Model, input: &Tensor, batch: usize, rep: &Reporter) -> Re
     Ok(Tensor::cat(&keep.parts, 0)?)
 }
 
-/// A loader batch as a tensor [n, 3, size, size] on `device`.
-pub fn batch_tensor(b: &Batch, device: &candle_core::Device) -> Result<Tensor> {
+/// A loader batch's pixels as a tensor [n, 3, size, size] on `device`, taken out of the batch:
+/// they move into the tensor without a copy (on the CPU), and the batch keeps its labels and
+/// paths. A second call gives an error.
+pub fn batch_tensor(b: &mut Batch, device: &candle_core::Device) -> Result<Tensor> {
     let s = b.size as usize;
-    Ok(Tensor::from_slice(&b.images, (b.n, 3, s, s), device)?)
+    let images = std::mem::take(&mut b.images);
+    if images.len() != b.n * 3 * s * s {
+        anyhow::bail!("internal error: a batch's pixels were taken twice");
+    }
+    let t = Tensor::from_vec(images, (b.n, 3, s, s), &candle_core::Device::Cpu)?;
+    Ok(t.to_device(device)?)
 }
 
 /// What one eval-mode pass over a folder gave.

@@ -257,12 +257,14 @@ pub fn fine_tune(
         } else {
             let mut loader = Loader::new(&order, cfg.data.transform, &cfg.data.loader, rep)?;
             for b in loader.by_ref() {
-                let b = b?;
+                let mut b = b?;
+                let pixels = crate::eval::batch_tensor(&mut b, &model.device)?;
                 let labels = b
                     .labels
                     .as_deref()
                     .context("the training folder has no labels")?;
-                let input = t.trunk(&crate::eval::batch_tensor(&b, &model.device)?)?;
+                let input = t.trunk(&pixels)?;
+                drop(pixels);
                 if epoch == 0 && cfg.epochs > 1 {
                     match cache.offer(&b.indices, &input)? {
                         Some(Decision::Keep { bytes }) => rep.note(format!(
