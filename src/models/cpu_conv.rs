@@ -320,7 +320,7 @@ impl ConvOp<'_> {
         // each plane just before accumulating into it.
         let mut out = Vec::with_capacity(out_len);
         let spare = &mut out.spare_capacity_mut()[..out_len];
-        if self.g.groups == d.cin && d.cout == d.cin {
+        if depthwise(self.g, d.cin, d.cout) {
             self.depthwise(x, w, residual, d, spare);
         } else {
             self.dense(x, w, residual, d, spare);
@@ -888,7 +888,7 @@ impl InplaceOp3 for ConvOp<'_> {
                 (d.n, d.cout, d.ho, d.wo)
             );
         }
-        if self.g.groups == d.cin && d.cout == d.cin {
+        if depthwise(self.g, d.cin, d.cout) {
             candle_core::bail!("cpu conv: a depthwise convolution is not written in place");
         }
         let (x, w) = (f32_slice(xs, xl, "input")?, f32_slice(ws, wl, "weight")?);
@@ -902,6 +902,12 @@ impl InplaceOp3 for ConvOp<'_> {
         self.dense_into_residual(x, w, d, r);
         Ok(())
     }
+}
+
+/// Whether a convolution runs on the depthwise kernel (one group per channel) rather than as
+/// im2col + gemm.
+fn depthwise(g: Geometry, cin: usize, cout: usize) -> bool {
+    g.groups == cin && cout == cin
 }
 
 /// [`conv2d`] with a residual nobody else holds: `act(conv(x) + shift + residual)` written over
@@ -919,9 +925,7 @@ pub fn conv2d_into_residual(
     residual: Tensor,
     act: Act,
 ) -> Result<Tensor> {
-    // As `ConvOp::run` tells them apart.
-    let (cin, cout) = (x.dim(1)?, weight.dim(0)?);
-    let depthwise = g.groups == cin && cout == cin;
+    let depthwise = depthwise(g, x.dim(1)?, weight.dim(0)?);
     let in_place = cpu_kernels_for(x, k)
         && weight.dtype() == DType::F32
         && residual.dtype() == DType::F32
