@@ -229,10 +229,9 @@ pub struct Outcome {
 }
 
 struct Trainer<'a> {
-    /// Teacher models, run before the student (model indices below this).
-    teachers: usize,
+    /// Teacher models run before the student (model indices below their count).
+    teacher: Teacher<'a>,
     teacher_sum: Option<Tensor>,
-    targets: Option<&'a Targets>,
     ds: &'a Dataset,
     cfg: &'a Config,
     groups: Vec<Optimizer>,
@@ -242,13 +241,20 @@ struct Trainer<'a> {
     bar: &'a indicatif::ProgressBar,
 }
 
+impl Trainer<'_> {
+    /// Whether model `model` of the forward loop is a teacher (the student comes last).
+    fn is_teacher(&self, model: usize) -> bool {
+        model < self.teacher.models().len()
+    }
+}
+
 fn argmax_rows(t: &Tensor) -> Result<Vec<u32>> {
     Ok(t.argmax(D::Minus1)?.to_vec1()?)
 }
 
 impl forward::Visitor for Trainer<'_> {
     fn ctx(&mut self, model: usize, _: usize) -> Ctx<'_> {
-        if model < self.teachers {
+        if self.is_teacher(model) {
             Ctx::eval()
         } else {
             Ctx::train()
@@ -256,7 +262,7 @@ impl forward::Visitor for Trainer<'_> {
     }
 
     fn output(&mut self, model: usize, _: usize, feed: &Feed, y: &Tensor, _: f64) -> Result<()> {
-        if model < self.teachers {
+        if self.is_teacher(model) {
             let y = y.detach();
             self.teacher_sum = Some(match self.teacher_sum.take() {
                 None => y,
@@ -266,16 +272,16 @@ impl forward::Visitor for Trainer<'_> {
         }
         let b = feed.batch().context("distillation over a tensor")?;
         let temperature = self.cfg.temperature;
-        let teacher = match self.targets {
-            None => {
+        let teacher = match self.teacher {
+            Teacher::Models(m) => {
                 let mean = (self
                     .teacher_sum
                     .take()
                     .context("internal error: no teacher logits")?
-                    / self.teachers as f64)?;
+                    / m.len() as f64)?;
                 SoftTargets::from_logits(&mean, temperature)?
             }
-            Some(t) => match t.rows(self.ds, &b.paths, y.device())? {
+            Teacher::Targets(t) => match t.rows(self.ds, &b.paths, y.device())? {
                 Rows::Logits(l) => SoftTargets::from_logits(&l, temperature)?,
                 Rows::TopK { values, indices } => {
                     SoftTargets::from_top_k(&values, &indices, self.classes, temperature)?
@@ -474,12 +480,8 @@ pub fn distill(
     let bar = rep.images_bar((ds.len() * cfg.epochs) as u64, "distilling");
     bar.set_position((ds.len() * start.min(cfg.epochs)) as u64);
     let mut t = Trainer {
-        teachers: teachers.len(),
+        teacher,
         teacher_sum: None,
-        targets: match teacher {
-            Teacher::Targets(t) => Some(t),
-            Teacher::Models(_) => None,
-        },
         ds: &ds,
         cfg,
         groups,
