@@ -102,28 +102,35 @@ fn case_within(name: &str, teachers: &[&str], extra: &[&str], floor: f64) -> (Te
         &read_st(&reference),
         floor,
     );
+    assert_losses_match(&d.path("distill.json"), &reference, name);
+    (d, run)
+}
+
+/// The run's `--json` record against the reference's `losses` metadata: as many steps, the
+/// first batch's KD loss within 1e-6 relative of KLSoftLoss's, every step's loss within 1e-4.
+pub(crate) fn assert_losses_match(json: &std::path::Path, reference: &std::path::Path, what: &str) {
     let want: serde_json::Value =
-        serde_json::from_str(&read_metadata(&reference)["losses"]).unwrap();
+        serde_json::from_str(&read_metadata(reference)["losses"]).unwrap();
+    let want = want.as_array().unwrap();
     let got: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path("distill.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     let steps = got["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), want.as_array().unwrap().len());
+    assert_eq!(steps.len(), want.len());
     let (g, w) = (
         steps[0]["kd"].as_f64().unwrap(),
         want[0]["kd"].as_f64().unwrap(),
     );
     assert!(
         (g - w).abs() <= 1e-6 * w.abs(),
-        "{name}: first KD loss {g} vs KLSoftLoss {w}"
+        "{what}: first KD loss {g} vs KLSoftLoss {w}"
     );
-    for (i, (gs, ws)) in steps.iter().zip(want.as_array().unwrap()).enumerate() {
+    for (i, (gs, ws)) in steps.iter().zip(want).enumerate() {
         let (g, w) = (gs["loss"].as_f64().unwrap(), ws["loss"].as_f64().unwrap());
         assert!(
             (g - w).abs() <= 1e-4 * w.abs(),
-            "{name}: step {i} loss {g} vs {w}"
+            "{what}: step {i} loss {g} vs {w}"
         );
     }
-    (d, run)
 }
 
 #[test]

@@ -103,28 +103,7 @@ fn matches_pytorch(student: &str) {
         &read_st(&d.path("student.safetensors")),
         &read_st(&reference),
     );
-    let want: serde_json::Value =
-        serde_json::from_str(&read_metadata(&reference)["losses"]).unwrap();
-    let want = want.as_array().unwrap();
-    let got: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(d.path("distill.json")).unwrap()).unwrap();
-    let steps = got["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), want.len());
-    let (g, w) = (
-        steps[0]["kd"].as_f64().unwrap(),
-        want[0]["kd"].as_f64().unwrap(),
-    );
-    assert!(
-        (g - w).abs() <= 1e-6 * w.abs(),
-        "{student}: first KD loss {g} vs KLSoftLoss {w}"
-    );
-    for (i, (gs, ws)) in steps.iter().zip(want).enumerate() {
-        let (g, w) = (gs["loss"].as_f64().unwrap(), ws["loss"].as_f64().unwrap());
-        assert!(
-            (g - w).abs() <= 1e-4 * w.abs(),
-            "{student}: step {i} loss {g} vs {w}"
-        );
-    }
+    crate::distill::assert_losses_match(&d.path("distill.json"), &reference, student);
 }
 
 #[test]
