@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 /// Large freed blocks are kept for the next batch's activations (see `ckpt::alloc`).
 #[global_allocator]
-static ALLOC: ckpt::alloc::CachingAllocator = ckpt::alloc::CachingAllocator::new();
+static ALLOC: ckpt::alloc::Global = ckpt::alloc::Global;
 
 fn main() -> ExitCode {
     let cli = ckpt::cli::parse();
@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         if let Some(kb) = ckpt::report::peak_rss_kb() {
             eprintln!("ckpt: peak resident memory {kb} kB");
         }
-        let s = ALLOC.stats();
+        let s = ckpt::alloc::GLOBAL.stats();
         eprintln!(
             "ckpt: allocator cache {} kB, live {} kB, peak requested {} kB",
             s.cached / 1024,

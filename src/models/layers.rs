@@ -350,20 +350,9 @@ impl BatchNorm {
             BnMode::Train
                 if cpu_conv::train_kernels_for(x, k) && self.weight.dtype() == DType::F32 =>
             {
-                let (n, _, h, w) = x.dims4()?;
-                let fused = if residual.is_none() && cpu_conv::train::supports(act) {
-                    act
-                } else {
-                    Act::None
-                };
-                let (y, mean, var) =
-                    cpu_conv::train::batch_norm(x, &self.weight, &self.bias, self.eps, fused)?;
-                self.update_running(mean, var, n * h * w, ctx)?;
-                if residual.is_none() && fused == act {
-                    Ok(y)
-                } else {
-                    cpu_conv::train::add_act(&y, residual, act)
-                }
+                self.train_kernels(residual, ctx, act, |fused| {
+                    cpu_conv::train::batch_norm(x, &self.weight, &self.bias, self.eps, fused)
+                })
             }
             BnMode::Train => {
                 let y = self.train_forward(x, ctx)?;
@@ -373,6 +362,31 @@ impl BatchNorm {
                 };
                 act.tensor(&y)
             }
+        }
+    }
+
+    /// Train mode on the train kernels: `run(fused)` normalises (applying `fused`, the
+    /// activation when there is no residual) and gives the batch's moments, which the running
+    /// statistics follow; then the residual and the activation, if not fused.
+    fn train_kernels(
+        &self,
+        residual: Option<&Tensor>,
+        ctx: &mut Ctx,
+        act: Act,
+        run: impl FnOnce(Act) -> Result<(Tensor, Vec<f32>, Vec<f32>)>,
+    ) -> Result<Tensor> {
+        let fused = if residual.is_none() && cpu_conv::train::supports(act) {
+            act
+        } else {
+            Act::None
+        };
+        let (y, mean, var) = run(fused)?;
+        let (n, _, h, w) = y.dims4()?;
+        self.update_running(mean, var, n * h * w, ctx)?;
+        if residual.is_none() && fused == act {
+            Ok(y)
+        } else {
+            cpu_conv::train::add_act(&y, residual, act)
         }
     }
 
@@ -588,11 +602,30 @@ impl ConvBn {
                 let (x, f, shift) = self.eval_operands(x)?;
                 cpu_conv::conv2d(ctx.kernels, &x, &f.weight, f.geometry, shift, residual, act)
             }
+            BnMode::Train if self.fuses_in_train(x, ctx.kernels) => {
+                let x = self.conv.padded(x)?;
+                let (conv, bn) = (&self.conv, &self.bn);
+                bn.train_kernels(residual, ctx, act, |fused| {
+                    let (w, g) = (&conv.weight, conv.geometry);
+                    cpu_conv::train::conv_batch_norm(&x, w, g, &bn.weight, &bn.bias, bn.eps, fused)
+                })
+            }
             BnMode::Calibrate | BnMode::Train => {
                 let y = self.conv.forward(x, ctx)?;
                 self.bn.forward_add_act_owned(y, residual, ctx, act)
             }
         }
+    }
+
+    /// Whether train mode runs the convolution and the BN as one op of the train kernels
+    /// ([`cpu_conv::train::conv_batch_norm`]): f32 on the CPU, no convolution bias, and a
+    /// gradient to compute through the convolution.
+    fn fuses_in_train(&self, x: &Tensor, k: cpu_conv::Kernels) -> bool {
+        cpu_conv::train_kernels_for(x, k)
+            && self.conv.bias.is_none()
+            && self.conv.weight.dtype() == DType::F32
+            && self.bn.weight.dtype() == DType::F32
+            && (x.track_op() || self.conv.weight.track_op())
     }
 
     /// [`ConvBn::forward_add_act`] with the residual handed over: in eval mode on the fast

@@ -393,6 +393,9 @@ pub fn distill(
         _ => Kernels::Train,
     };
     let student = Model::load_with(ck, arch, device, &opts)?.with_kernels(kernels);
+    // Each step frees its activations while allocating gradients: the allocator's cache needs
+    // more room than a forward job's for the next step to find its blocks (`alloc::training`).
+    crate::alloc::training();
     let classes = student.config.num_classes();
     match teacher {
         Teacher::Models([]) => bail!("no teacher given"),

@@ -100,6 +100,46 @@ pub fn batch_norm(
     Ok((y, mean, var))
 }
 
+/// Train-mode `act(BN(conv2d(x, weight)))` as one graph node (`act` one that [`supports`]
+/// takes): [`conv2d`] then [`batch_norm`], with gamma and beta as one [2C] argument. The gradient
+/// between the two never goes through candle's backward, which would zero a buffer for it and
+/// add it there (a memset and an add over every activation: about a seventh of a MobileNetV2
+/// step under `perf`). The convolution's output stays in the op for the backward pass, which
+/// drops it. Returns the output and the batch's per-channel mean and biased variance.
+pub fn conv_batch_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    g: Geometry,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    act: Act,
+) -> Result<(Tensor, Vec<f32>, Vec<f32>)> {
+    if !supports(act) {
+        candle_core::bail!("conv + batch norm: {act:?} is not a train-kernel activation");
+    }
+    let saved = Arc::new(Mutex::new(None));
+    let op = ConvBnTrain {
+        conv: Conv { g },
+        bn: BnTrain {
+            eps,
+            act,
+            saved: saved.clone(),
+        },
+        conv_out: Mutex::new(None),
+    };
+    let params = Tensor::cat(&[gamma, beta], 0)?;
+    let y = x
+        .contiguous()?
+        .apply_op3(&weight.contiguous()?, &params, op)?;
+    let (mean, var) = saved
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .ok_or_else(|| candle_core::Error::Msg("conv + batch norm: no statistics".into()))?;
+    Ok((y, mean, var))
+}
+
 /// torch.nn.MaxPool2d(3, 2, 1) with a backward pass.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(MaxPool)
@@ -902,25 +942,17 @@ impl BnTrain {
         let (n, c, h, w) = l.shape().dims4()?;
         Ok((n, c, h * w))
     }
-}
 
-impl CustomOp3 for BnTrain {
-    fn name(&self) -> &'static str {
-        "cpu-batch-norm-train"
-    }
-
-    fn cpu_fwd(
+    /// The forward pass over x ([N, C, plane] in `dims`): the batch's moments (saved for the
+    /// backward pass and the caller), then `act(gamma xhat + beta)` into a new buffer.
+    fn normalise(
         &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, plane) = Self::dims(xl)?;
-        let x = f32_slice(xs, xl, "input")?;
-        let (gamma, beta) = (f32_slice(gs, gl, "weight")?, f32_slice(bs, bl, "bias")?);
+        x: &[f32],
+        dims: (usize, usize, usize),
+        gamma: &[f32],
+        beta: &[f32],
+    ) -> Result<Vec<f32>> {
+        let (n, c, plane) = dims;
         if gamma.len() != c || beta.len() != c {
             candle_core::bail!("batch norm: {} weights for {c} channels", gamma.len());
         }
@@ -954,6 +986,61 @@ impl CustomOp3 for BnTrain {
                 simd.epilogue(ys, scale[ch], shift[ch], None, self.act);
             });
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((mean, var));
+        Ok(out)
+    }
+
+    /// The backward pass from the forward's input x, output y and output gradient dy: dX
+    /// (when `x_grad`) and [dgamma, dbeta].
+    fn grad(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        x_grad: bool,
+    ) -> Result<(Option<Tensor>, Tensor)> {
+        let (mean, var) = self
+            .saved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("batch norm backward before forward".into()))?;
+        let op = BnGrad {
+            eps: self.eps,
+            act: self.act,
+            gamma: gamma.to_vec1()?,
+            mean,
+            var,
+            x_grad,
+            params: Mutex::new(Vec::new()),
+        };
+        let out = x.apply_op3_no_bwd(y, &dy.contiguous()?, &op)?;
+        if !x_grad {
+            return Ok((None, out));
+        }
+        let params = std::mem::take(&mut *op.params.lock().unwrap_or_else(|e| e.into_inner()));
+        let params = Tensor::from_vec(params, 2 * gamma.elem_count(), x.device())?;
+        Ok((Some(out), params))
+    }
+}
+
+impl CustomOp3 for BnTrain {
+    fn name(&self) -> &'static str {
+        "cpu-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "input")?;
+        let (gamma, beta) = (f32_slice(gs, gl, "weight")?, f32_slice(bs, bl, "bias")?);
+        let out = self.normalise(x, Self::dims(xl)?, gamma, beta)?;
         Ok(storage(out, xl.shape().clone()))
     }
 
@@ -965,36 +1052,16 @@ impl CustomOp3 for BnTrain {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (mean, var) = self
-            .saved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| candle_core::Error::Msg("batch norm backward before forward".into()))?;
-        let dy = dy.contiguous()?;
-        let op = BnGrad {
-            eps: self.eps,
-            act: self.act,
-            gamma: gamma.to_vec1()?,
-            mean,
-            var,
-            x_grad: x.track_op(),
-        };
-        // One op computes all three: [dX, dgamma, dbeta] packed into one buffer.
-        let (n, c, h, w) = x.dims4()?;
-        let packed = x.apply_op3_no_bwd(y, &dy, &op)?;
-        let at = if op.x_grad { n * c * h * w } else { 0 };
-        let dx = op
-            .x_grad
-            .then(|| packed.narrow(0, 0, at)?.reshape((n, c, h, w)))
-            .transpose()?;
+        // One op computes all three.
+        let c = gamma.elem_count();
+        let (dx, params) = self.grad(x, gamma, y, dy, x.track_op())?;
         let dgamma = gamma
             .track_op()
-            .then(|| packed.narrow(0, at, c))
+            .then(|| params.narrow(0, 0, c))
             .transpose()?;
         let dbeta = beta
             .track_op()
-            .then(|| packed.narrow(0, at + c, c))
+            .then(|| params.narrow(0, c, c))
             .transpose()?;
         Ok((dx, dgamma, dbeta))
     }
@@ -1008,16 +1075,21 @@ struct BnGrad {
     mean: Vec<f32>,
     var: Vec<f32>,
     x_grad: bool,
+    /// [dgamma, dbeta], from a pass that also gives dX.
+    params: Mutex<Vec<f32>>,
 }
 
 impl BnGrad {
+    /// dX (empty without `x_grad`) and [dgamma, dbeta]. dX is its own buffer of x's size, not
+    /// packed with the parameters' gradients, so that it reuses the block of a freed
+    /// activation of the same size (the allocator's cache) and is written once, not zeroed first.
     fn run<const A: u8>(
         &self,
         x: &[f32],
         y: &[f32],
         g: &[f32],
         dims: (usize, usize, usize),
-    ) -> Vec<f32> {
+    ) -> (Vec<f32>, Vec<f32>) {
         let (n, c, plane) = dims;
         let count = (n * plane).max(1) as f64;
         // Per channel: inv_std, sum(dY') and sum(dY' xhat), dY' the masked gradient.
@@ -1040,13 +1112,13 @@ impl BnGrad {
                 (inv_std, s, sx * inv_std)
             })
             .collect();
-        let at = if self.x_grad { n * c * plane } else { 0 };
-        let mut out = vec![0f32; at + 2 * c];
-        let (dx, params) = out.split_at_mut(at);
+        let mut params = vec![0f32; 2 * c];
         for (ch, &(_, s, sx)) in sums.iter().enumerate() {
             params[ch] = sx as f32;
             params[c + ch] = s as f32;
         }
+        let len = if self.x_grad { n * c * plane } else { 0 };
+        let mut dx = Vec::with_capacity(len);
         if self.x_grad {
             // dX = a dY' + b x + e with a = gamma inv_std, b = -a inv_std sum(dY' xhat) / M,
             // e = -a sum(dY') / M - b mean: gamma inv_std (dY' - sum(dY') / M - xhat
@@ -1061,18 +1133,21 @@ impl BnGrad {
                     (a as f32, b as f32, e as f32)
                 })
                 .collect();
-            dx.par_chunks_mut(plane.max(1))
+            dx.spare_capacity_mut()[..len]
+                .par_chunks_mut(plane.max(1))
                 .enumerate()
                 .for_each(|(j, d)| {
                     let (a, b, e) = coef[j % c];
                     let o = j * plane;
                     let (x, y, g) = (&x[o..][..plane], &y[o..][..plane], &g[o..][..plane]);
                     for k in 0..plane {
-                        d[k] = a * masked::<A>(y[k], g[k]) + (b * x[k] + e);
+                        d[k].write(a * masked::<A>(y[k], g[k]) + (b * x[k] + e));
                     }
                 });
+            // SAFETY: every element of 0..len was written just above (the chunks cover it).
+            unsafe { dx.set_len(len) };
         }
-        out
+        (dx, params)
     }
 }
 
@@ -1096,13 +1171,96 @@ impl CustomOp3 for BnGrad {
             f32_slice(ys, yl, "output")?,
             f32_slice(gs, gl, "output grad")?,
         );
-        let out = match act_code(self.act) {
+        let (dx, params) = match act_code(self.act) {
             RELU => self.run::<RELU>(x, y, g, dims),
             RELU6 => self.run::<RELU6>(x, y, g, dims),
             _ => self.run::<NONE>(x, y, g, dims),
         };
-        let len = out.len();
-        Ok(storage(out, len))
+        if !self.x_grad {
+            let len = params.len();
+            return Ok(storage(params, len));
+        }
+        *self.params.lock().unwrap_or_else(|e| e.into_inner()) = params;
+        Ok(storage(dx, xl.shape().clone()))
+    }
+}
+
+/// [`conv_batch_norm`]'s op: (x, weight, [gamma, beta]).
+struct ConvBnTrain {
+    conv: Conv,
+    bn: BnTrain,
+    /// The convolution's output, from the forward pass to the backward pass.
+    conv_out: Mutex<Option<(Vec<f32>, Shape)>>,
+}
+
+impl CustomOp3 for ConvBnTrain {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (conv_out, shape) = match self.conv.cpu_fwd(xs, xl, ws, wl)? {
+            (CpuStorage::F32(v), shape) => (v, shape),
+            _ => candle_core::bail!("cpu conv: the output is not f32"),
+        };
+        let (n, c, h, w) = shape.dims4()?;
+        let params = f32_slice(ps, pl, "batch norm weights")?;
+        if params.len() != 2 * c {
+            candle_core::bail!("batch norm: {} weights for {c} channels", params.len() / 2);
+        }
+        let (gamma, beta) = params.split_at(c);
+        let y = self.bn.normalise(&conv_out, (n, c, h * w), gamma, beta)?;
+        *self.conv_out.lock().unwrap_or_else(|e| e.into_inner()) = Some((conv_out, shape.clone()));
+        Ok(storage(y, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        params: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (v, shape) = self
+            .conv_out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "conv + batch norm: a second backward pass through one graph (the first \
+                     frees the saved convolution output)"
+                        .into(),
+                )
+            })?;
+        let conv_out = Tensor::from_vec(v, shape, x.device())?;
+        let c = conv_out.dim(1)?;
+        // dConv, the gradient at the convolution's output, and [dgamma, dbeta].
+        let (dconv, dparams) = self
+            .bn
+            .grad(&conv_out, &params.narrow(0, 0, c)?, y, dy, true)?;
+        drop(conv_out);
+        let dconv = dconv.ok_or_else(|| {
+            candle_core::Error::Msg("conv + batch norm: no gradient for the convolution".into())
+        })?;
+        let dx = x
+            .track_op()
+            .then(|| conv2d_input_grad(x, w, &dconv, self.conv.g))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| conv2d_weight_grad(x, w, &dconv, self.conv.g))
+            .transpose()?;
+        Ok((dx, dw, params.track_op().then_some(dparams)))
     }
 }
 
@@ -1464,6 +1622,85 @@ mod tests {
                     let v = vals.iter().map(|x| (x - m).powi(2)).sum::<f64>() / vals.len() as f64;
                     assert!((mean[ch] as f64 - m).abs() < 1e-6 * (1.0 + m.abs()));
                     assert!((var[ch] as f64 - v).abs() < 1e-5 * v);
+                }
+            }
+        }
+    }
+
+    /// The fused train-mode conv + BN is the two ops in sequence: the same output, moments and
+    /// gradients for the input, the weight, gamma and beta (dense, strided, 1x1 and depthwise
+    /// layers; each activation the train kernels take; with and without a residual after it;
+    /// an input image that tracks no graph gets no gradient and the others are still right).
+    #[test]
+    fn conv_batch_norm_is_conv_then_batch_norm() {
+        let cases = [
+            (6, 8, 3, 1, 1),
+            (6, 8, 3, 2, 1),
+            (6, 8, 1, 1, 1),
+            (6, 6, 3, 1, 6),
+        ];
+        for (i, &(cin, cout, k, stride, groups)) in cases.iter().enumerate() {
+            for act in [Act::None, Act::Relu, Act::Relu6] {
+                for (with_residual, tracked_input) in [(false, true), (true, true), (false, false)]
+                {
+                    let g = Geometry {
+                        stride,
+                        padding: (k - 1) / 2,
+                        groups,
+                    };
+                    let side = 9;
+                    let x = Var::from_tensor(&randn(&[3, cin, side, side], i as u64)).unwrap();
+                    let w =
+                        Var::from_tensor(&(randn(&[cout, cin / groups, k, k], 20) * 2.0).unwrap())
+                            .unwrap();
+                    let gamma = Var::from_tensor(&(randn(&[cout], 3) * 4.0).unwrap()).unwrap();
+                    let beta = Var::from_tensor(&(randn(&[cout], 4) * 3.0).unwrap()).unwrap();
+                    let xt = if tracked_input {
+                        x.as_tensor().clone()
+                    } else {
+                        x.as_tensor().detach()
+                    };
+                    let (wt, gt, bt) = (w.as_tensor(), gamma.as_tensor(), beta.as_tensor());
+                    let fused = if with_residual { Act::None } else { act };
+                    let (y, mean, var) = conv_batch_norm(&xt, wt, g, gt, bt, 1e-5, fused).unwrap();
+                    let conv = conv2d(&xt, wt, g).unwrap();
+                    let (want, want_mean, want_var) =
+                        batch_norm(&conv, gt, bt, 1e-5, fused).unwrap();
+                    let r = randn(y.dims(), 5);
+                    let (ours, want) = if with_residual {
+                        (
+                            add_act(&y, Some(&r), act).unwrap(),
+                            add_act(&want, Some(&r), act).unwrap(),
+                        )
+                    } else {
+                        (y, want)
+                    };
+                    let what = format!("case {:?}, {act:?}, residual {with_residual}, input tracked {tracked_input}", cases[i]);
+                    assert_eq!(rel(&ours, &want), 0.0, "{what}: forward");
+                    assert_eq!((mean, var), (want_mean, want_var), "{what}: moments");
+                    let mut vars = vec![&w, &gamma, &beta];
+                    if tracked_input {
+                        vars.push(&x);
+                    }
+                    let (got, exp) = (grads(&vars, &ours, 9), grads(&vars, &want, 9));
+                    for (j, (a, b)) in got.iter().zip(&exp).enumerate() {
+                        let e = rel(a, b);
+                        assert!(e < 1e-6, "{what}: gradient {j} off by {e:e}");
+                    }
+                    if !tracked_input {
+                        let (y, _, _) = conv_batch_norm(&xt, wt, g, gt, bt, 1e-5, fused).unwrap();
+                        let store = y.sum_all().unwrap().backward().unwrap();
+                        assert!(
+                            store.get(x.as_tensor()).is_none(),
+                            "{what}: an input gradient"
+                        );
+                        assert!(store.get(wt).is_some(), "{what}: no weight gradient");
+                        // A second backward pass through the same graph is an error, not a panic.
+                        assert!(
+                            y.sum_all().unwrap().backward().is_err(),
+                            "{what}: second pass"
+                        );
+                    }
                 }
             }
         }
