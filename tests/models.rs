@@ -223,6 +223,12 @@ fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
         ("depthwise 3x3 s2", 6, 6, 3, 2, 6),
         ("efficientnet depthwise 5x5", 6, 6, 5, 1, 6),
         ("efficientnet depthwise 5x5 s2", 6, 6, 5, 2, 6),
+        // Channels in whole blocks of eight on small planes: eight channels a task.
+        ("depthwise 3x3, channel blocks", 16, 16, 3, 1, 16),
+        ("depthwise 3x3 s2, channel blocks", 16, 16, 3, 2, 16),
+        ("depthwise 5x5, channel blocks", 16, 16, 5, 1, 16),
+        ("depthwise 5x5 s2, channel blocks", 16, 16, 5, 2, 16),
+        ("convnext depthwise 7x7, channel blocks", 16, 16, 7, 1, 16),
         // 94 KB per unfolded output row at 15 px: several blocks per image.
         ("unfolded in blocks 7x7", 32, 8, 7, 1, 1),
     ];
@@ -281,7 +287,7 @@ fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
             }
         });
     }
-    assert_eq!(cases, 2 * 13 * 4 * 5 * 3);
+    assert_eq!(cases, 2 * 18 * 4 * 5 * 3);
 }
 
 /// Issue 9: the ResNet stem's 3x3 stride-2 max pool (CPU kernel) against candle's pool over an
