@@ -21,7 +21,9 @@
 //! - BatchNorm in train mode, `act(gamma (x - mean) / sqrt(var + eps) + beta)` with the batch's
 //!   mean and biased variance (two passes in f64 per channel), is one op whose backward gives x,
 //!   gamma and beta their gradients in two passes; the caller updates the running statistics
-//!   from the moments it returns;
+//!   from the moments it returns. A convolution followed by its BN is one op of both
+//!   ([`conv_batch_norm`]), so that the gradient between them never passes through candle's
+//!   backward (which zeroes a buffer for every intermediate gradient and adds into it);
 //! - `act(x + residual)` (ReLU, ReLU6 or none) and the 3x3 stride-2 max pool (the gradient to
 //!   each window's first maximum, as PyTorch's) are ops of their own.
 //!
