@@ -103,7 +103,7 @@ pub fn batch_norm(
 }
 
 /// Train-mode `act(BN(conv2d(x, weight)))` as one graph node (`act` one that [`supports`]
-/// takes): [`conv2d`] then [`batch_norm`], with gamma and beta as one [2C] argument. The gradient
+/// takes): [`conv2d`] then [`batch_norm`], with gamma and beta as one argument of 2C values. The gradient
 /// between the two never goes through candle's backward, which would zero a buffer for it and
 /// add it there (a memset and an add over every activation: about a seventh of a MobileNetV2
 /// step under `perf`). The convolution's output stays in the op for the backward pass, which
