@@ -1471,6 +1471,16 @@ mod tests {
             .collect()
     }
 
+    /// The gradients of each of `vars` through `ours` and through `want` (the same random
+    /// weighting of the output) agree within `tol` of their scale.
+    fn assert_same_grads(vars: &[&Var], ours: &Tensor, want: &Tensor, tol: f32, what: &str) {
+        let (got, exp) = (grads(vars, ours, 9), grads(vars, want, 9));
+        for (i, (a, b)) in got.iter().zip(&exp).enumerate() {
+            let e = rel(a, b);
+            assert!(e < tol, "{what}: gradient {i} off by {e:e}");
+        }
+    }
+
     /// Convolution gradients equal candle's autograd on every shape class the families use:
     /// (cin, cout, k, stride, groups, side).
     #[test]
@@ -1607,11 +1617,7 @@ mod tests {
                 if with_residual {
                     vars.push(&r);
                 }
-                let (got, exp) = (grads(&vars, &ours, 9), grads(&vars, &want, 9));
-                for (i, (a, b)) in got.iter().zip(&exp).enumerate() {
-                    let e = rel(a, b);
-                    assert!(e < 1e-4, "{what}: gradient {i} off by {e:e}");
-                }
+                assert_same_grads(&vars, &ours, &want, 1e-4, &what);
                 // The moments, in f64 by hand.
                 let xs: Vec<f32> = xt.flatten_all().unwrap().to_vec1().unwrap();
                 let plane = side * side;
@@ -1684,11 +1690,7 @@ mod tests {
                     if tracked_input {
                         vars.push(&x);
                     }
-                    let (got, exp) = (grads(&vars, &ours, 9), grads(&vars, &want, 9));
-                    for (j, (a, b)) in got.iter().zip(&exp).enumerate() {
-                        let e = rel(a, b);
-                        assert!(e < 1e-6, "{what}: gradient {j} off by {e:e}");
-                    }
+                    assert_same_grads(&vars, &ours, &want, 1e-6, &what);
                     if !tracked_input {
                         let (y, _, _) = conv_batch_norm(&xt, wt, g, gt, bt, 1e-5, fused).unwrap();
                         let store = y.sum_all().unwrap().backward().unwrap();
