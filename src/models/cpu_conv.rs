@@ -798,7 +798,7 @@ fn depthwise_plane<const FMA: bool>(
 /// Channels a [`depthwise_block8`] task takes: one AVX2 vector.
 const LANES: usize = 8;
 
-/// Whether a depthwise layer runs eight channels at a time: a channel count that splits into
+/// Whether a depthwise layer (see [`depthwise`]) runs eight channels at a time: a channel count that splits into
 /// whole blocks (every family's does) and output rows of at most 64. [`depthwise_plane`]'s row
 /// vectors run part empty on short rows (a 7-wide row is all remainder), and the blocked kernel
 /// was faster down to 56 x 56: `ckpt logits` of 96 images at 224 px, 2 threads (whole process),
@@ -806,7 +806,7 @@ const LANES: usize = 8;
 /// EfficientNet-B0 1.68 -> 1.44 s with this bound; with 16 instead of 64 less of that (0.29,
 /// 4.6, 0.97, 1.57 s), with 128 the same as 64.
 fn blocks_channels(d: Dims) -> bool {
-    d.wo <= 64 && d.cout % LANES == 0 && d.cin == d.cout
+    d.wo <= 64 && d.cout % LANES == 0
 }
 
 /// A thread's scratch for [`depthwise_block8`]: eight planes interleaved and zero-padded.

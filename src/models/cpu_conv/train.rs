@@ -94,11 +94,7 @@ pub fn batch_norm(
     let y = x
         .contiguous()?
         .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
-    let (mean, var) = saved
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .ok_or_else(|| candle_core::Error::Msg("batch norm: no statistics".into()))?;
+    let (mean, var) = moments(&saved, "batch norm: no statistics")?;
     Ok((y, mean, var))
 }
 
@@ -134,11 +130,7 @@ pub fn conv_batch_norm(
     let y = x
         .contiguous()?
         .apply_op3(&weight.contiguous()?, &params, op)?;
-    let (mean, var) = saved
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .ok_or_else(|| candle_core::Error::Msg("conv + batch norm: no statistics".into()))?;
+    let (mean, var) = moments(&saved, "conv + batch norm: no statistics")?;
     Ok((y, mean, var))
 }
 
@@ -253,7 +245,7 @@ impl CustomOp2 for ConvInputGrad {
             f32_slice(dys, dyl, "output grad")?,
             f32_slice(ws, wl, "weight")?,
         );
-        let dx = if self.g.groups == d.cin && d.cout == d.cin {
+        let dx = if super::depthwise(self.g, d.cin, d.cout) {
             depthwise_input_grad(dy, w, d, self.g)
         } else {
             dense_input_grad(dy, w, d, self.g)
@@ -297,7 +289,7 @@ impl CustomOp2 for ConvWeightGrad {
             f32_slice(dys, dyl, "output grad")?,
         );
         let cin_g = cin / self.g.groups;
-        let dw = if self.g.groups == d.cin && d.cout == d.cin {
+        let dw = if super::depthwise(self.g, d.cin, d.cout) {
             depthwise_weight_grad(x, dy, d, self.g)
         } else {
             dense_weight_grad(x, dy, d, self.g)
@@ -897,6 +889,15 @@ impl CustomOp2 for MaskGrad {
 /// The per-channel mean and biased variance of a forward pass, for its backward and its caller.
 type Moments = (Vec<f32>, Vec<f32>);
 
+/// The moments a forward pass saved (`missing`, the error when it has not run).
+fn moments(saved: &Mutex<Option<Moments>>, missing: &str) -> Result<Moments> {
+    saved
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .ok_or_else(|| candle_core::Error::Msg(missing.into()))
+}
+
 struct BnTrain {
     eps: f64,
     act: Act,
@@ -1001,12 +1002,7 @@ impl BnTrain {
         dy: &Tensor,
         x_grad: bool,
     ) -> Result<(Option<Tensor>, Tensor)> {
-        let (mean, var) = self
-            .saved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| candle_core::Error::Msg("batch norm backward before forward".into()))?;
+        let (mean, var) = moments(&self.saved, "batch norm backward before forward")?;
         let op = BnGrad {
             eps: self.eps,
             act: self.act,
@@ -1016,13 +1012,10 @@ impl BnTrain {
             x_grad,
             params: Mutex::new(Vec::new()),
         };
-        let out = x.apply_op3_no_bwd(y, &dy.contiguous()?, &op)?;
-        if !x_grad {
-            return Ok((None, out));
-        }
+        let dx = x.apply_op3_no_bwd(y, &dy.contiguous()?, &op)?;
         let params = std::mem::take(&mut *op.params.lock().unwrap_or_else(|e| e.into_inner()));
         let params = Tensor::from_vec(params, 2 * gamma.elem_count(), x.device())?;
-        Ok((Some(out), params))
+        Ok((x_grad.then_some(dx), params))
     }
 }
 
@@ -1077,7 +1070,7 @@ struct BnGrad {
     mean: Vec<f32>,
     var: Vec<f32>,
     x_grad: bool,
-    /// [dgamma, dbeta], from a pass that also gives dX.
+    /// [dgamma, dbeta], beside the op's output dX.
     params: Mutex<Vec<f32>>,
 }
 
@@ -1178,12 +1171,14 @@ impl CustomOp3 for BnGrad {
             RELU6 => self.run::<RELU6>(x, y, g, dims),
             _ => self.run::<NONE>(x, y, g, dims),
         };
-        if !self.x_grad {
-            let len = params.len();
-            return Ok(storage(params, len));
-        }
         *self.params.lock().unwrap_or_else(|e| e.into_inner()) = params;
-        Ok(storage(dx, xl.shape().clone()))
+        // Without x_grad, an empty dX.
+        let shape = if self.x_grad {
+            xl.shape().clone()
+        } else {
+            Shape::from(0)
+        };
+        Ok(storage(dx, shape))
     }
 }
 
@@ -1708,6 +1703,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// BN over an input that tracks no graph: gamma's and beta's gradients are those of the
+    /// tracked case, and the input gets none.
+    #[test]
+    fn batch_norm_on_an_untracked_input_gives_only_the_parameter_gradients() {
+        let x = Var::from_tensor(&(randn(&[3, 4, 5, 5], 1) * 2.0).unwrap()).unwrap();
+        let gamma = Var::from_tensor(&randn(&[4], 2)).unwrap();
+        let beta = Var::from_tensor(&randn(&[4], 3)).unwrap();
+        let (gt, bt) = (gamma.as_tensor(), beta.as_tensor());
+        let (tracked, _, _) = batch_norm(x.as_tensor(), gt, bt, 1e-5, Act::Relu).unwrap();
+        let (untracked, _, _) =
+            batch_norm(&x.as_tensor().detach(), gt, bt, 1e-5, Act::Relu).unwrap();
+        assert_same_grads(
+            &[&gamma, &beta],
+            &untracked,
+            &tracked,
+            1e-6,
+            "untracked input",
+        );
+        let r = randn(untracked.dims(), 4);
+        let store = (&untracked * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(store.get(x.as_tensor()).is_none());
     }
 
     /// The max pool's gradient is the candle-composed pool's on distinct values (no ties), for
