@@ -6,6 +6,8 @@
 //!     cargo bench --bench cpu_conv [-- --batch 32 --reps 3]
 //!     cargo bench --bench cpu_conv -- --peak    # only the machine's f32 peak, in GFLOP/s
 //!     cargo bench --bench cpu_conv -- --backward
+//!     cargo bench --bench cpu_conv -- --only 3x3 --no-candle   # some layers, ckpt only
+//!     CKPT_WINOGRAD=0 cargo bench --bench cpu_conv    # 3x3 stride-1 layers on im2col + gemm
 //!
 //! `--backward` times the train kernels (`ckpt::models::cpu_conv::train`) instead, per layer:
 //! the forward, the weight gradient and the input gradient, each in GFLOP/s of the forward's
@@ -54,6 +56,24 @@ const LAYERS: &[Layer] = &[
         hw: 56,
     },
     Layer {
+        name: "3x3 32->32 @56",
+        cin: 32,
+        cout: 32,
+        k: 3,
+        stride: 1,
+        groups: 1,
+        hw: 56,
+    },
+    Layer {
+        name: "3x3 128->32 @28 (densenet)",
+        cin: 128,
+        cout: 32,
+        k: 3,
+        stride: 1,
+        groups: 1,
+        hw: 28,
+    },
+    Layer {
         name: "1x1 256->64 @56",
         cin: 256,
         cout: 64,
@@ -88,6 +108,15 @@ const LAYERS: &[Layer] = &[
         stride: 2,
         groups: 1,
         hw: 56,
+    },
+    Layer {
+        name: "3x3 128->128 @28",
+        cin: 128,
+        cout: 128,
+        k: 3,
+        stride: 1,
+        groups: 1,
+        hw: 28,
     },
     Layer {
         name: "3x3 256->256 @14",
@@ -201,12 +230,16 @@ fn main() -> Result<()> {
     let mut batch = 32;
     let mut reps = 3;
     let mut backward = false;
+    let mut only = String::new();
+    let mut no_candle = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--batch" => batch = args.next().context("--batch N")?.parse()?,
             "--reps" => reps = args.next().context("--reps N")?.parse()?,
             "--backward" => backward = true,
+            "--only" => only = args.next().context("--only SUBSTRING")?,
+            "--no-candle" => no_candle = true,
             "--peak" => {
                 println!("{:.1}", peak_gflops());
                 return Ok(());
@@ -219,14 +252,14 @@ fn main() -> Result<()> {
     println!("batch {batch}, {threads} threads, best of {reps}");
     println!("machine f32 peak (measured): {:.1} GFLOP/s", peak_gflops());
     if backward {
-        return backward_table(batch, reps);
+        return backward_table(batch, reps, &only);
     }
     println!(
         "{:26} {:>12} {:>12} {:>7}",
         "layer", "ckpt GFLOP/s", "candle", "ratio"
     );
     let (mut fast_total, mut candle_total, mut flops_total) = (0.0, 0.0, 0.0);
-    for l in LAYERS {
+    for l in LAYERS.iter().filter(|l| l.name.contains(&only)) {
         let x = Tensor::randn(0f32, 1.0, (batch, l.cin, l.hw, l.hw), &dev)?;
         let w = Tensor::randn(0f32, 0.1, (l.cout, l.cin / l.groups, l.k, l.k), &dev)?;
         let shift = Tensor::randn(0f32, 0.1, l.cout, &dev)?;
@@ -258,7 +291,11 @@ fn main() -> Result<()> {
                 Act::Relu,
             )?)
         })?;
-        let slow = best(&|| Ok(candle_conv2d(&x, &w, g, Some(&shift), None, Act::Relu)?))?;
+        let slow = if no_candle {
+            f64::NAN
+        } else {
+            best(&|| Ok(candle_conv2d(&x, &w, g, Some(&shift), None, Act::Relu)?))?
+        };
         fast_total += fast;
         candle_total += slow;
         flops_total += flops;
@@ -291,13 +328,13 @@ fn best_of(reps: usize, f: &dyn Fn() -> Result<()>) -> Result<f64> {
     Ok(best)
 }
 
-fn backward_table(batch: usize, reps: usize) -> Result<()> {
+fn backward_table(batch: usize, reps: usize, only: &str) -> Result<()> {
     let dev = Device::Cpu;
     println!(
         "{:26} {:>10} {:>10} {:>10}   (train kernels, GFLOP/s)",
         "layer", "forward", "weight", "input"
     );
-    for l in LAYERS {
+    for l in LAYERS.iter().filter(|l| l.name.contains(only)) {
         let x = Tensor::randn(0f32, 1.0, (batch, l.cin, l.hw, l.hw), &dev)?;
         let w = Tensor::randn(0f32, 0.1, (l.cout, l.cin / l.groups, l.k, l.k), &dev)?;
         let g = Geometry {

@@ -12,6 +12,8 @@ and the given batch size, with the same number of threads for both (all cores), 
 - ckpt: `ckpt logits` on the same weights and inputs; ckpt prints the time of its forward passes
   (without loading). Steady state, as for PyTorch: the time for warm-up batch + `--images`
   images minus the time for the warm-up batch alone, from two runs.
+- `--no-winograd`: also ckpt with `CKPT_WINOGRAD=0` (3x3 stride-1 convolutions on im2col + gemm
+  instead of Winograd's F(2x2, 3x3)), same method.
 - `--candle`: also ckpt with `CKPT_CPU_CONV=candle` (candle's own convolution, the path before
   issue 9), same method.
 - GFLOP/s: 2 x the multiply-adds of every Conv2d and Linear (counted with forward hooks) per
@@ -117,6 +119,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--candle", action="store_true", help="also time candle's own convolution path")
+    ap.add_argument("--no-winograd", action="store_true", help="also time ckpt without Winograd's 3x3 kernel")
     ap.add_argument("--ckpt", default=str(REPO / "target/release/ckpt"))
     ap.add_argument("--peak", type=float,
                     help="the machine's f32 peak in GFLOP/s, instead of measuring it with cargo bench "
@@ -132,6 +135,7 @@ def main():
     save_file({"input": x[: args.batch].contiguous()}, str(tmp / "input_warm.safetensors"))
     fast_env = {k: v for k, v in os.environ.items() if k != "CKPT_CPU_CONV"}
     candle_env = dict(fast_env, CKPT_CPU_CONV="candle")
+    plain_env = dict(fast_env, CKPT_WINOGRAD="0")
     rows = []
     if args.models == "all":
         args.models = ",".join(["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"] + ZOO2)
@@ -151,9 +155,10 @@ def main():
         peaks = []
         ckpt_ips = ckpt_steady(args, threads, tmp, name, fast_env, peaks)
         candle_ips = ckpt_steady(args, threads, tmp, name, candle_env) if args.candle else None
+        plain_ips = ckpt_steady(args, threads, tmp, name, plain_env) if args.no_winograd else None
         torch_rss = torch_peak_bytes(name, tmp / f"{name}.safetensors", tmp / "input_all.safetensors", args.batch,
                                      threads)
-        rows.append((name, flops, torch_ips, ckpt_ips, candle_ips, peaks[0], torch_rss))
+        rows.append((name, flops, torch_ips, ckpt_ips, candle_ips, plain_ips, peaks[0], torch_rss))
         print(f"  {name}: torch {torch_ips:.2f} img/s, ckpt {ckpt_ips:.2f} img/s", file=sys.stderr)
     print(f"\neval at 224, batch {args.batch}, {args.images} images after a warm-up batch, {threads} threads, "
           f"f32; torch {torch.__version__}; machine f32 peak {peak:.0f} GFLOP/s (measured)\n")
@@ -161,13 +166,17 @@ def main():
             " PyTorch peak RSS GB | ckpt peak RSS GB |")
     if args.candle:
         head += " candle conv img/s | ckpt / candle |"
+    if args.no_winograd:
+        head += " ckpt without Winograd img/s | Winograd's gain |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
-    for name, flops, a, b, c, rss, torch_rss in rows:
+    for name, flops, a, b, c, w, rss, torch_rss in rows:
         line = (f"| {name} | {flops / 1e9:.2f} | {a:.1f} | {b:.1f} | {b / a:.2f} | {b * flops / 1e9:.0f} |"
                 f" {100 * b * flops / 1e9 / peak:.0f} % | {torch_rss / 1e9:.2f} | {rss / 1e9:.2f} |")
         if c is not None:
             line += f" {c:.1f} | {b / c:.2f} |"
+        if w is not None:
+            line += f" {w:.1f} | {b / w:.2f} |"
         print(line)
 
 

@@ -19,6 +19,8 @@ batch 32, --threads threads (torch.set_num_threads, `ckpt --threads`).
   step and with 1 + --steps steps; images/s = (--steps x 32) / the difference in wall time, so
   loading, the first step and writing the result cancel out. Decoding and resizing the images
   is included (a few ms per image, on the same threads).
+- `--no-winograd`: also ckpt with `CKPT_WINOGRAD=0` (3x3 stride-1 convolutions and their input
+  gradients on im2col + gemm instead of Winograd's F(2x2, 3x3)), same method.
 - `--candle`: also ckpt with `--kernels candle` (student and teacher on candle's ops: the path
   before the train kernels), same method.
 
@@ -85,22 +87,25 @@ def torch_images_per_second(student, teacher, steps, threads):
     return steps * BATCH / (time.perf_counter() - t0)
 
 
-def ckpt_seconds(ckpt, student, teacher, data, images, threads, out, kernels):
+def ckpt_seconds(ckpt, student, teacher, data, images, threads, out, kernels, winograd=True):
     cmd = [ckpt, "-q", "--threads", str(threads), "--kernels", kernels, "distill", str(student),
            "--teacher", str(teacher), "--data", str(data), "--transform", "eval", "--no-shuffle",
            "--epochs", "1", "--batch-size", str(BATCH), "--size", str(SIZE), "--max-images", str(images),
            "--force", "-o", str(out)]
+    env = dict(os.environ)
+    if not winograd:
+        env["CKPT_WINOGRAD"] = "0"
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     secs = time.perf_counter() - t0
     if r.returncode != 0:
         sys.exit(f"ckpt failed: {' '.join(cmd)}\n{r.stderr}")
     return secs
 
 
-def ckpt_images_per_second(ckpt, student, teacher, data, steps, threads, out, kernels):
-    one = ckpt_seconds(ckpt, student, teacher, data, BATCH, threads, out, kernels)
-    more = ckpt_seconds(ckpt, student, teacher, data, BATCH * (steps + 1), threads, out, kernels)
+def ckpt_images_per_second(ckpt, student, teacher, data, steps, threads, out, kernels, winograd=True):
+    one = ckpt_seconds(ckpt, student, teacher, data, BATCH, threads, out, kernels, winograd)
+    more = ckpt_seconds(ckpt, student, teacher, data, BATCH * (steps + 1), threads, out, kernels, winograd)
     return steps * BATCH / (more - one)
 
 
@@ -111,6 +116,8 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--candle", action="store_true", help="also time ckpt on candle's ops")
+    ap.add_argument("--no-winograd", action="store_true",
+                    help="also time ckpt with CKPT_WINOGRAD=0 (3x3 convolutions on im2col + gemm)")
     ap.add_argument("--ckpt", default=str(REPO / "target/release/ckpt"))
     args = ap.parse_args()
     import torch
@@ -138,9 +145,13 @@ def main():
             ckpt_ips = ckpt_images_per_second(args.ckpt, *paths, data, args.steps, args.threads, out, "fast")
             candle_ips = (ckpt_images_per_second(args.ckpt, *paths, data, args.steps, args.threads, out, "candle")
                           if args.candle else None)
-            rows.append((sname, tname, torch_ips, ckpt_ips, candle_ips))
+            plain_ips = (ckpt_images_per_second(args.ckpt, *paths, data, args.steps, args.threads, out, "fast",
+                                                winograd=False)
+                         if args.no_winograd else None)
+            rows.append((sname, tname, torch_ips, ckpt_ips, candle_ips, plain_ips))
             print(f"  {sname} <- {tname}: torch {torch_ips:.2f} img/s, ckpt {ckpt_ips:.2f} img/s"
-                  + (f", ckpt on candle's ops {candle_ips:.2f} img/s" if candle_ips else ""), file=sys.stderr)
+                  + (f", ckpt on candle's ops {candle_ips:.2f} img/s" if candle_ips else "")
+                  + (f", ckpt without Winograd {plain_ips:.2f} img/s" if plain_ips else ""), file=sys.stderr)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\ndistillation step (teacher forward + student forward, backward, SGD) at {SIZE} px, batch {BATCH}, "
@@ -148,12 +159,16 @@ def main():
     head = "| student | teacher | PyTorch img/s | ckpt img/s | ckpt / PyTorch |"
     if args.candle:
         head += " ckpt on candle's ops img/s | train kernels / candle's |"
+    if args.no_winograd:
+        head += " ckpt without Winograd img/s | Winograd's gain |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
-    for s, t, a, b, c in rows:
+    for s, t, a, b, c, w in rows:
         line = f"| {s} | {t} | {a:.2f} | {b:.2f} | {b / a:.2f} |"
         if c is not None:
             line += f" {c:.2f} | {b / c:.2f} |"
+        if w is not None:
+            line += f" {w:.2f} | {b / w:.2f} |"
         print(line)
 
 

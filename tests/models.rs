@@ -231,6 +231,8 @@ fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
         ("convnext depthwise 7x7, channel blocks", 16, 16, 7, 1, 16),
         // 94 KB per unfolded output row at 15 px: several blocks per image.
         ("unfolded in blocks 7x7", 32, 8, 7, 1, 1),
+        // 32 channels or more each way, 128 together: Winograd's F(2x2, 3x3).
+        ("resnet / vgg / densenet 3x3, winograd", 96, 32, 3, 1, 1),
     ];
     let dev = Device::Cpu;
     let check = |what: &str, want: &Tensor, got: &Tensor| {
@@ -287,7 +289,7 @@ fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
             }
         });
     }
-    assert_eq!(cases, 2 * 18 * 4 * 5 * 3);
+    assert_eq!(cases, 2 * 19 * 4 * 5 * 3);
 }
 
 /// Issue 9: the ResNet stem's 3x3 stride-2 max pool (CPU kernel) against candle's pool over an

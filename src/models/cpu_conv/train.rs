@@ -40,8 +40,8 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{
-    f32_slice, im2col, madd, split_phases, valid_range, Act, ColBuffers, ConvOp, Dims, Geometry,
-    MaxPool3x3S2, PaddedPlane, Simd, COL_BLOCK_BYTES,
+    f32_slice, im2col, madd, split_phases, valid_range, winograd, Act, ColBuffers, ConvOp, Dims,
+    Geometry, MaxPool3x3S2, PaddedPlane, Simd, COL_BLOCK_BYTES,
 };
 
 /// Whether the train kernels take `act` (the others go through candle's ops).
@@ -353,6 +353,9 @@ fn is_direct(d: Dims, g: Geometry) -> bool {
 /// dX of a dense or grouped convolution: per image and group, col = W_g^T dY_g per block of
 /// output rows, folded back onto dX_g.
 fn dense_input_grad(dy: &[f32], w: &[f32], d: Dims, g: Geometry) -> Vec<f32> {
+    if winograd::applies(d, g) {
+        return winograd_input_grad(dy, w, d, g.padding);
+    }
     let (cin_g, cout_g) = (d.cin / g.groups, d.cout / g.groups);
     let (p, plane_in) = (d.ho * d.wo, d.h * d.w);
     let kk = cin_g * d.k * d.k;
@@ -411,6 +414,34 @@ fn dense_input_grad(dy: &[f32], w: &[f32], d: Dims, g: Geometry) -> Vec<f32> {
             image(i, o, &mut col, Parallelism::Rayon(threads));
         }
     }
+    dx
+}
+
+/// dX of a 3x3 stride-1 convolution with padding `pad`: the convolution of dY with padding
+/// 2 - pad and the kernels turned and transposed, on [`winograd`].
+fn winograd_input_grad(dy: &[f32], w: &[f32], d: Dims, pad: usize) -> Vec<f32> {
+    // The gradient's convolution: dY in, dX out.
+    let dg = Dims {
+        n: d.n,
+        cin: d.cout,
+        h: d.ho,
+        w: d.wo,
+        cout: d.cin,
+        k: 3,
+        ho: d.h,
+        wo: d.w,
+    };
+    let u = winograd::transform_weights(w, d.cin, d.cout, true);
+    let len = d.n * d.cin * d.h * d.w;
+    let mut dx = Vec::with_capacity(len);
+    let out = winograd::Shared(dx.as_mut_ptr());
+    let p = d.h * d.w;
+    winograd::conv(dy, &u, dg, 2 - pad, |plane, at, seg| {
+        // SAFETY: winograd::conv hands each segment of dX over once, inside its capacity.
+        unsafe { out.write(plane * p + at, seg) };
+    });
+    // SAFETY: every value was stored (winograd::conv hands over the whole output).
+    unsafe { dx.set_len(len) };
     dx
 }
 
@@ -1504,6 +1535,11 @@ mod tests {
             (8, 16, 1, 2, 1, 2),
             (6, 6, 3, 2, 6, 2),
             (6, 6, 3, 1, 6, 1),
+            // 3x3 s1 with 32 channels or more and 128 together: Winograd, forward and input
+            // gradient; odd and even planes, one smaller than a tile.
+            (32, 96, 3, 1, 1, 9),
+            (96, 32, 3, 1, 1, 6),
+            (64, 64, 3, 1, 1, 1),
         ];
         for (i, &(cin, cout, k, stride, groups, side)) in cases.iter().enumerate() {
             // Batch 1 takes gemm's own threads, batch 3 one image per task.
