@@ -9,12 +9,16 @@
 //!
 //! BN comes before its convolution (pre-activation), so only `norm2` can be folded (into
 //! `conv1`, whose output it normalises); `norm1`, the transitions' `norm` and `norm5` run as
-//! BN + ReLU passes of their own. Each layer concatenates its input and output as torchvision
-//! does (a copy per layer; a preallocated block buffer would avoid it).
+//! BN + ReLU passes of their own. On the CPU kernels in eval mode each block's layers write into
+//! one preallocated buffer and read the channels before theirs as a view; elsewhere (candle's
+//! ops, calibrate and train modes) each layer concatenates its input and output as torchvision
+//! does.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::cpu_conv::cpu_kernels_for;
+use super::fused::write_channels;
 use super::layers::{
     global_avg_pool, max_pool_3x3_s2_p1, Act, BatchNorm, BnRegistry, Conv2d, ConvBn, ConvSpec, Ctx,
     Linear,
@@ -215,6 +219,44 @@ impl DenseNet {
     }
 }
 
+/// Whether a dense block runs in one buffer ([`DenseNet::block_in_buffer`]): the CPU kernels in
+/// eval mode (no batch statistics to take over a view, no graph to keep).
+fn block_buffer(x: &Tensor, ctx: &Ctx) -> bool {
+    ctx.all_eval() && cpu_kernels_for(x, ctx.kernels) && x.rank() == 4 && !x.track_op()
+}
+
+impl DenseNet {
+    /// A dense block whose layers write their outputs into one [N, C_in + layers x growth, H, W]
+    /// buffer, each reading the channels before its own as a view, and normalise those into one
+    /// reused buffer: the values of the concatenating loop, without copying the block's growing
+    /// input once per layer, and without faulting in two fresh, larger tensors each time.
+    fn block_in_buffer(layers: &[Layer], x: Tensor, ctx: &mut Ctx) -> Result<Tensor> {
+        let (n, c0, h, w) = x.dims4()?;
+        let mut widths = Vec::with_capacity(layers.len());
+        let mut c = c0;
+        for l in layers {
+            widths.push(c);
+            c += l.conv2.out_channels();
+        }
+        let buf = Tensor::zeros((n, c, h, w), x.dtype(), x.device())?;
+        write_channels(&buf, &x, 0)?;
+        drop(x);
+        // norm1's output, for every layer: the widest layer's size, of which each takes the
+        // front as a contiguous [N, c, H, W].
+        let widest = widths.last().copied().unwrap_or(c0);
+        let normed = Tensor::zeros(n * widest * h * w, buf.dtype(), buf.device())?;
+        for (l, &c) in layers.iter().zip(&widths) {
+            let y = normed.narrow(0, 0, n * c * h * w)?.reshape((n, c, h, w))?;
+            l.norm1
+                .eval_act_into(&buf.narrow(1, 0, c)?, &y, Act::Relu)?;
+            let y = l.conv1.forward_relu(&y, ctx)?;
+            let y = l.conv2.forward(&y, ctx)?;
+            write_channels(&buf, &y, c)?;
+        }
+        Ok(buf)
+    }
+}
+
 impl Network for DenseNet {
     fn forward(&self, x: &Tensor, ctx: &mut Ctx) -> Result<Tensor> {
         let input = self.forward_trunk(x, ctx)?;
@@ -227,11 +269,15 @@ impl Network for DenseNet {
         let x = self.stem.forward_relu(x, ctx)?;
         let mut x = max_pool_3x3_s2_p1(&x, ctx)?;
         for (layers, transition) in &self.blocks {
-            for l in layers {
-                let y = l.norm1.forward_add_act(&x, None, ctx, Act::Relu)?;
-                let y = l.conv1.forward_relu(&y, ctx)?;
-                let y = l.conv2.forward(&y, ctx)?;
-                x = Tensor::cat(&[&x, &y], 1)?;
+            if block_buffer(&x, ctx) {
+                x = Self::block_in_buffer(layers, x, ctx)?;
+            } else {
+                for l in layers {
+                    let y = l.norm1.forward_add_act(&x, None, ctx, Act::Relu)?;
+                    let y = l.conv1.forward_relu(&y, ctx)?;
+                    let y = l.conv2.forward(&y, ctx)?;
+                    x = Tensor::cat(&[&x, &y], 1)?;
+                }
             }
             if let Some(t) = transition {
                 let y = t.norm.forward_add_act(&x, None, ctx, Act::Relu)?;

@@ -107,9 +107,161 @@ impl CustomOp1 for ChannelAffine {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims();
+        if let Some((start, image, stride)) = image_runs(layout) {
+            // The first channels of a wider tensor (DenseNet's block buffer): gather the
+            // images' runs, then map in place.
+            let CpuStorage::F32(v) = storage else {
+                candle_core::bail!("channel-affine needs f32")
+            };
+            let mut out = Vec::with_capacity(image * dims[0]);
+            for i in 0..dims[0] {
+                out.extend_from_slice(&v[start + i * stride..][..image]);
+            }
+            self.apply(&mut out, dims, None);
+            return Ok((CpuStorage::F32(out), layout.shape().clone()));
+        }
         let x = contiguous_f32(storage, layout)?;
-        let out = self.run(x, layout.shape().dims(), None);
+        let out = self.run(x, dims, None);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// For a layout that is not contiguous but whose every image (index of the first dimension) is
+/// one contiguous run, as `narrow(1, 0, c)` of a contiguous tensor gives: (the first value's
+/// offset, the values per image, the offset from one image to the next).
+fn image_runs(layout: &Layout) -> Option<(usize, usize, usize)> {
+    let dims = layout.shape().dims();
+    let strides = layout.stride();
+    if dims.len() < 2 || layout.is_contiguous() {
+        return None;
+    }
+    let mut expect = 1;
+    for (d, s) in dims.iter().zip(strides).skip(1).rev() {
+        if *d != 1 && *s != expect {
+            return None;
+        }
+        expect *= d;
+    }
+    (strides[0] >= expect).then_some((layout.start_offset(), expect, strides[0]))
+}
+
+/// `act(x * scale[c] + shift[c])` written into `dst` (a contiguous f32 tensor on the CPU shaped
+/// as `x`, that nothing else reads meanwhile), `x` contiguous or one run per image (see
+/// `image_runs`): each plane is copied and mapped while it is in cache. DenseNet's layers
+/// normalise their block's channels into one reused buffer this way, instead of a fresh and
+/// larger tensor each (whose pages the kernel would fault in and zero every time).
+pub fn channel_affine_into(
+    dst: &Tensor,
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    act: Act,
+) -> Result<()> {
+    if dst.shape() != x.shape() || x.rank() < 2 {
+        candle_core::bail!("channel-affine: {:?} into {:?}", x.shape(), dst.shape());
+    }
+    let x = match image_runs(x.layout()) {
+        Some(_) => x.clone(),
+        None => x.contiguous()?,
+    };
+    let op = ChannelAffine {
+        scale: Some(scale.to_vec1::<f32>()?),
+        shift: shift.to_vec1::<f32>()?,
+        act,
+    };
+    dst.inplace_op2(&x, &AffineInto(op))
+}
+
+struct AffineInto(ChannelAffine);
+
+impl InplaceOp2 for AffineInto {
+    fn name(&self) -> &'static str {
+        "channel-affine-into"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ds: &mut CpuStorage,
+        dl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+    ) -> Result<()> {
+        let dst = contiguous_f32_mut(ds, dl)?;
+        let dims = xl.shape().dims();
+        let (start, image, stride) = match image_runs(xl) {
+            Some(r) => r,
+            None => {
+                let (start, end) = xl.contiguous_offsets().ok_or_else(|| {
+                    candle_core::Error::Msg("channel-affine needs whole images".into())
+                })?;
+                let image = (end - start) / dims[0].max(1);
+                (start, image, image)
+            }
+        };
+        let CpuStorage::F32(x) = xs else {
+            candle_core::bail!("channel-affine needs f32")
+        };
+        let c = dims[1];
+        let plane = image / c.max(1);
+        let op = &self.0;
+        let simd = Simd::detect();
+        dst.par_chunks_mut(plane.max(1))
+            .enumerate()
+            .for_each(|(j, ys)| {
+                let (i, ch) = (j / c, j % c);
+                ys.copy_from_slice(&x[start + i * stride + ch * plane..][..plane]);
+                let s = op.scale.as_ref().map_or(1.0, |s| s[ch]);
+                simd.epilogue(ys, s, op.shift[ch], None, op.act);
+            });
+        Ok(())
+    }
+}
+
+/// Writes `src` [N, c, ...] into channels `at .. at + c` of `dst` [N, C, ...] in place (a
+/// contiguous f32 tensor on the CPU that nothing else reads meanwhile): DenseNet's layers append
+/// their output to the block's buffer so, instead of concatenating the block's input afresh.
+pub fn write_channels(dst: &Tensor, src: &Tensor, at: usize) -> Result<()> {
+    let (n, c) = (src.dim(0)?, src.dim(1)?);
+    let (dn, dc) = (dst.dim(0)?, dst.dim(1)?);
+    if dn != n || at + c > dc || dst.dims()[2..] != src.dims()[2..] {
+        candle_core::bail!(
+            "write channels: {:?} at channel {at} of {:?}",
+            src.shape(),
+            dst.shape()
+        );
+    }
+    dst.inplace_op2(&src.contiguous()?, &WriteChannels { at })
+}
+
+struct WriteChannels {
+    at: usize,
+}
+
+impl InplaceOp2 for WriteChannels {
+    fn name(&self) -> &'static str {
+        "write-channels"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ds: &mut CpuStorage,
+        dl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        let src = contiguous_f32(ss, sl)?;
+        let dst = contiguous_f32_mut(ds, dl)?;
+        let n = dl.shape().dims()[0];
+        if n == 0 {
+            return Ok(());
+        }
+        let (image_dst, image_src) = (dst.len() / n, src.len() / n);
+        let plane = image_src / sl.shape().dims()[1].max(1);
+        dst.par_chunks_mut(image_dst)
+            .zip(src.par_chunks(image_src.max(1)))
+            .for_each(|(d, s)| d[self.at * plane..][..image_src].copy_from_slice(s));
+        Ok(())
     }
 }
 
@@ -150,7 +302,11 @@ pub fn channel_affine(
 ) -> Result<Tensor> {
     let graph = scale.is_some_and(|s| s.track_op()) || shift.track_op();
     if cpu_kernels_for(x, k) && x.rank() >= 2 && !(graph && k == Kernels::Train) {
-        let x = x.contiguous()?;
+        // A view of whole images' runs is read as it is (see `image_runs`).
+        let x = match residual {
+            None if image_runs(x.layout()).is_some() => x.clone(),
+            _ => x.contiguous()?,
+        };
         let op = ChannelAffine {
             scale: scale.map(|s| s.to_vec1::<f32>()).transpose()?,
             shift: shift.to_vec1::<f32>()?,
@@ -364,6 +520,72 @@ pub fn channel_moments(k: Kernels, x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// DenseNet's block buffer: channels written in place at an offset, and the first channels
+    /// of a wider tensor (a view, one run per image) mapped as their contiguous copy is, into a
+    /// new tensor and into the front of a reused buffer.
+    #[test]
+    fn views_of_the_first_channels_and_writes_at_a_channel_offset() {
+        let dev = Device::Cpu;
+        let (n, c, h, w) = (3, 5, 2, 3);
+        let all: Vec<f32> = (0..n * c * h * w)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let full = Tensor::from_vec(all, (n, c, h, w), &dev).unwrap();
+        let buf = Tensor::zeros((n, c, h, w), DType::F32, &dev).unwrap();
+        write_channels(&buf, &full.narrow(1, 0, 2).unwrap(), 0).unwrap();
+        write_channels(&buf, &full.narrow(1, 2, 3).unwrap(), 2).unwrap();
+        let same = |a: &Tensor, b: &Tensor| {
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                a.flatten_all().unwrap().to_vec1().unwrap(),
+                b.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            a == b
+        };
+        assert!(same(&buf, &full));
+        assert!(
+            write_channels(&buf, &full, 1).is_err(),
+            "past the last channel"
+        );
+
+        let view = full.narrow(1, 0, 3).unwrap();
+        assert_eq!(image_runs(view.layout()), Some((0, 3 * h * w, c * h * w)));
+        assert_eq!(
+            image_runs(full.layout()),
+            None,
+            "contiguous: the plain path"
+        );
+        assert_eq!(
+            image_runs(full.narrow(1, 1, 3).unwrap().layout()),
+            Some((h * w, 3 * h * w, c * h * w))
+        );
+        assert_eq!(
+            image_runs(full.narrow(2, 0, 1).unwrap().layout()),
+            None,
+            "rows cut"
+        );
+        let s = Tensor::new(&[0.5f32, -2.0, 3.0], &dev).unwrap();
+        let b = Tensor::new(&[1.0f32, 0.0, -1.0], &dev).unwrap();
+        let want = channel_affine(
+            Kernels::Fast,
+            &view.contiguous().unwrap(),
+            Some(&s),
+            &b,
+            None,
+            Act::Relu,
+        )
+        .unwrap();
+        let got = channel_affine(Kernels::Fast, &view, Some(&s), &b, None, Act::Relu).unwrap();
+        assert!(same(&got, &want));
+        let scratch = Tensor::zeros(n * c * h * w, DType::F32, &dev).unwrap();
+        let front = scratch
+            .narrow(0, 0, n * 3 * h * w)
+            .unwrap()
+            .reshape((n, 3, h, w))
+            .unwrap();
+        channel_affine_into(&front, &view, &s, &b, Act::Relu).unwrap();
+        assert!(same(&front, &want));
+    }
 
     #[test]
     fn equals_broadcast_ops() {

@@ -18,7 +18,7 @@ use candle_core::{DType, Module, Result, Tensor};
 
 use super::cpu_conv::{self, Geometry};
 pub use super::cpu_conv::{Act, Kernels};
-use super::fused::{channel_affine, channel_affine_owned, channel_moments};
+use super::fused::{self, channel_affine, channel_affine_owned, channel_moments};
 use candle_nn::VarBuilder;
 
 /// How BatchNorm layers behave during a forward pass.
@@ -185,6 +185,11 @@ impl ConvSpec {
 impl Conv2d {
     /// Reads `weight` [cout, cin / groups, k, k] (and `bias` [cout]); padding is (k - 1) / 2 as
     /// in every torchvision CNN here.
+    /// Output channels (the weight's first dimension).
+    pub fn out_channels(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
     pub fn new(vb: VarBuilder, s: ConvSpec) -> Result<Conv2d> {
         let weight = vb.get((s.cout, s.cin / s.groups, s.k, s.k), "weight")?;
         let bias = if s.bias {
@@ -330,6 +335,12 @@ impl BatchNorm {
     }
 
     /// act(BN(x) + residual), one pass on the CPU's fast kernels.
+    /// Eval mode on the CPU kernels: `act(bn(x))` written into `dst` (see
+    /// [`fused::channel_affine_into`]); the caller has checked both.
+    pub fn eval_act_into(&self, x: &Tensor, dst: &Tensor, act: Act) -> Result<()> {
+        fused::channel_affine_into(dst, x, &self.scale, &self.shift, act)
+    }
+
     pub fn forward_add_act(
         &self,
         x: &Tensor,
