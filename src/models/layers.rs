@@ -183,13 +183,13 @@ impl ConvSpec {
 }
 
 impl Conv2d {
-    /// Reads `weight` [cout, cin / groups, k, k] (and `bias` [cout]); padding is (k - 1) / 2 as
-    /// in every torchvision CNN here.
     /// Output channels (the weight's first dimension).
     pub fn out_channels(&self) -> usize {
         self.weight.dims()[0]
     }
 
+    /// Reads `weight` [cout, cin / groups, k, k] (and `bias` [cout]); padding is (k - 1) / 2 as
+    /// in every torchvision CNN here.
     pub fn new(vb: VarBuilder, s: ConvSpec) -> Result<Conv2d> {
         let weight = vb.get((s.cout, s.cin / s.groups, s.k, s.k), "weight")?;
         let bias = if s.bias {
@@ -334,13 +334,13 @@ impl BatchNorm {
         self.forward_add_act(x, None, ctx, Act::None)
     }
 
-    /// act(BN(x) + residual), one pass on the CPU's fast kernels.
     /// Eval mode on the CPU kernels: `act(bn(x))` written into `dst` (see
     /// [`fused::channel_affine_into`]); the caller has checked both.
     pub fn eval_act_into(&self, x: &Tensor, dst: &Tensor, act: Act) -> Result<()> {
         fused::channel_affine_into(dst, x, &self.scale, &self.shift, act)
     }
 
+    /// act(BN(x) + residual), one pass on the CPU's fast kernels.
     pub fn forward_add_act(
         &self,
         x: &Tensor,
