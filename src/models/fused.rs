@@ -146,6 +146,52 @@ fn image_runs(layout: &Layout) -> Option<(usize, usize, usize)> {
     (strides[0] >= expect).then_some((layout.start_offset(), expect, strides[0]))
 }
 
+/// `x * s` for x [N, C, ...] and a gate s [N, C, 1, ...] (squeeze-excitation's): on the CPU
+/// kernels one pass, a plane per task, in place of candle's broadcast multiply; elsewhere (and
+/// where either side keeps a graph) candle's.
+pub fn plane_scale(k: Kernels, x: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let fits = x.rank() >= 2
+        && s.rank() == x.rank()
+        && s.dims()[..2] == x.dims()[..2]
+        && s.dims()[2..].iter().all(|&d| d == 1);
+    if fits && cpu_kernels_for(x, k) && cpu_kernels_for(s, k) && !(x.track_op() || s.track_op()) {
+        let gate: Vec<f32> = s.flatten_all()?.to_vec1()?;
+        return x.contiguous()?.apply_op1_no_bwd(&PlaneScale { gate });
+    }
+    x.broadcast_mul(s)
+}
+
+struct PlaneScale {
+    gate: Vec<f32>,
+}
+
+impl CustomOp1 for PlaneScale {
+    fn name(&self) -> &'static str {
+        "plane-scale"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout)?;
+        let planes = self.gate.len().max(1);
+        let plane = x.len() / planes;
+        let mut out = Vec::with_capacity(x.len());
+        if plane > 0 {
+            out.spare_capacity_mut()[..x.len()]
+                .par_chunks_mut(plane)
+                .zip(x.par_chunks(plane))
+                .zip(&self.gate)
+                .for_each(|((o, xs), &g)| {
+                    for (d, v) in o.iter_mut().zip(xs) {
+                        d.write(v * g);
+                    }
+                });
+        }
+        // SAFETY: the planes cover all x.len() values, each written above.
+        unsafe { out.set_len(x.len()) };
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
 /// `act(x * scale[c] + shift[c])` written into `dst` (a contiguous f32 tensor on the CPU shaped
 /// as `x`, that nothing else reads meanwhile), `x` contiguous or one run per image (see
 /// `image_runs`): each plane is copied and mapped while it is in cache. DenseNet's layers
@@ -520,6 +566,37 @@ pub fn channel_moments(k: Kernels, x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Squeeze-excitation's gate: the same bits as candle's broadcast multiply, on the CPU
+    /// kernels and through candle's ops.
+    #[test]
+    fn plane_scale_is_the_broadcast_multiply() {
+        let dev = Device::Cpu;
+        let x: Vec<f32> = (0..2 * 3 * 4 * 5)
+            .map(|i| (i as f32 * 0.61).cos())
+            .collect();
+        let x = Tensor::from_vec(x, (2, 3, 4, 5), &dev).unwrap();
+        let g = Tensor::new(&[0.5f32, -1.5, 2.25, 0.0, 1.0, -0.125], &dev)
+            .unwrap()
+            .reshape((2, 3, 1, 1))
+            .unwrap();
+        let want: Vec<f32> = x
+            .broadcast_mul(&g)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for k in [Kernels::Fast, Kernels::Candle] {
+            let got: Vec<f32> = plane_scale(k, &x, &g)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got, want, "{k:?}");
+        }
+    }
 
     /// DenseNet's block buffer: channels written in place at an offset, and the first channels
     /// of a wider tensor (a view, one run per image) mapped as their contiguous copy is, into a

@@ -757,7 +757,7 @@ impl SqueezeExcite {
             Gate::Sigmoid => candle_nn::ops::sigmoid(&s)?,
             Gate::HardSigmoid => ((s + 3.0)?.clamp(0f32, 6f32)? / 6.0)?,
         };
-        x.broadcast_mul(&s)
+        fused::plane_scale(ctx.kernels, x, &s)
     }
 }
 
