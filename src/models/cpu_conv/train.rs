@@ -11,7 +11,9 @@
 //!   `dY col^T` over the same unfolded blocks, summed over images in one accumulator per
 //!   thread; for small planes (the late layers' 7 x 7) several images are stacked into one
 //!   product at least 384 deep, so that the accumulator is not read and written per image for
-//!   a product 49 deep. 1x1 stride-1 convolutions skip the unfolding both ways. Per layer
+//!   a product 49 deep. 1x1 stride-1 convolutions skip the unfolding both ways; the input
+//!   gradient of a dense 3x3 stride-1 one with enough channels is itself a 3x3 stride-1
+//!   convolution (of dY, the kernels turned and transposed) and runs on [`winograd`]. Per layer
 //!   (`cargo bench --bench cpu_conv -- --backward`), the gradients run at about the forward's
 //!   speed (130-300 GFLOP/s on ResNet-50's dense layers on a 2-core AVX-512 Xeon);
 //! - depthwise convolution: the input gradient scatters each output row into a zero-padded,
