@@ -8,7 +8,9 @@
 For each torchvision model (random weights, seeded; BN statistics as initialised), at 224 x 224
 and the given batch size, with the same number of threads for both (all cores), in one run:
 
-- PyTorch: images/s over `--images` images after one warm-up batch (torch.no_grad, eval).
+- PyTorch: images/s over `--images` images after one warm-up batch (torch.no_grad, eval); by
+  default each model gets about 300 GFLOP of timed work, 96 to 480 images (a small model timed
+  over 96 images is a fraction of a second of work, mostly noise).
 - ckpt: `ckpt logits` on the same weights and inputs; ckpt prints the time of its forward passes
   (without loading). Steady state, as for PyTorch: the time for warm-up batch + `--images`
   images minus the time for the warm-up batch alone, from two runs.
@@ -41,6 +43,7 @@ import torchvision.models as tvm
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
+MAX_AUTO_IMAGES = 480
 # The families of issue 15, one configuration each.
 ZOO2 = ["vgg16_bn", "mobilenet_v3_small", "mobilenet_v3_large", "regnet_y_400mf", "regnet_x_1_6gf",
         "convnext_tiny", "densenet121", "efficientnet_v2_s", "shufflenet_v2_x1_0", "mnasnet1_0"]
@@ -101,12 +104,22 @@ def ckpt_forward_seconds(args, threads, weights, inputs, out, env, peaks=None):
     return float(re.search(r"forward: (\d+) images in ([0-9.]+) s", r.stderr).group(2))
 
 
-def ckpt_steady(args, threads, tmp, name, env, peaks=None):
+def ckpt_steady(args, threads, tmp, name, images, env, peaks=None):
     w = tmp / f"{name}.safetensors"
-    t_all = ckpt_forward_seconds(args, threads, w, tmp / "input_all.safetensors", tmp / "l.safetensors",
+    t_all = ckpt_forward_seconds(args, threads, w, tmp / f"input_{images}.safetensors", tmp / "l.safetensors",
                                  dict(env, CKPT_REPORT_PEAK_RSS="1"), peaks)
     t_warm = ckpt_forward_seconds(args, threads, w, tmp / "input_warm.safetensors", tmp / "l.safetensors", env)
-    return args.images / (t_all - t_warm)
+    return images / (t_all - t_warm)
+
+
+def images_for(args, flops):
+    """--images, or by default enough images for about 300 GFLOP of timed work (96 to 480): at
+    96 images a 0.1-GFLOP model is 0.2 s of work, and the difference of two runs that short is
+    mostly noise."""
+    if args.images:
+        return args.images
+    batches = -(-300e9 // (flops * args.batch))
+    return int(min(MAX_AUTO_IMAGES, max(96, batches * args.batch)))
 
 
 def main():
@@ -117,7 +130,8 @@ def main():
     # these and the four below).
     ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2,efficientnet_b0")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--images", type=int, default=None,
+                    help="timed images per model (default: about 300 GFLOP of work, 96 to 480)")
     ap.add_argument("--candle", action="store_true", help="also time candle's own convolution path")
     ap.add_argument("--no-winograd", action="store_true", help="also time ckpt without Winograd's 3x3 kernel")
     ap.add_argument("--ckpt", default=str(REPO / "target/release/ckpt"))
@@ -130,8 +144,8 @@ def main():
     peak = args.peak or float(subprocess.run(["cargo", "bench", "-q", "--bench", "cpu_conv", "--", "--peak"], cwd=REPO,
                                              capture_output=True, text=True, check=True).stdout.split()[-1])
     tmp = Path(tempfile.mkdtemp(prefix="ckpt-forward-bench-"))
-    x = torch.randn(args.images + args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    save_file({"input": x}, str(tmp / "input_all.safetensors"))
+    x = torch.randn((args.images or MAX_AUTO_IMAGES) + args.batch, 3, 224, 224,
+                    generator=torch.Generator().manual_seed(0))
     save_file({"input": x[: args.batch].contiguous()}, str(tmp / "input_warm.safetensors"))
     fast_env = {k: v for k, v in os.environ.items() if k != "CKPT_CPU_CONV"}
     candle_env = dict(fast_env, CKPT_CPU_CONV="candle")
@@ -145,24 +159,28 @@ def main():
         torch.manual_seed(0)
         model = getattr(tvm, name)().eval()
         flops = flops_per_image(model, x)
+        images = images_for(args, flops)
+        inputs = tmp / f"input_{images}.safetensors"
+        if not inputs.exists():
+            save_file({"input": x[: images + args.batch].contiguous()}, str(inputs))
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / f"{name}.safetensors"))
         with torch.no_grad():
             model(x[: args.batch])
             t0 = time.perf_counter()
-            for i in range(args.batch, args.batch + args.images, args.batch):
+            for i in range(args.batch, args.batch + images, args.batch):
                 model(x[i : i + args.batch])
-            torch_ips = args.images / (time.perf_counter() - t0)
+            torch_ips = images / (time.perf_counter() - t0)
         peaks = []
-        ckpt_ips = ckpt_steady(args, threads, tmp, name, fast_env, peaks)
-        candle_ips = ckpt_steady(args, threads, tmp, name, candle_env) if args.candle else None
-        plain_ips = ckpt_steady(args, threads, tmp, name, plain_env) if args.no_winograd else None
-        torch_rss = torch_peak_bytes(name, tmp / f"{name}.safetensors", tmp / "input_all.safetensors", args.batch,
-                                     threads)
-        rows.append((name, flops, torch_ips, ckpt_ips, candle_ips, plain_ips, peaks[0], torch_rss))
-        print(f"  {name}: torch {torch_ips:.2f} img/s, ckpt {ckpt_ips:.2f} img/s", file=sys.stderr)
-    print(f"\neval at 224, batch {args.batch}, {args.images} images after a warm-up batch, {threads} threads, "
+        ckpt_ips = ckpt_steady(args, threads, tmp, name, images, fast_env, peaks)
+        candle_ips = ckpt_steady(args, threads, tmp, name, images, candle_env) if args.candle else None
+        plain_ips = ckpt_steady(args, threads, tmp, name, images, plain_env) if args.no_winograd else None
+        torch_rss = torch_peak_bytes(name, tmp / f"{name}.safetensors", inputs, args.batch, threads)
+        rows.append((name, flops, images, torch_ips, ckpt_ips, candle_ips, plain_ips, peaks[0], torch_rss))
+        print(f"  {name}: {images} images, torch {torch_ips:.2f} img/s, ckpt {ckpt_ips:.2f} img/s", file=sys.stderr)
+    counts = args.images or "96-480 (about 300 GFLOP a model)"
+    print(f"\neval at 224, batch {args.batch}, {counts} images after a warm-up batch, {threads} threads, "
           f"f32; torch {torch.__version__}; machine f32 peak {peak:.0f} GFLOP/s (measured)\n")
-    head = ("| model | GFLOP/image | PyTorch img/s | ckpt img/s | ckpt / PyTorch | ckpt GFLOP/s | % of peak |"
+    head = ("| model | GFLOP/image | images | PyTorch img/s | ckpt img/s | ckpt / PyTorch | ckpt GFLOP/s | % of peak |"
             " PyTorch peak RSS GB | ckpt peak RSS GB |")
     if args.candle:
         head += " candle conv img/s | ckpt / candle |"
@@ -170,8 +188,8 @@ def main():
         head += " ckpt without Winograd img/s | Winograd's gain |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
-    for name, flops, a, b, c, w, rss, torch_rss in rows:
-        line = (f"| {name} | {flops / 1e9:.2f} | {a:.1f} | {b:.1f} | {b / a:.2f} | {b * flops / 1e9:.0f} |"
+    for name, flops, images, a, b, c, w, rss, torch_rss in rows:
+        line = (f"| {name} | {flops / 1e9:.2f} | {images} | {a:.1f} | {b:.1f} | {b / a:.2f} | {b * flops / 1e9:.0f} |"
                 f" {100 * b * flops / 1e9 / peak:.0f} % | {torch_rss / 1e9:.2f} | {rss / 1e9:.2f} |")
         if c is not None:
             line += f" {c:.1f} | {b / c:.2f} |"
