@@ -35,11 +35,15 @@ impl ChannelAffine {
         let plane: usize = dims[2..].iter().product::<usize>().max(1);
         let simd = Simd::detect();
         out.par_chunks_mut(plane).enumerate().for_each(|(j, ys)| {
-            let ch = j % c;
-            let s = self.scale.as_ref().map_or(1.0, |s| s[ch]);
             let r = residual.map(|r| &r[j * plane..][..plane]);
-            simd.epilogue(ys, s, self.shift[ch], r, self.act);
+            self.map_plane(simd, j % c, ys, r);
         });
+    }
+
+    /// The map over one plane of channel `ch`, in place.
+    fn map_plane(&self, simd: Simd, ch: usize, ys: &mut [f32], residual: Option<&[f32]>) {
+        let s = self.scale.as_ref().map_or(1.0, |s| s[ch]);
+        simd.epilogue(ys, s, self.shift[ch], residual, self.act);
     }
 }
 
@@ -107,22 +111,8 @@ impl CustomOp1 for ChannelAffine {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = layout.shape().dims();
-        if let Some((start, image, stride)) = image_runs(layout) {
-            // The first channels of a wider tensor (DenseNet's block buffer): gather the
-            // images' runs, then map in place.
-            let CpuStorage::F32(v) = storage else {
-                candle_core::bail!("channel-affine needs f32")
-            };
-            let mut out = Vec::with_capacity(image * dims[0]);
-            for i in 0..dims[0] {
-                out.extend_from_slice(&v[start + i * stride..][..image]);
-            }
-            self.apply(&mut out, dims, None);
-            return Ok((CpuStorage::F32(out), layout.shape().clone()));
-        }
         let x = contiguous_f32(storage, layout)?;
-        let out = self.run(x, dims, None);
+        let out = self.run(x, layout.shape().dims(), None);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -257,8 +247,7 @@ impl InplaceOp2 for AffineInto {
             .for_each(|(j, ys)| {
                 let (i, ch) = (j / c, j % c);
                 ys.copy_from_slice(&x[start + i * stride + ch * plane..][..plane]);
-                let s = op.scale.as_ref().map_or(1.0, |s| s[ch]);
-                simd.epilogue(ys, s, op.shift[ch], None, op.act);
+                op.map_plane(simd, ch, ys, None);
             });
         Ok(())
     }
@@ -348,11 +337,7 @@ pub fn channel_affine(
 ) -> Result<Tensor> {
     let graph = scale.is_some_and(|s| s.track_op()) || shift.track_op();
     if cpu_kernels_for(x, k) && x.rank() >= 2 && !(graph && k == Kernels::Train) {
-        // A view of whole images' runs is read as it is (see `image_runs`).
-        let x = match residual {
-            None if image_runs(x.layout()).is_some() => x.clone(),
-            _ => x.contiguous()?,
-        };
+        let x = x.contiguous()?;
         let op = ChannelAffine {
             scale: scale.map(|s| s.to_vec1::<f32>()).transpose()?,
             shift: shift.to_vec1::<f32>()?,
