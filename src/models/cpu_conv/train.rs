@@ -1375,7 +1375,7 @@ impl Simd {
             Simd::Baseline => col2im(col, cin_g, d, g, rows, dx),
             // SAFETY: detect() found AVX2 and FMA on this CPU.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2Fma => unsafe { col2im_avx2(col, cin_g, d, g, rows, dx) },
+            Simd::Avx2Fma | Simd::Avx512 => unsafe { col2im_avx2(col, cin_g, d, g, rows, dx) },
         }
     }
 
@@ -1392,7 +1392,9 @@ impl Simd {
             Simd::Baseline => depthwise_input_plane::<false>(dy, w, d, g, buf, dx),
             // SAFETY: detect() found AVX2 and FMA on this CPU.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2Fma => unsafe { depthwise_input_plane_avx2(dy, w, d, g, buf, dx) },
+            Simd::Avx2Fma | Simd::Avx512 => unsafe {
+                depthwise_input_plane_avx2(dy, w, d, g, buf, dx)
+            },
         }
     }
 
@@ -1409,7 +1411,9 @@ impl Simd {
             Simd::Baseline => depthwise_weight_plane::<false>(x, dy, d, g, buf, taps),
             // SAFETY: detect() found AVX2 and FMA on this CPU.
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2Fma => unsafe { depthwise_weight_plane_avx2(x, dy, d, g, buf, taps) },
+            Simd::Avx2Fma | Simd::Avx512 => unsafe {
+                depthwise_weight_plane_avx2(x, dy, d, g, buf, taps)
+            },
         }
     }
 }
