@@ -292,6 +292,90 @@ fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
     assert_eq!(cases, 2 * 19 * 4 * 5 * 3);
 }
 
+/// Issue 15: ConvNeXt's fused inverted bottleneck (`cpu_conv::mlp`: blocks of the batch's
+/// pixels through both pointwise layers, the hidden block activated in cache) against the two
+/// 1x1 convolutions it replaces (GELU in the first one's epilogue, bias and residual in the
+/// second's), with one and two threads: planes split into blocks (blocks that cross images),
+/// small planes batched across images (in one block, and in two: a 4096-wide hidden layer),
+/// a 1 x 1 plane. Tolerance 1e-5 of the output's scale, as for the convolutions.
+#[test]
+fn fused_mlp_is_the_two_pointwise_convolutions_issue_15() {
+    use candle_core::{Device, Tensor};
+    use ckpt::models::cpu_conv::mlp::{mlp_residual, SPLIT_MIN_PLANE};
+    use ckpt::models::cpu_conv::{conv2d, Act, Geometry, Kernels};
+
+    let dev = Device::Cpu;
+    let g = Geometry {
+        stride: 1,
+        padding: 0,
+        groups: 1,
+    };
+    // (batch, channels, hidden, height, width)
+    let cases = [
+        (3, 16, 64, 12, 11),
+        (4, 8, 1024, 13, 13),
+        (5, 24, 96, 7, 7),
+        (21, 8, 4096, 7, 7),
+        (2, 8, 32, 1, 1),
+    ];
+    const { assert!(12 * 11 >= SPLIT_MIN_PLANE && 7 * 7 < SPLIT_MIN_PLANE) };
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for (n, c, d, h, w) in cases {
+                let z = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+                let w1 = (Tensor::randn(0f32, 1.0, (d, c, 1, 1), &dev).unwrap() / (c as f64).sqrt())
+                    .unwrap();
+                let w2 = (Tensor::randn(0f32, 1.0, (c, d, 1, 1), &dev).unwrap() / (d as f64).sqrt())
+                    .unwrap();
+                let b1 = Tensor::randn(0f32, 0.5, d, &dev).unwrap();
+                let b2 = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
+                let (b1v, b2v) = (b1.to_vec1::<f32>().unwrap(), b2.to_vec1::<f32>().unwrap());
+                let got =
+                    mlp_residual(&z, &x, (&w1, &b1v), (&w2, &b2v), Act::GeluErf).unwrap();
+                let hidden = conv2d(
+                    Kernels::Fast,
+                    &z,
+                    &w1,
+                    g,
+                    Some((&b1v, &b1)),
+                    None,
+                    Act::GeluErf,
+                )
+                .unwrap();
+                let want = conv2d(
+                    Kernels::Fast,
+                    &hidden,
+                    &w2,
+                    g,
+                    Some((&b2v, &b2)),
+                    Some(&x),
+                    Act::None,
+                )
+                .unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                let diff: f32 = (&want - &got)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "{threads} threads, [{n}, {c}, {h}, {w}], hidden {d}: max diff {diff:e}, scale {scale}"
+                );
+            }
+        });
+    }
+}
+
 /// Issue 9: the ResNet stem's 3x3 stride-2 max pool (CPU kernel) against candle's pool over an
 /// edge-replicated copy, at even, odd and tiny sizes: exactly equal (a maximum has no rounding).
 #[test]

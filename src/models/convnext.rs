@@ -16,16 +16,19 @@
 //! (`convnext_atto` to `_nano`, timm's `conv_mlp`) hold the MLP as 1x1 convolutions
 //! ([4C, C, 1, 1]) where the others have linear layers.
 //!
-//! The block's linear layers are run as 1x1 convolutions on the channels-first tensor, so that
-//! they use the CPU's convolution kernels (bias in the epilogue); the layer scale is folded into
-//! the second one's weights and bias, and the residual add into its epilogue. GELU runs in the
-//! first one's epilogue (`Act::GeluErf`), and the LayerNorm over channels is one fused kernel on
-//! the CPU (`fused::channel_layer_norm`); candle's ops elsewhere.
+//! The block's linear layers are run as 1x1 convolutions on the channels-first tensor (bias in
+//! the epilogue); the layer scale is folded into the second one's weights and bias, and the
+//! residual add into its epilogue. GELU runs in the first one's epilogue (`Act::GeluErf`), and
+//! the LayerNorm over channels is one fused kernel on the CPU (`fused::channel_layer_norm`);
+//! candle's ops elsewhere. On the CPU kernels with no autograd graph (eval, `logits`,
+//! `sweep-res`), both linear layers, GELU and the residual are one op over blocks of the
+//! batch's pixels (`cpu_conv::mlp`), so the 4C-wide hidden activation never leaves the cache.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::cpu_conv::{conv2d, Act, Geometry};
+use super::cpu_conv::mlp::mlp_residual;
+use super::cpu_conv::{conv2d, cpu_kernels_for, Act, Geometry};
 use super::fused::channel_layer_norm;
 use super::layers::{get_reshaped, global_avg_pool, BnRegistry, Conv2d, ConvSpec, Ctx, Linear};
 use super::naming::stage_depths;
@@ -309,6 +312,20 @@ impl Block {
 
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let y = self.norm.forward(&self.depthwise.forward(x, ctx)?, ctx)?;
+        let (w1, w2) = (&self.expand.weight, &self.project.weight);
+        if cpu_kernels_for(&y, ctx.kernels)
+            && [&y, x, w1, w2]
+                .iter()
+                .all(|t| t.dtype() == DType::F32 && !t.track_op())
+        {
+            return mlp_residual(
+                &y,
+                x,
+                (w1, &self.expand.bias.0),
+                (w2, &self.project.bias.0),
+                Act::GeluErf,
+            );
+        }
         let y = self.expand.forward_act(&y, None, ctx, Act::GeluErf)?;
         self.project.forward(&y, Some(x), ctx)
     }

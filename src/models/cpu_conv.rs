@@ -21,7 +21,9 @@
 //! - the epilogue `act(conv + shift[c] + residual)` runs on each image's output while it is still
 //!   in cache, replacing three or four full passes over the activation (the same kernel serves
 //!   calibrate-mode BN in `fused`);
-//! - ResNet's 3x3 stride-2 max pool is one pass per plane.
+//! - ResNet's 3x3 stride-2 max pool is one pass per plane;
+//! - ConvNeXt's inverted bottleneck (two pointwise layers around GELU, plus the residual) is one
+//!   op over blocks of the batch's pixels ([`mlp`]).
 //!
 //! The element-wise kernels are compiled twice, for baseline x86-64 and for AVX2 + FMA, and
 //! picked at run time; gemm dispatches its own. Measured speeds: README.md, "Performance", and
@@ -40,6 +42,7 @@
 use std::ops::Range;
 use std::sync::OnceLock;
 
+pub mod mlp;
 pub mod train;
 pub mod winograd;
 

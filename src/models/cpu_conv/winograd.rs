@@ -358,8 +358,9 @@ fn as_uninit(m: &mut [f32]) -> &mut [Uninit] {
 #[derive(Clone, Copy)]
 pub(super) struct Shared(pub *mut f32);
 
-// SAFETY: [`conv`] hands every output segment over once, so writes through the pointer from
-// different threads never touch the same value; callers keep the buffer alive for the call.
+// SAFETY: its users ([`conv`], and `mlp`'s blocks) hand every output segment over once, so
+// writes through the pointer from different threads never touch the same value; they keep the
+// buffer alive for the call.
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
