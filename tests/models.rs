@@ -297,12 +297,14 @@ fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
 /// 1x1 convolutions it replaces (GELU in the first one's epilogue, bias and residual in the
 /// second's), with one and two threads: planes split into blocks (blocks that cross images),
 /// small planes batched across images (in one block, and in two: a 4096-wide hidden layer),
-/// a 1 x 1 plane. Tolerance 1e-5 of the output's scale, as for the convolutions.
+/// a 1 x 1 plane; without and with the LayerNorm over channels folded into the blocks (against
+/// `channel_layer_norm` first). Tolerance 1e-5 of the output's scale, as for the convolutions.
 #[test]
 fn fused_mlp_is_the_two_pointwise_convolutions_issue_15() {
     use candle_core::{Device, Tensor};
-    use ckpt::models::cpu_conv::mlp::{mlp_residual, SPLIT_MIN_PLANE};
+    use ckpt::models::cpu_conv::mlp::{mlp_residual, ChannelNorm, SPLIT_MIN_PLANE};
     use ckpt::models::cpu_conv::{conv2d, Act, Geometry, Kernels};
+    use ckpt::models::fused::channel_layer_norm;
 
     let dev = Device::Cpu;
     let g = Geometry {
@@ -328,49 +330,71 @@ fn fused_mlp_is_the_two_pointwise_convolutions_issue_15() {
             for (n, c, d, h, w) in cases {
                 let z = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
                 let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
-                let w1 = (Tensor::randn(0f32, 1.0, (d, c, 1, 1), &dev).unwrap() / (c as f64).sqrt())
-                    .unwrap();
-                let w2 = (Tensor::randn(0f32, 1.0, (c, d, 1, 1), &dev).unwrap() / (d as f64).sqrt())
-                    .unwrap();
+                let w1 = (Tensor::randn(0f32, 1.0, (d, c, 1, 1), &dev).unwrap()
+                    / (c as f64).sqrt())
+                .unwrap();
+                let w2 = (Tensor::randn(0f32, 1.0, (c, d, 1, 1), &dev).unwrap()
+                    / (d as f64).sqrt())
+                .unwrap();
                 let b1 = Tensor::randn(0f32, 0.5, d, &dev).unwrap();
                 let b2 = Tensor::randn(0f32, 0.5, c, &dev).unwrap();
                 let (b1v, b2v) = (b1.to_vec1::<f32>().unwrap(), b2.to_vec1::<f32>().unwrap());
-                let got =
-                    mlp_residual(&z, &x, (&w1, &b1v), (&w2, &b2v), Act::GeluErf).unwrap();
-                let hidden = conv2d(
-                    Kernels::Fast,
-                    &z,
-                    &w1,
-                    g,
-                    Some((&b1v, &b1)),
-                    None,
-                    Act::GeluErf,
-                )
-                .unwrap();
-                let want = conv2d(
-                    Kernels::Fast,
-                    &hidden,
-                    &w2,
-                    g,
-                    Some((&b2v, &b2)),
-                    Some(&x),
-                    Act::None,
-                )
-                .unwrap();
-                assert_eq!(got.dims(), want.dims());
-                let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-                let diff: f32 = (&want - &got)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
+                let nw = Tensor::randn(1f32, 0.3, c, &dev).unwrap();
+                let nb = Tensor::randn(0f32, 0.3, c, &dev).unwrap();
+                let (nwv, nbv) = (nw.to_vec1::<f32>().unwrap(), nb.to_vec1::<f32>().unwrap());
+                let norm = ChannelNorm {
+                    weight: &nwv,
+                    bias: &nbv,
+                    eps: 1e-6,
+                };
+                let normed =
+                    channel_layer_norm(Kernels::Fast, &z, (&nwv, &nw), (&nbv, &nb), 1e-6).unwrap();
+                for (with_norm, input) in [(false, &z), (true, &normed)] {
+                    let got = mlp_residual(
+                        &z,
+                        &x,
+                        with_norm.then_some(norm),
+                        (&w1, &b1v),
+                        (&w2, &b2v),
+                        Act::GeluErf,
+                    )
                     .unwrap();
-                assert!(
-                    diff <= 1e-5 * scale,
-                    "{threads} threads, [{n}, {c}, {h}, {w}], hidden {d}: max diff {diff:e}, scale {scale}"
-                );
+                    let hidden = conv2d(
+                        Kernels::Fast,
+                        input,
+                        &w1,
+                        g,
+                        Some((&b1v, &b1)),
+                        None,
+                        Act::GeluErf,
+                    )
+                    .unwrap();
+                    let want = conv2d(
+                        Kernels::Fast,
+                        &hidden,
+                        &w2,
+                        g,
+                        Some((&b2v, &b2)),
+                        Some(&x),
+                        Act::None,
+                    )
+                    .unwrap();
+                    assert_eq!(got.dims(), want.dims());
+                    let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                    let diff: f32 = (&want - &got)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar()
+                        .unwrap();
+                    assert!(
+                        diff <= 1e-5 * scale,
+                        "{threads} threads, [{n}, {c}, {h}, {w}], hidden {d}, norm {with_norm}: \
+                     max diff {diff:e}, scale {scale}"
+                    );
+                }
             }
         });
     }

@@ -21,13 +21,14 @@
 //! residual add into its epilogue. GELU runs in the first one's epilogue (`Act::GeluErf`), and
 //! the LayerNorm over channels is one fused kernel on the CPU (`fused::channel_layer_norm`);
 //! candle's ops elsewhere. On the CPU kernels with no autograd graph (eval, `logits`,
-//! `sweep-res`), both linear layers, GELU and the residual are one op over blocks of the
-//! batch's pixels (`cpu_conv::mlp`), so the 4C-wide hidden activation never leaves the cache.
+//! `sweep-res`), the LayerNorm, both linear layers, GELU and the residual are one op over
+//! blocks of the batch's pixels (`cpu_conv::mlp`), so the 4C-wide hidden activation never
+//! leaves the cache.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::cpu_conv::mlp::mlp_residual;
+use super::cpu_conv::mlp::{self, mlp_residual};
 use super::cpu_conv::{conv2d, cpu_kernels_for, Act, Geometry};
 use super::fused::channel_layer_norm;
 use super::layers::{get_reshaped, global_avg_pool, BnRegistry, Conv2d, ConvSpec, Ctx, Linear};
@@ -311,21 +312,28 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let y = self.norm.forward(&self.depthwise.forward(x, ctx)?, ctx)?;
+        let y = self.depthwise.forward(x, ctx)?;
         let (w1, w2) = (&self.expand.weight, &self.project.weight);
         if cpu_kernels_for(&y, ctx.kernels)
             && [&y, x, w1, w2]
                 .iter()
                 .all(|t| t.dtype() == DType::F32 && !t.track_op())
         {
+            let norm = mlp::ChannelNorm {
+                weight: &self.norm.weight.1,
+                bias: &self.norm.bias.1,
+                eps: EPS as f32,
+            };
             return mlp_residual(
                 &y,
                 x,
+                Some(norm),
                 (w1, &self.expand.bias.0),
                 (w2, &self.project.bias.0),
                 Act::GeluErf,
             );
         }
+        let y = self.norm.forward(&y, ctx)?;
         let y = self.expand.forward_act(&y, None, ctx, Act::GeluErf)?;
         self.project.forward(&y, Some(x), ctx)
     }

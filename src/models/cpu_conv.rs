@@ -685,6 +685,26 @@ impl Simd {
         }
     }
 
+    /// LayerNorm over the rows of `x` [C, cols] for each column, in place (see
+    /// [`channel_norm_columns`]); `stats` is scratch.
+    pub(crate) fn channel_norm_columns(
+        self,
+        x: &mut [f32],
+        cols: usize,
+        norm: (&[f32], &[f32], f32),
+        stats: &mut Vec<f32>,
+    ) {
+        match self {
+            Simd::Baseline => channel_norm_columns(x, cols, norm, stats),
+            // SAFETY: detect() found AVX2 and FMA on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2Fma => unsafe { channel_norm_columns_avx2(x, cols, norm, stats) },
+            // SAFETY: detect() found AVX-512F, AVX2 and FMA on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => unsafe { channel_norm_columns_avx512(x, cols, norm, stats) },
+        }
+    }
+
     /// act(v * scale + shift + residual) over one plane, in place.
     pub(crate) fn epilogue(
         self,
@@ -741,6 +761,64 @@ unsafe fn epilogue_avx512(
     act: Act,
 ) {
     epilogue::<true>(plane, scale, shift, residual, act)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn channel_norm_columns_avx2(
+    x: &mut [f32],
+    cols: usize,
+    norm: (&[f32], &[f32], f32),
+    stats: &mut Vec<f32>,
+) {
+    channel_norm_columns(x, cols, norm, stats)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn channel_norm_columns_avx512(
+    x: &mut [f32],
+    cols: usize,
+    norm: (&[f32], &[f32], f32),
+    stats: &mut Vec<f32>,
+) {
+    channel_norm_columns(x, cols, norm, stats)
+}
+
+/// LayerNorm over the rows of `x` [C, cols] for each column (ConvNeXt's over the channels of a
+/// block of pixels), in place, with `(weight, bias, eps)`: the mean, the biased variance about
+/// it, then (v - mean) * rstd * weight + bias, each summed over the rows in order in f32 and
+/// without fused multiply-adds, as `fused::channel_layer_norm` does per pixel (the same bits).
+#[inline(always)]
+fn channel_norm_columns(
+    x: &mut [f32],
+    cols: usize,
+    (weight, bias, eps): (&[f32], &[f32], f32),
+    stats: &mut Vec<f32>,
+) {
+    let c = weight.len();
+    debug_assert_eq!(x.len(), c * cols);
+    stats.clear();
+    stats.resize(2 * cols, 0.0);
+    let (mean, rstd) = stats.split_at_mut(cols);
+    let inv_c = 1.0 / c as f32;
+    for row in x.chunks_exact(cols) {
+        mean.iter_mut().zip(row).for_each(|(m, &v)| *m += v);
+    }
+    mean.iter_mut().for_each(|m| *m *= inv_c);
+    for row in x.chunks_exact(cols) {
+        rstd.iter_mut()
+            .zip(&*mean)
+            .zip(row)
+            .for_each(|((s, &m), &v)| *s += (v - m) * (v - m));
+    }
+    rstd.iter_mut()
+        .for_each(|s| *s = 1.0 / (*s * inv_c + eps).sqrt());
+    for ((row, &wc), &bc) in x.chunks_exact_mut(cols).zip(weight).zip(bias) {
+        for ((y, &m), &r) in row.iter_mut().zip(&*mean).zip(&*rstd) {
+            *y = (*y - m) * r * wc + bc;
+        }
+    }
 }
 
 /// a * b + c, fused where the CPU has FMA (a call into libm where it has not, so not there).

@@ -1,14 +1,16 @@
 //! An inverted bottleneck of two pointwise layers with its residual, fused on the CPU:
-//! `out = residual + W2 act(W1 z + b1) + b2` over every pixel of an f32 NCHW batch (ConvNeXt's
-//! block after its LayerNorm; the layer scale is folded into W2 and b2 by the caller).
+//! `out = residual + W2 act(W1 norm(z) + b1) + b2` over every pixel of an f32 NCHW batch
+//! (ConvNeXt's block after its depthwise convolution: norm the LayerNorm over channels; the
+//! layer scale is folded into W2 and b2 by the caller).
 //!
 //! As two 1x1 convolutions, each image's hidden activation (4C x H x W: 4.8 MB at ConvNeXt-T's
 //! first stage) is written by one gemm, read and written again by the activation, and read by
 //! the next gemm, out of L3 or memory; and at 7 x 7 (the last stage) each image is a gemm of 49
 //! columns, where gemm packs a weight matrix of up to 9 MB for every image. Here the columns of
 //! the batch (pixels, image after image) are taken a block at a time instead: the block's inputs
-//! are gathered into one matrix, the hidden block is computed, activated while still in cache and
-//! projected, and the result is written back with the bias and the residual added.
+//! are gathered into one matrix and normalised there, the hidden block is computed, activated
+//! while still in cache and projected, and the result is written back with the bias and the
+//! residual added.
 //!
 //! - Planes of [`SPLIT_MIN_PLANE`] pixels or more: blocks of about [`HIDDEN_BLOCK_BYTES`] of
 //!   hidden activation (within a core's L2), one block per rayon task, gemm on one thread.
@@ -35,11 +37,22 @@ const BATCH_BLOCK_BYTES: usize = 16 << 20;
 /// are the rows of gemm's column-major problem) and the fewest a block has.
 const COLUMN_STEP: usize = 64;
 
-/// `residual + W2 act(W1 z + b1) + b2`: z and residual [N, C, H, W], w1 [D, C] (or
+/// LayerNorm over the channels of each pixel, with its weight and bias [C] and epsilon.
+#[derive(Clone, Copy)]
+pub struct ChannelNorm<'a> {
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
+    pub eps: f32,
+}
+
+/// `residual + W2 act(W1 norm(z) + b1) + b2`: z and residual [N, C, H, W], w1 [D, C] (or
 /// [D, C, 1, 1]), b1 [D], w2 [C, D] (or [C, D, 1, 1]), b2 [C]; every tensor f32 on the CPU.
+/// `norm` (if any) normalises each block's gathered inputs in cache, with the arithmetic of
+/// `fused::channel_layer_norm` (the same bits), instead of a pass over the whole tensor.
 pub fn mlp_residual(
     z: &Tensor,
     residual: &Tensor,
+    norm: Option<ChannelNorm>,
     (w1, b1): (&Tensor, &[f32]),
     (w2, b2): (&Tensor, &[f32]),
     act: Act,
@@ -52,6 +65,7 @@ pub fn mlp_residual(
         || w2.elem_count() != c * d
         || b1.len() != d
         || b2.len() != c
+        || norm.is_some_and(|n| n.weight.len() != c || n.bias.len() != c)
     {
         candle_core::bail!(
             "fused mlp: input {:?}, residual {:?}, weights {:?} and {:?}, biases {} and {} do not fit",
@@ -90,6 +104,7 @@ pub fn mlp_residual(
         w2: f32_slice(w2s, w2l, "mlp weight")?,
         b1,
         b2,
+        norm,
         act,
         c,
         d,
@@ -106,6 +121,7 @@ struct Mlp<'a> {
     w2: &'a [f32],
     b1: &'a [f32],
     b2: &'a [f32],
+    norm: Option<ChannelNorm<'a>>,
     act: Act,
     c: usize,
     d: usize,
@@ -116,6 +132,8 @@ struct Mlp<'a> {
 #[derive(Default)]
 struct Block {
     input: Vec<f32>,
+    /// Per-column mean and reciprocal standard deviation for the norm.
+    stats: Vec<f32>,
     hidden: Vec<Uninit>,
     output: Vec<Uninit>,
 }
@@ -199,6 +217,10 @@ impl Mlp<'_> {
                 .chunks_mut(cols)
                 .enumerate()
                 .for_each(|(ch, row)| gather(ch, row));
+        }
+        if let Some(n) = self.norm {
+            // One thread even on the batched path: C x cols values, small next to the gemms.
+            simd.channel_norm_columns(&mut b.input, cols, (n.weight, n.bias, n.eps), &mut b.stats);
         }
         // SAFETY: hidden is d x cols, w1 d x c, input c x cols; none overlap.
         unsafe { gemm_into(&mut b.hidden, cols, 0, cols, self.w1, d, c, &b.input, par) };
