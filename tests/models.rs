@@ -198,6 +198,25 @@ fn calibrate_mode_matches_pytorch_train_mode_bn() {
     }
 }
 
+/// `got` is `want` within 1e-5 of `want`'s largest magnitude: two paths that sum the same
+/// products in a different order.
+fn assert_within_1e5_of_scale(what: &str, want: &candle_core::Tensor, got: &candle_core::Tensor) {
+    assert_eq!(want.dims(), got.dims(), "{what}");
+    let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let diff: f32 = (want - got)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(
+        diff <= 1e-5 * scale.max(1e-6),
+        "{what}: max diff {diff:e}, scale {scale}"
+    );
+}
+
 /// Issue 9: the CPU convolution path (im2col + gemm, direct depthwise, fused epilogue) against
 /// candle's conv2d followed by candle's shift, add and activation, on random inputs, for every
 /// shape class the supported families use, at odd and tiny spatial sizes (edges, inputs smaller
@@ -235,22 +254,6 @@ fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
         ("resnet / vgg / densenet 3x3, winograd", 96, 32, 3, 1, 1),
     ];
     let dev = Device::Cpu;
-    let check = |what: &str, want: &Tensor, got: &Tensor| {
-        assert_eq!(want.dims(), got.dims(), "{what}");
-        let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-        let diff: f32 = (want - got)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(
-            diff <= 1e-5 * scale.max(1e-6),
-            "{what}: max diff {diff:e}, scale {scale}"
-        );
-    };
     let mut cases = 0;
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -281,7 +284,7 @@ fn cpu_conv_equals_candle_for_every_shape_class_issue_9() {
                             let s = with_shift.then_some((sv.as_slice(), &shift));
                             let got = conv2d(Kernels::Fast, &x, &w, g, s, res, act).unwrap();
                             let want = candle_conv2d(&x, &w, g, s.map(|s| s.1), res, act).unwrap();
-                            check(&what, &want, &got);
+                            assert_within_1e5_of_scale(&what, &want, &got);
                             cases += 1;
                         }
                     }
@@ -379,21 +382,10 @@ fn fused_mlp_is_the_two_pointwise_convolutions_issue_15() {
                         Act::None,
                     )
                     .unwrap();
-                    assert_eq!(got.dims(), want.dims());
-                    let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-                    let diff: f32 = (&want - &got)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar()
-                        .unwrap();
-                    assert!(
-                        diff <= 1e-5 * scale,
-                        "{threads} threads, [{n}, {c}, {h}, {w}], hidden {d}, norm {with_norm}: \
-                     max diff {diff:e}, scale {scale}"
+                    let what = format!(
+                        "{threads} threads, [{n}, {c}, {h}, {w}], hidden {d}, norm {with_norm}"
                     );
+                    assert_within_1e5_of_scale(&what, &want, &got);
                 }
             }
         });

@@ -69,6 +69,16 @@ pub enum Act {
 }
 
 impl Act {
+    /// Every activation (for tests that try each).
+    pub const ALL: [Act; 6] = [
+        Act::None,
+        Act::Relu,
+        Act::Relu6,
+        Act::Silu,
+        Act::Hardswish,
+        Act::GeluErf,
+    ];
+
     /// The same activation with candle's tensor ops.
     pub fn tensor(self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -739,51 +749,37 @@ unsafe fn depthwise_plane_avx2(
     depthwise_plane::<true>(x, w, d, g, buf, out)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn epilogue_avx2(
-    plane: &mut [f32],
-    scale: f32,
-    shift: f32,
-    residual: Option<&[f32]>,
-    act: Act,
-) {
+/// Defines `$avx2` and `$avx512`, two builds of the same call `$call` with the arguments
+/// given: for AVX2 + FMA, and for AVX-512F on top of them (see [`Simd`]).
+macro_rules! simd_builds {
+    ($avx2:ident, $avx512:ident, ($($arg:ident: $ty:ty),* $(,)?), $call:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx2($($arg: $ty),*) {
+            $call
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        unsafe fn $avx512($($arg: $ty),*) {
+            $call
+        }
+    };
+}
+
+simd_builds!(
+    epilogue_avx2,
+    epilogue_avx512,
+    (plane: &mut [f32], scale: f32, shift: f32, residual: Option<&[f32]>, act: Act),
     epilogue::<true>(plane, scale, shift, residual, act)
-}
+);
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn epilogue_avx512(
-    plane: &mut [f32],
-    scale: f32,
-    shift: f32,
-    residual: Option<&[f32]>,
-    act: Act,
-) {
-    epilogue::<true>(plane, scale, shift, residual, act)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn channel_norm_columns_avx2(
-    x: &mut [f32],
-    cols: usize,
-    norm: (&[f32], &[f32], f32),
-    stats: &mut Vec<f32>,
-) {
+simd_builds!(
+    channel_norm_columns_avx2,
+    channel_norm_columns_avx512,
+    (x: &mut [f32], cols: usize, norm: (&[f32], &[f32], f32), stats: &mut Vec<f32>),
     channel_norm_columns(x, cols, norm, stats)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn channel_norm_columns_avx512(
-    x: &mut [f32],
-    cols: usize,
-    norm: (&[f32], &[f32], f32),
-    stats: &mut Vec<f32>,
-) {
-    channel_norm_columns(x, cols, norm, stats)
-}
+);
 
 /// LayerNorm over the rows of `x` [C, cols] for each column (ConvNeXt's over the channels of a
 /// block of pixels), in place, with `(weight, bias, eps)`: the mean, the biased variance about
@@ -1091,31 +1087,12 @@ fn block8_outputs<const FMA: bool, const B: usize>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn depthwise_block8_avx2(
-    x: &[f32],
-    w: &[f32],
-    d: Dims,
-    g: Geometry,
-    buf: &mut PaddedBlock,
-    out: &mut [Uninit],
-) {
+simd_builds!(
+    depthwise_block8_avx2,
+    depthwise_block8_avx512,
+    (x: &[f32], w: &[f32], d: Dims, g: Geometry, buf: &mut PaddedBlock, out: &mut [Uninit]),
     depthwise_block8::<true>(x, w, d, g, buf, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn depthwise_block8_avx512(
-    x: &[f32],
-    w: &[f32],
-    d: Dims,
-    g: Geometry,
-    buf: &mut PaddedBlock,
-    out: &mut [Uninit],
-) {
-    depthwise_block8::<true>(x, w, d, g, buf, out)
-}
+);
 
 impl PaddedPlane {
     /// Copies plane `x` [H, W] in, zero-padded and phase-split (see [`depthwise_plane`]);
@@ -1445,18 +1422,10 @@ mod tests {
     #[test]
     fn epilogue_builds_agree_bit_for_bit() {
         let builds = Simd::all();
-        let acts = [
-            Act::None,
-            Act::Relu,
-            Act::Relu6,
-            Act::Silu,
-            Act::Hardswish,
-            Act::GeluErf,
-        ];
         for len in (1..40).chain([256, 1000]) {
             let x: Vec<f32> = values(len, len as u64).iter().map(|v| v * 8.0).collect();
             let r = values(len, 7 + len as u64);
-            for act in acts {
+            for act in Act::ALL {
                 for res in [None, Some(r.as_slice())] {
                     let run = |simd: Simd| {
                         let mut y = x.clone();

@@ -660,14 +660,7 @@ mod tests {
         let (x, r) = (wave(0.7, 2.0), wave(1.3, 1.0));
         let s = Tensor::new(&[0.5f32, -2.0, 3.0], &Device::Cpu).unwrap();
         let b = Tensor::new(&[1.0f32, 0.0, -1.0], &Device::Cpu).unwrap();
-        for act in [
-            Act::None,
-            Act::Relu,
-            Act::Relu6,
-            Act::Silu,
-            Act::Hardswish,
-            Act::GeluErf,
-        ] {
+        for act in Act::ALL {
             for res in [None, Some(&r)] {
                 let got = channel_affine(Kernels::Fast, &x, Some(&s), &b, res, act).unwrap();
                 // The same map written over a copy of x, on both kernel choices.
