@@ -25,8 +25,9 @@
 //! - ConvNeXt's inverted bottleneck (two pointwise layers around GELU, plus the residual) is one
 //!   op over blocks of the batch's pixels ([`mlp`]).
 //!
-//! The element-wise kernels are compiled twice, for baseline x86-64 and for AVX2 + FMA, and
-//! picked at run time; gemm dispatches its own. Measured speeds: README.md, "Performance", and
+//! The element-wise kernels are compiled for baseline x86-64 and for AVX2 + FMA (the epilogues
+//! and the blocked depthwise kernel for AVX-512 as well, see [`Simd`]) and picked at run time;
+//! gemm dispatches its own. Measured speeds: README.md, "Performance", and
 //! `cargo bench --bench cpu_conv`.
 //!
 //! These kernels keep no autograd graph. A model being trained runs on [`Kernels::Train`]: the
