@@ -35,16 +35,18 @@ pub fn run(mut args: LogitsArgs, global: &GlobalArgs, rep: Reporter) -> Result<(
     let model = super::load_model(&ck, arch.as_deref(), global, &rep)?;
     rep.note(format!("{}: {}", args.model.model.display(), model.config));
     let x = match &input_ck {
-        Some(input_ck) => Some(eval::read_input_batch(input_ck, &args.input_key, &model)?),
+        Some(input_ck) => Some((input_ck, eval::input_batch(input_ck, &args.input_key)?)),
         None => None,
     };
-    // With --input, the forward passes alone; with --data, decoding too (it overlaps).
+    // With --input, the forward passes and reading each batch of the input; with --data,
+    // decoding too (it overlaps).
     let t0 = std::time::Instant::now();
     let mut extra_meta = Vec::new();
     let mut labels = None;
     let (values, n, classes) = match (&x, &args.data) {
-        (Some(x), _) => {
-            let logits = eval::logits(&model, x, args.data_opts.batch_size.max(1), &rep)?;
+        (Some((input_ck, t)), _) => {
+            let batch = args.data_opts.batch_size.max(1);
+            let logits = eval::input_logits(&model, input_ck, t, batch, &rep)?;
             let (n, classes) = logits.dims2()?;
             (logits.flatten_all()?.to_vec1::<f32>()?, n, classes)
         }

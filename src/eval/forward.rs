@@ -115,17 +115,3 @@ where
 {
     loader.map(|s| s.map(|bs| bs.into_iter().map(Feed::Images).collect()))
 }
-
-/// An input tensor [N, ...] cut into steps of `batch` along the first axis.
-pub fn chunks(input: &Tensor, batch: usize) -> Result<Vec<Result<Vec<Feed>>>> {
-    let n = input.dim(0)?;
-    let batch = batch.max(1);
-    let mut steps = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = batch.min(n - start);
-        steps.push(Ok(vec![Feed::Tensor(input.narrow(0, start, len)?)]));
-        start += len;
-    }
-    Ok(steps)
-}

@@ -15,12 +15,12 @@ use forward::Feed;
 use crate::data::{Batch, LoadSummary, Loader};
 
 use crate::checkpoint::dtype as ckdtype;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::models::{Ctx, Model};
 use crate::report::Reporter;
 
-/// Reads tensor `name` of `ck` as an f32 batch [N, 3, H, W] on the model's device.
-pub fn read_input_batch(ck: &Checkpoint, name: &str, model: &Model) -> Result<Tensor> {
+/// Tensor `name` of `ck`, checked to be a float batch [N, 3, H, W].
+pub fn input_batch<'a>(ck: &'a Checkpoint, name: &str) -> Result<&'a TensorInfo> {
     let t = ck.get(name).with_context(|| {
         format!(
             "{}: no tensor {name:?} (expected an N x 3 x H x W batch)",
@@ -41,13 +41,51 @@ pub fn read_input_batch(ck: &Checkpoint, name: &str, model: &Model) -> Result<Te
             t.dtype
         );
     }
-    let bytes = ck.bytes(t);
-    let v = ckdtype::to_f32_vec(&bytes, t.dtype);
+    Ok(t)
+}
+
+/// Reads tensor `name` of `ck` whole, as an f32 batch [N, 3, H, W] on the model's device
+/// (checked as [`input_batch`] does).
+pub fn read_input_batch(ck: &Checkpoint, name: &str, model: &Model) -> Result<Tensor> {
+    let t = input_batch(ck, name)?;
+    let v = ckdtype::to_f32_vec(&ck.bytes(t), t.dtype);
     Ok(Tensor::from_vec(v, t.shape.clone(), &model.device)?)
 }
 
-/// Eval-mode logits [N, classes] in f32, computed `batch` images at a time.
-pub fn logits(model: &Model, input: &Tensor, batch: usize, rep: &Reporter) -> Result<Tensor> {
+/// Eval-mode logits [N, classes] in f32 of the input batch `t` of `ck` (see [`input_batch`]),
+/// `batch` images at a time. Each batch is read from the (mapped) file and converted to f32 on
+/// the model's device only when its turn comes, so memory holds one batch of the input, not
+/// all of it.
+pub fn input_logits(
+    model: &Model,
+    ck: &Checkpoint,
+    t: &TensorInfo,
+    batch: usize,
+    rep: &Reporter,
+) -> Result<Tensor> {
+    let n = t.shape[0];
+    let per_image: usize = t.shape[1..].iter().product();
+    let batch = batch.max(1);
+    let steps = (0..n).step_by(batch).map(|start| {
+        let len = batch.min(n - start);
+        let bytes = ck.elements(t, start * per_image, (start + len) * per_image);
+        let v = ckdtype::to_f32_vec(&bytes, t.dtype);
+        let mut shape = t.shape.clone();
+        shape[0] = len;
+        Ok(vec![Feed::Tensor(Tensor::from_vec(
+            v,
+            shape,
+            &model.device,
+        )?)])
+    });
+    logits_of(model, steps, n, rep)
+}
+
+/// Eval-mode logits [N, classes] in f32 of the `n` images the steps feed.
+fn logits_of<I>(model: &Model, steps: I, n: usize, rep: &Reporter) -> Result<Tensor>
+where
+    I: Iterator<Item = Result<Vec<Feed>>>,
+{
     struct Keep<'b> {
         parts: Vec<Tensor>,
         bar: &'b indicatif::ProgressBar,
@@ -62,17 +100,12 @@ pub fn logits(model: &Model, input: &Tensor, batch: usize, rep: &Reporter) -> Re
             Ok(())
         }
     }
-    let n = input.dim(0)?;
     let bar = rep.images_bar(n as u64, "logits");
     let mut keep = Keep {
         parts: Vec::new(),
         bar: &bar,
     };
-    forward::run(
-        forward::chunks(input, batch)?.into_iter(),
-        &[vec![model]],
-        &mut keep,
-    )?;
+    forward::run(steps, &[vec![model]], &mut keep)?;
     bar.finish_and_clear();
     Ok(Tensor::cat(&keep.parts, 0)?)
 }
