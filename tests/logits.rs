@@ -164,6 +164,21 @@ fn bad_model_or_input_is_a_clear_error() {
         "o.safetensors",
     ])
     .fails_with(&["flat.safetensors", "[N, 3, H, W]"]);
+    // An empty batch.
+    write_st(
+        &d.path("empty.safetensors"),
+        &[("input", Dtype::F32, vec![0, 3, 28, 28], Vec::new())],
+    );
+    d.run(&[
+        "-q",
+        "logits",
+        &p(&fixture("tiny/epoch_10.safetensors")),
+        "--input",
+        "empty.safetensors",
+        "-o",
+        "o.safetensors",
+    ])
+    .fails_with(&["empty.safetensors", "[0, 3, 28, 28]", "no images"]);
     // A cuda device on a build without the feature.
     if !cfg!(feature = "cuda") {
         d.run(&[

@@ -41,6 +41,13 @@ pub fn input_batch<'a>(ck: &'a Checkpoint, name: &str) -> Result<&'a TensorInfo>
             t.dtype
         );
     }
+    if t.shape.contains(&0) {
+        bail!(
+            "{}: tensor {name} has shape {:?}: no images",
+            ck.path.display(),
+            t.shape
+        );
+    }
     Ok(t)
 }
 
