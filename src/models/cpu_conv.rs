@@ -614,8 +614,9 @@ fn im2col(x: &Phased, cin_g: usize, d: Dims, g: Geometry, rows: Range<usize>, co
 ///
 /// `Avx512` (AVX-512F on top of AVX2 and FMA): the epilogues, the blocked depthwise kernel and
 /// the LayerNorm over columns have a build for it (16-lane vectors, 32 vector registers); every
-/// other kernel runs its AVX2 build there. The operations per element are the same, so each build gives the same bits.
-/// GELU's epilogue, for one: 0.92 -> 0.51 ns an element on one core of the AMD EPYC (Zen 4).
+/// other kernel runs its AVX2 build there. The operations per element are the same, so each
+/// build gives the same bits. GELU's epilogue, for one: 0.92 -> 0.51 ns an element on one core
+/// of the AMD EPYC (Zen 4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Simd {
     Baseline,
@@ -782,10 +783,11 @@ simd_builds!(
     channel_norm_columns(x, cols, norm, stats)
 );
 
-/// LayerNorm over the rows of `x` [C, cols] for each column (ConvNeXt's over the channels of a
-/// block of pixels), in place, with `(weight, bias, eps)`: the mean, the biased variance about
-/// it, then (v - mean) * rstd * weight + bias, each summed over the rows in order in f32 and
-/// without fused multiply-adds, as `fused::channel_layer_norm` does per pixel (the same bits).
+/// LayerNorm over the rows of `x` [C, cols] for each column (ConvNeXt's over the channels of
+/// each pixel: an image's planes in `fused::channel_layer_norm`, a block of pixels in `mlp`), in
+/// place, with `(weight, bias, eps)`: the mean, the biased variance about it (two passes, as
+/// stable as candle's), then (v - mean) * rstd * weight + bias, summed over the rows in order in
+/// f32 and without fused multiply-adds, so that every build gives the same bits.
 #[inline(always)]
 fn channel_norm_columns(
     x: &mut [f32],
@@ -1404,15 +1406,14 @@ mod tests {
         assert!(exp::<false>(200.0).is_finite() && exp::<false>(-200.0) >= 0.0);
     }
 
-    /// Pseudo-random values in [-1, 1), fixed by `seed`.
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
+    /// Reproducible values in [-1, 1) from a small LCG, fixed by `seed` (shared with the
+    /// Winograd tests).
+    pub(super) fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
+        (0..len)
             .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
             })
             .collect()
     }
@@ -1424,8 +1425,8 @@ mod tests {
     fn epilogue_builds_agree_bit_for_bit() {
         let builds = Simd::all();
         for len in (1..40).chain([256, 1000]) {
-            let x: Vec<f32> = values(len, len as u64).iter().map(|v| v * 8.0).collect();
-            let r = values(len, 7 + len as u64);
+            let x: Vec<f32> = values(len, len as u32).iter().map(|v| v * 8.0).collect();
+            let r = values(len, 7 + len as u32);
             for act in Act::ALL {
                 for res in [None, Some(r.as_slice())] {
                     let run = |simd: Simd| {
@@ -1457,7 +1458,8 @@ mod tests {
     }
 
     /// The LayerNorm over the columns of a block (`mlp`'s) gives the bits of
-    /// `fused::channel_layer_norm` over the same pixels, on every build.
+    /// `fused::channel_layer_norm` over the same pixels (a tensor's planes, the op's layout and
+    /// thread split), on every build.
     #[test]
     fn column_norm_is_channel_layer_norm_bit_for_bit() {
         use candle_core::Device;
@@ -1513,8 +1515,8 @@ mod tests {
                         ho,
                         wo,
                     };
-                    let x = values(LANES * h * w, (k * 100 + h * 10 + w) as u64);
-                    let wt = values(LANES * k * k, (stride * 1000 + k) as u64);
+                    let x = values(LANES * h * w, (k * 100 + h * 10 + w) as u32);
+                    let wt = values(LANES * k * k, (stride * 1000 + k) as u32);
                     let mut blocked = vec![Uninit::new(f32::NAN); LANES * ho * wo];
                     simd.depthwise_block8(&x, &wt, d, g, &mut PaddedBlock::default(), &mut blocked);
                     let mut buf = PaddedPlane::default();

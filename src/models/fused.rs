@@ -424,36 +424,16 @@ impl CustomOp1 for ChannelNorm<'_> {
             );
         }
         let p = h * w;
-        let mut out = vec![0f32; x.len()];
+        let mut out = x.to_vec();
         if p == 0 || c == 0 {
             return Ok((CpuStorage::F32(out), layout.shape().clone()));
         }
-        let inv_c = 1.0 / c as f32;
+        let simd = Simd::detect();
+        // Per image, over the channel planes in turn: the mean, then the variance about it (two
+        // passes, as stable as candle's), then the result (see `channel_norm_columns`).
         out.par_chunks_mut(c * p)
-            .zip(x.par_chunks(c * p))
-            .for_each(|(o, xi)| {
-                // Per pixel, over the channel planes in turn: the mean, then the variance about
-                // it (two passes, as stable as candle's), then one pass writing the result.
-                let mut mean = vec![0f32; p];
-                for plane in xi.chunks_exact(p) {
-                    mean.iter_mut().zip(plane).for_each(|(m, &v)| *m += v);
-                }
-                mean.iter_mut().for_each(|m| *m *= inv_c);
-                let mut rstd = vec![0f32; p];
-                for plane in xi.chunks_exact(p) {
-                    rstd.iter_mut()
-                        .zip(&mean)
-                        .zip(plane)
-                        .for_each(|((s, &m), &v)| *s += (v - m) * (v - m));
-                }
-                rstd.iter_mut()
-                    .for_each(|s| *s = 1.0 / (*s * inv_c + self.eps).sqrt());
-                for (ci, (op, plane)) in o.chunks_exact_mut(p).zip(xi.chunks_exact(p)).enumerate() {
-                    let (wc, bc) = (self.weight[ci], self.bias[ci]);
-                    for (((y, &v), &m), &r) in op.iter_mut().zip(plane).zip(&mean).zip(&rstd) {
-                        *y = (v - m) * r * wc + bc;
-                    }
-                }
+            .for_each_init(Vec::new, |stats, o| {
+                simd.channel_norm_columns(o, p, (self.weight, self.bias, self.eps), stats)
             });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }

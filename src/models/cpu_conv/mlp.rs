@@ -174,8 +174,8 @@ impl Mlp<'_> {
     }
 
     /// The segments of global columns `q` (pixel `q % plane` of image `q / plane`) image by
-    /// image: (offset of the segment's first pixel in its image's planes, first pixel, length,
-    /// position in the block).
+    /// image: (offset of the segment's first pixel in channel 0 of the [N, C, H, W] tensor,
+    /// length, position in the block).
     fn segments(&self, q: std::ops::Range<usize>) -> impl Iterator<Item = (usize, usize, usize)> {
         let plane = self.plane;
         let c = self.c;
@@ -202,22 +202,11 @@ impl Mlp<'_> {
         b.input.resize(c * cols, 0.0);
         b.hidden.resize(d * cols, Uninit::new(0.0));
         b.output.resize(c * cols, Uninit::new(0.0));
-        let gather = |ch: usize, row: &mut [f32]| {
+        each_row(&mut b.input, cols, parallel, |ch, row| {
             for (at, len, pos) in self.segments(q.clone()) {
                 row[pos..][..len].copy_from_slice(&self.z[at + ch * plane..][..len]);
             }
-        };
-        if parallel {
-            b.input
-                .par_chunks_mut(cols)
-                .enumerate()
-                .for_each(|(ch, row)| gather(ch, row));
-        } else {
-            b.input
-                .chunks_mut(cols)
-                .enumerate()
-                .for_each(|(ch, row)| gather(ch, row));
-        }
+        });
         if let Some(n) = self.norm {
             // One thread even on the batched path: C x cols values, small next to the gemms.
             simd.channel_norm_columns(&mut b.input, cols, (n.weight, n.bias, n.eps), &mut b.stats);
@@ -226,18 +215,14 @@ impl Mlp<'_> {
         unsafe { gemm_into(&mut b.hidden, cols, 0, cols, self.w1, d, c, &b.input, par) };
         // SAFETY: gemm wrote every element.
         let hidden = unsafe { super::assume_init(&mut b.hidden) };
-        let activate =
-            |(j, row): (usize, &mut [f32])| simd.epilogue(row, 1.0, self.b1[j], None, self.act);
-        if parallel {
-            hidden.par_chunks_mut(cols).enumerate().for_each(activate);
-        } else {
-            hidden.chunks_mut(cols).enumerate().for_each(activate);
-        }
+        each_row(hidden, cols, parallel, |j, row| {
+            simd.epilogue(row, 1.0, self.b1[j], None, self.act)
+        });
         // SAFETY: output is c x cols, w2 c x d, hidden d x cols; none overlap.
         unsafe { gemm_into(&mut b.output, cols, 0, cols, self.w2, c, d, hidden, par) };
         // SAFETY: gemm wrote every element.
         let output = unsafe { super::assume_init(&mut b.output) };
-        let scatter = |(ch, row): (usize, &[f32])| {
+        each_row(output, cols, parallel, |ch, row| {
             for (at, len, pos) in self.segments(q.clone()) {
                 let at = at + ch * plane;
                 // SAFETY: this block's columns are its own (blocks are disjoint), so no other
@@ -254,11 +239,20 @@ impl Mlp<'_> {
                     );
                 }
             }
-        };
-        if parallel {
-            output.par_chunks(cols).enumerate().for_each(scatter);
-        } else {
-            output.chunks(cols).enumerate().for_each(scatter);
-        }
+        });
+    }
+}
+
+/// `f(i, row i)` over the `cols`-wide rows of `m`: on every thread when `parallel` (a block of
+/// the whole batch, gemm on all threads too), else on this one (a block is a task).
+fn each_row(m: &mut [f32], cols: usize, parallel: bool, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if parallel {
+        m.par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    } else {
+        m.chunks_mut(cols)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
     }
 }

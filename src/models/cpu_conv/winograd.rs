@@ -388,6 +388,7 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::cpu_conv::tests::values;
 
     /// The direct convolution, in f64.
     fn direct(x: &[f32], w: &[f32], d: Dims, pad: usize) -> Vec<f64> {
@@ -417,17 +418,6 @@ mod tests {
             }
         }
         y
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        // A small LCG: reproducible values in [-1, 1).
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
     }
 
     fn run(x: &[f32], u: &[f32], d: Dims, pad: usize) -> Vec<f32> {
