@@ -22,10 +22,11 @@ fn main() -> ExitCode {
         }
         let s = ckpt::alloc::GLOBAL.stats();
         eprintln!(
-            "ckpt: allocator cache {} kB, live {} kB, peak requested {} kB",
+            "ckpt: allocator cache {} kB, live {} kB, peak requested {} kB, fresh {} kB",
             s.cached / 1024,
             s.live / 1024,
-            s.peak_requested / 1024
+            s.peak_requested / 1024,
+            s.fresh / 1024
         );
     }
     code

@@ -142,6 +142,6 @@ pub fn peak_rss_kb() -> Option<u64> {
 
 /// `CKPT_REPORT_PEAK_RSS=1`: the binary ends with one stderr line `ckpt: peak resident memory N
 /// kB`, for tests and benchmarks that hold memory use to a bound, then one line with what its
-/// allocator holds (`ckpt: allocator cache N kB, live N kB, peak requested N kB`, see
+/// allocator holds (`ckpt: allocator cache N kB, live N kB, peak requested N kB, fresh N kB`, see
 /// [`crate::alloc`]).
 pub const PEAK_RSS_ENV: &str = "CKPT_REPORT_PEAK_RSS";
