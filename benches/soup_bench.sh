@@ -5,6 +5,8 @@
 #
 #   cargo build --release && bash benches/soup_bench.sh [ARCH]
 #   ARCH: a torchvision builder name (default mobilenet_v2); SIZE=224 VAL=128 RECAL=128
+#   JPEGS=DIR (JPEGs in it or in its subfolders), CKPT=BINARY, DEVICE=cuda (default: ckpt's auto),
+#   PYTHON=python3 (with torch, torchvision and safetensors)
 #   ARCH=fixtures: the six candidates of fixtures/soup on the digits at 28 px (as tests/soup.rs)
 #
 # Six candidates of ARCH with 10 classes (torchvision's initialisation, seed 0, then each
@@ -24,7 +26,8 @@ nval=${VAL:-128}
 nrecal=${RECAL:-128}
 src=${JPEGS:-/tmp/ckpt-data-bench/jpegs}
 py=${PYTHON:-../ref-venv/bin/python}
-ckpt=${CKPT:-target/release/ckpt}
+ckpt=("${CKPT:-target/release/ckpt}")
+[ -n "${DEVICE:-}" ] && ckpt+=(--device "$DEVICE")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -42,7 +45,8 @@ if [ "$arch" = fixtures ]; then
 else
   extra=()
 i=0
-for f in "$src"/*.jpg; do
+shopt -s nullglob
+for f in "$src"/*.jpg "$src"/*/*.jpg; do
   if [ "$i" -lt "$nval" ]; then
     c=$((i % 10)); mkdir -p "$work/val/$c"; ln "$f" "$work/val/$c/" 2>/dev/null || cp "$f" "$work/val/$c/"
   elif [ "$i" -lt $((nval + nrecal)) ]; then
@@ -54,20 +58,26 @@ cat "$work"/val/*/*.jpg "$work"/recal/*.jpg > /dev/null
 
 "$py" - "$arch" "$work" <<'PY'
 import sys, torch, torchvision
-from safetensors.torch import save_file
+try:
+    from safetensors.torch import save_file
+except ImportError:  # (the GPU machine's python3): PyTorch's own format, which ckpt reads too
+    save_file = None
 arch, work = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
 base = torchvision.models.get_model(arch, num_classes=10).state_dict()
 for k in range(6):
     g = torch.Generator().manual_seed(k + 1)
     sd = {n: (t + 0.01 * t.std().nan_to_num(0) * torch.randn(t.shape, generator=g) if t.is_floating_point() and t.numel() > 1 else t.clone()).contiguous() for n, t in base.items()}
-    save_file(sd, f"{work}/cand_{k}.safetensors")
+    if save_file:
+        save_file(sd, f"{work}/cand_{k}.safetensors")
+    else:
+        torch.save(sd, f"{work}/cand_{k}.pth")
 PY
 fi
 
 data=(--size "$size" --batch-size 64 "${extra[@]}")
 t0=$(date +%s.%N)
-"$ckpt" -q soup "$work"/cand_*.safetensors --data "$work/val" --recal-bn "$work/recal" \
+"${ckpt[@]}" -q soup "$work"/cand_* --data "$work/val" --recal-bn "$work/recal" \
   "${data[@]}" -o "$work/soup.safetensors" --json="$work/soup.json" > /dev/null
 t1=$(date +%s.%N)
 
@@ -89,13 +99,13 @@ while read -r line; do
   # shellcheck disable=SC2086
   set -- $line
   if [ $# -gt 1 ]; then
-    "$ckpt" -q swa --no-sort "$@" -o "$work/step_$k.safetensors" > /dev/null
+    "${ckpt[@]}" -q swa --no-sort "$@" -o "$work/step_$k.safetensors" > /dev/null
     m="$work/step_$k.safetensors"
   else
     m=$1
   fi
-  "$ckpt" -q recal-bn "$m" --data "$work/recal" "${data[@]}" -o "$work/step_${k}_bn.safetensors" > /dev/null
-  "$ckpt" -q eval "$work/step_${k}_bn.safetensors" --data "$work/val" "${data[@]}" > /dev/null
+  "${ckpt[@]}" -q recal-bn "$m" --data "$work/recal" "${data[@]}" -o "$work/step_${k}_bn.safetensors" > /dev/null
+  "${ckpt[@]}" -q eval "$work/step_${k}_bn.safetensors" --data "$work/val" "${data[@]}" > /dev/null
   k=$((k + 1))
 done < "$work/steps.txt"
 t2=$(date +%s.%N)
