@@ -48,9 +48,9 @@ const MIN_BYTES: usize = 1 << 20;
 /// one pass a network's widest activation is several times the next ones (MobileNetV2 at batch
 /// 64: a 294 MB expansion, then 110 MB ones): with a slack of 2 the big block could serve none
 /// of them, so each batch freed it to make room for them and faulted it in again for the next
-/// batch (eval of 448 images: 1.10M page faults, 5.4 s; with 4, 0.61M and 4.4 s, the same peak;
-/// a 6-candidate soup 17.8 -> 13.3 s). With 8 a ResNet-50 sweep's peak went from 1.43 to 1.65 GB
-/// (`benches/memory_bench.py`, 2026-12-01 session 10).
+/// batch (eval of 448 images, 2 against 4: 1.10M -> 0.62M page faults, 4.82-5.35 -> 4.67-4.86
+/// s, the same peak; a 6-candidate soup 15.6-17.2 -> 13.1-13.5 s). With 8 a ResNet-50 sweep's
+/// peak went from 1.43 to 1.65 GB (`benches/memory_bench.py`, 2026-12-01, session 10).
 pub const MAX_SLACK: usize = 4;
 /// Held bytes (live large blocks plus the cache) may exceed the peak of live requests by this
 /// fraction, in eighths: 10 / 8 = a quarter more.

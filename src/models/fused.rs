@@ -473,11 +473,12 @@ pub fn channel_layer_norm(
 /// layout summing, in f64, the deviations from the channel's first value and their squares
 /// (shifted so that the variance does not come from the difference of two large sums: its
 /// error is f64's rounding times the squared distance of that value from the mean in standard
-/// deviations). A second pass for the squared deviations from the mean read each activation
-/// again, from memory: a channel's planes do not stay in cache at batch 64 (3.2 MB for one of
-/// MobileNetV2's 112 x 112 channels). With the sums vectorised as well (`Simd::shifted_sums`):
-/// 11.6 -> 8.7 % of a MobileNetV2 soup's samples, and its recal-bn over 448 images at batch 64
-/// 6.1 -> 5.4-5.6 s (session 10).
+/// deviations). The earlier two-pass version read each activation again for the squared
+/// deviations from the mean, from memory: a channel's planes do not stay in cache at batch 64
+/// (3.2 MB for one of MobileNetV2's 112 x 112 channels). One pass, with the sums vectorised as
+/// well (`Simd::shifted_sums`): 11.6 -> 8.7 % of a MobileNetV2 soup's samples, and its recal-bn
+/// over 448 images at batch 64 6.1 -> 5.4-5.6 s (session 10).
+///
 /// Elsewhere candle's reductions over a [C, N * H * W] copy, two-pass in f32 as PyTorch's CPU
 /// kernel. Either agrees with PyTorch's batch statistics well inside the 1e-4 the recal-bn tests
 /// hold them to; the f64 sums are the closer to exact.
