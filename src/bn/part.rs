@@ -269,7 +269,7 @@ pub fn write(
     write_owned(path, &tensors, &m, force)
 }
 
-/// Reads a part written by [`write`]; errors name the file.
+/// Reads a part written by [`write()`]; errors name the file.
 pub fn read(ck: &Checkpoint) -> Result<Part> {
     read_inner(ck).with_context(|| ck.path.display().to_string())
 }

@@ -29,7 +29,7 @@
 //! Short opcodes can copy whole containers (`set(x)` or `OrderedDict(x)` on a memoised list, a
 //! call that reads a long argument tuple), so a small pickle could make us copy values without
 //! end. Every value copied into or out of a container counts against a budget proportional to
-//! the pickle's length ([`COPIES_PER_BYTE`]), which keeps time and memory linear in the input.
+//! the pickle's length (`COPIES_PER_BYTE`), which keeps time and memory linear in the input.
 
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;

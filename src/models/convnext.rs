@@ -12,7 +12,7 @@
 //! timm's `convnext_*` are the same network: `stem.0`/`stem.1`, `stages.{s}.downsample.0`/`.1`
 //! (stages 1 to 3), blocks `stages.{s}.blocks.{j}` (`conv_dw`, `norm`, `mlp.fc1`, `mlp.fc2`,
 //! `gamma`), `head.norm` and `head.fc`. Two differences are in shapes only, read through a
-//! reshape: `gamma` is [C] (torchvision's `layer_scale` [C, 1, 1]), and the small sizes
+//! reshape: `gamma` is `[C]` (torchvision's `layer_scale` `[C, 1, 1]`), and the small sizes
 //! (`convnext_atto` to `_nano`, timm's `conv_mlp`) hold the MLP as 1x1 convolutions
 //! ([4C, C, 1, 1]) where the others have linear layers.
 //!

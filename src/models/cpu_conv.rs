@@ -26,7 +26,7 @@
 //!   op over blocks of the batch's pixels ([`mlp`]).
 //!
 //! The element-wise kernels are compiled for baseline x86-64 and for AVX2 + FMA (the epilogues
-//! and the blocked depthwise kernel for AVX-512 as well, see [`Simd`]) and picked at run time;
+//! and the blocked depthwise kernel for AVX-512 as well, see `Simd`) and picked at run time;
 //! gemm dispatches its own. Measured speeds: README.md, "Performance", and
 //! `cargo bench --bench cpu_conv`.
 //!
@@ -141,7 +141,7 @@ fn on_cpu_f32(x: &Tensor) -> bool {
 }
 
 /// `act(conv2d(x, weight) + shift[c] + residual)`: x is [N, Cin, H, W], weight
-/// [Cout, Cin / groups, K, K], shift [Cout] (a missing shift is zero), residual shaped as the
+/// `[Cout, Cin / groups, K, K]`, shift `[Cout]` (a missing shift is zero), residual shaped as the
 /// output. On the CPU in f32 this is one fused pass (see the module doc); elsewhere candle's ops.
 pub fn conv2d(
     k: Kernels,

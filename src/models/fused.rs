@@ -1,5 +1,5 @@
-//! Per-channel maps over NCHW tensors on the CPU: the affine map act(x * scale[c] + shift[c] +
-//! residual) as one pass, and a BN layer's batch moments.
+//! Per-channel maps over NCHW tensors on the CPU: the affine map `act(x * scale[c] + shift[c] +
+//! residual)` as one pass, and a BN layer's batch moments.
 //!
 //! candle computes `x.broadcast_mul(scale).broadcast_add(shift)` with two strided passes whose
 //! per-element index arithmetic makes them about 20 times slower than a contiguous unary op
@@ -325,7 +325,7 @@ impl CustomOp2 for ChannelAffine {
     }
 }
 
-/// act(x * scale[c] + shift[c] + residual) over [N, C, ...]; `scale` and `shift` are [C]
+/// `act(x * scale[c] + shift[c] + residual)` over `[N, C, ...]`; `scale` and `shift` are `[C]`
 /// tensors, the residual is shaped as x.
 pub fn channel_affine(
     k: Kernels,
@@ -439,10 +439,10 @@ impl CustomOp1 for ChannelNorm<'_> {
     }
 }
 
-/// LayerNorm over the channels of `x` [N, C, H, W] with `weight` and `bias` [C] (the same values
-/// as `weight_t` and `bias_t`, shaped [1, C, 1, 1]): on the CPU's fast kernels one pass for the
-/// mean, one for the variance and one writing the result, per image; elsewhere (other devices
-/// and dtypes, a graph to differentiate, candle's kernels) candle's ops, seven passes.
+/// LayerNorm over the channels of `x` `[N, C, H, W]` with `weight` and `bias` `[C]` (the same
+/// values as `weight_t` and `bias_t`, shaped `[1, C, 1, 1]`): on the CPU's fast kernels one pass
+/// for the mean, one for the variance and one writing the result, per image; elsewhere (other
+/// devices and dtypes, a graph to differentiate, candle's kernels) candle's ops, seven passes.
 pub fn channel_layer_norm(
     k: Kernels,
     x: &Tensor,

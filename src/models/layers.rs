@@ -188,7 +188,7 @@ impl Conv2d {
         self.weight.dims()[0]
     }
 
-    /// Reads `weight` [cout, cin / groups, k, k] (and `bias` [cout]); padding is (k - 1) / 2 as
+    /// Reads `weight` `[cout, cin / groups, k, k]` (and `bias` `[cout]`); padding is (k - 1) / 2 as
     /// in every torchvision CNN here.
     pub fn new(vb: VarBuilder, s: ConvSpec) -> Result<Conv2d> {
         let weight = vb.get((s.cout, s.cin / s.groups, s.k, s.k), "weight")?;
@@ -676,7 +676,7 @@ pub struct Linear {
 
 impl Linear {
     /// Reads `weight` [cout, cin] (or timm's 1x1 convolution's [cout, cin, 1, 1], see
-    /// [`get_reshaped`]) and `bias` [cout].
+    /// [`get_reshaped`]) and `bias` `[cout]`.
     pub fn new(vb: VarBuilder, cin: usize, cout: usize) -> Result<Linear> {
         Ok(Linear {
             weight: get_reshaped(&vb, &[cout, cin], "weight")?,
@@ -694,7 +694,7 @@ impl Module for Linear {
 /// `vb.get(shape, name)`, also taking the tensor stored with the same dimensions but for ones
 /// added or left out: timm stores a 1x1 convolution where torchvision has a linear layer
 /// (MobileNetV3's `conv_head`, the small ConvNeXts' `mlp.fc1`: [O, I, 1, 1] for [O, I]) and
-/// ConvNeXt's layer scale as [C] where torchvision has [C, 1, 1]. Only the reading reshapes:
+/// ConvNeXt's layer scale as `[C]` where torchvision has `[C, 1, 1]`. Only the reading reshapes:
 /// the checkpoint's tensor, and whatever is written back from it, keeps its stored shape (a
 /// trained `Var` included, reshaped in the graph).
 pub fn get_reshaped(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Tensor> {

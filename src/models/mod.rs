@@ -461,7 +461,7 @@ fn under_prefix(shapes: &Shapes, prefix: &str) -> Shapes {
 
 /// As [`detect`], and when the names fit no family as they are, tries them without a leading
 /// component shared by every name (a wrapper's attribute: `model.`, `net.`, `backbone.`), then
-/// without the next one, up to [`MAX_SHARED_COMPONENTS`]. Returns the prefix that had to be
+/// without the next one, up to `MAX_SHARED_COMPONENTS`. Returns the prefix that had to be
 /// removed. When nothing fits, the error names a prefix under which some of the tensors would
 /// (one that not every tensor carries).
 pub fn detect_unwrapped(shapes: &Shapes, arch: Option<&str>) -> Result<(Config, Option<String>)> {

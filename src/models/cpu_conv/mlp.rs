@@ -12,9 +12,9 @@
 //! while still in cache and projected, and the result is written back with the bias and the
 //! residual added.
 //!
-//! - Planes of [`SPLIT_MIN_PLANE`] pixels or more: blocks of about [`HIDDEN_BLOCK_BYTES`] of
+//! - Planes of [`SPLIT_MIN_PLANE`] pixels or more: blocks of about `HIDDEN_BLOCK_BYTES` of
 //!   hidden activation (within a core's L2), one block per rayon task, gemm on one thread.
-//! - Smaller planes: blocks of whole-batch width (up to [`BATCH_BLOCK_BYTES`] of hidden
+//! - Smaller planes: blocks of whole-batch width (up to `BATCH_BLOCK_BYTES` of hidden
 //!   activation), each gemm on every thread, so the weights are packed once for many images.
 //!
 //! Each output sums the same products as the two convolutions do; it differs from them only
@@ -37,7 +37,7 @@ const BATCH_BLOCK_BYTES: usize = 16 << 20;
 /// are the rows of gemm's column-major problem) and the fewest a block has.
 const COLUMN_STEP: usize = 64;
 
-/// LayerNorm over the channels of each pixel, with its weight and bias [C] and epsilon.
+/// LayerNorm over the channels of each pixel, with its weight and bias `[C]` and epsilon.
 #[derive(Clone, Copy)]
 pub struct ChannelNorm<'a> {
     pub weight: &'a [f32],
@@ -45,8 +45,9 @@ pub struct ChannelNorm<'a> {
     pub eps: f32,
 }
 
-/// `residual + W2 act(W1 norm(z) + b1) + b2`: z and residual [N, C, H, W], w1 [D, C] (or
-/// [D, C, 1, 1]), b1 [D], w2 [C, D] (or [C, D, 1, 1]), b2 [C]; every tensor f32 on the CPU.
+/// `residual + W2 act(W1 norm(z) + b1) + b2`: z and residual `[N, C, H, W]`, w1 `[D, C]` (or
+/// `[D, C, 1, 1]`), b1 `[D]`, w2 `[C, D]` (or `[C, D, 1, 1]`), b2 `[C]`; every tensor f32 on the
+/// CPU.
 /// `norm` (if any) normalises each block's gathered inputs in cache, with the arithmetic of
 /// `fused::channel_layer_norm` (the same bits), instead of a pass over the whole tensor.
 pub fn mlp_residual(

@@ -1,5 +1,5 @@
-//! The CPU kernels with backward passes: what [`Kernels::Train`] runs a trained model's hot path
-//! on (f32 on the CPU), as candle custom ops whose `bwd` calls kernels of their own.
+//! The CPU kernels with backward passes: what [`super::Kernels::Train`] runs a trained model's
+//! hot path on (f32 on the CPU), as candle custom ops whose `bwd` calls kernels of their own.
 //!
 //! candle 0.11 differentiates its CPU conv2d through its own convolution and transposed
 //! convolution, which are slow (the module doc of `cpu_conv`), and train-mode BatchNorm through
