@@ -240,6 +240,28 @@ impl MappedInput {
         };
     }
 
+    /// [`MappedInput::release_pages`] for the whole pages inside `bytes` (a range of the map).
+    pub fn release_range(&self, bytes: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            let start = bytes.start.next_multiple_of(PAGE);
+            let end = bytes.end.min(self.map.len()) / PAGE * PAGE;
+            if end > start {
+                // SAFETY: as in release_pages, on a page-aligned part of the map.
+                let _ = unsafe {
+                    self.map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = bytes;
+    }
+
     /// The identity recorded when the file was opened.
     pub fn identity(&self) -> Identity {
         self.identity

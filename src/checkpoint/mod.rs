@@ -533,6 +533,14 @@ impl Checkpoint {
         self.blobs[i].bytes()
     }
 
+    /// Lets the pages of underlying file `i` within `bytes` leave resident memory (see
+    /// [`Checkpoint::release_pages`]) once they have been read.
+    pub fn release_file_range(&self, i: usize, bytes: std::ops::Range<usize>) {
+        if let Blob::Map(m) = &self.blobs[i] {
+            m.release_range(bytes);
+        }
+    }
+
     /// The identity underlying file `i` had when it was opened (`None` for an empty file).
     pub fn file_identity(&self, i: usize) -> Option<guard::Identity> {
         match &self.blobs[i] {

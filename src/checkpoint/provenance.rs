@@ -39,11 +39,20 @@ const CACHE_FILE: &str = "sha256-v1.tsv";
 /// Entries kept when the cache is compacted.
 const CACHE_KEEP: usize = 4096;
 
-/// sha256 of bytes, as lowercase hex, hashing 64 MiB pieces so that progress is even.
+/// Bytes hashed at a time: the most of a file's pages [`hash_inputs`] holds at once.
+const PIECE: usize = 8 << 20;
+
+/// sha256 of bytes, as lowercase hex, hashing 8 MiB pieces.
 pub fn sha256_hex(bytes: &[u8]) -> String {
+    sha256_pieces(bytes, |_| {})
+}
+
+/// [`sha256_hex`], calling `done` with the range of each piece once it is hashed.
+fn sha256_pieces(bytes: &[u8], mut done: impl FnMut(std::ops::Range<usize>)) -> String {
     let mut h = Sha256::new();
-    for piece in bytes.chunks(64 << 20) {
+    for (k, piece) in bytes.chunks(PIECE).enumerate() {
         h.update(piece);
+        done(k * PIECE..k * PIECE + piece.len());
     }
     format!("{:x}", h.finalize())
 }
@@ -123,7 +132,10 @@ pub fn hash_inputs(inputs: &[Checkpoint]) -> Vec<(PathBuf, String)> {
             match id.as_ref().and_then(|id| cache.get(id)) {
                 Some(h) => (path, h.clone(), id, false),
                 None => {
-                    let h = sha256_hex(c.file_bytes(*i));
+                    // Each hashed piece's pages of the map leave resident memory: hashing a
+                    // file the job has finished with (`logits --input`'s batch tensor, read
+                    // a batch at a time) would otherwise bring all of it back at once.
+                    let h = sha256_pieces(c.file_bytes(*i), |r| c.release_file_range(*i, r));
                     // Changed while hashed: the output will be refused; cache nothing.
                     let id = id.filter(|_| c.file_unchanged(*i));
                     (path, h, id, true)
