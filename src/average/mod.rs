@@ -365,6 +365,12 @@ pub fn run(
                             if outputs[..k].iter().all(|o| o.weights[i] == 0.0) {
                                 bar.inc(bytes.len() as u64); // the first output to read it
                             }
+                            if outputs[k + 1..].iter().all(|o| o.weights[i] == 0.0) {
+                                // The last output to read it: its pages of the mapped file
+                                // may go, or every input's pages stay resident to the end.
+                                drop(bytes);
+                                ck.release_elements(t, item.start, item.end);
+                            }
                         }
                         out.resize(n * e.out_dtype.size(), 0);
                         dtype::store(&accs[k], e.out_dtype, out);

@@ -528,6 +528,20 @@ impl Checkpoint {
         }
     }
 
+    /// Lets the pages that [`Checkpoint::elements`] of `t` from `start` to `end` read leave
+    /// resident memory (see [`Checkpoint::release_pages`]): for a stream that reads each part of
+    /// a file once, so that the file's pages do not pile up. Only the whole pages inside that
+    /// range go; other tensors' parts and strided or inflated tensors are not touched.
+    pub fn release_elements(&self, t: &TensorInfo, start: usize, end: usize) {
+        if let (Source::File { file, start: s }, None) = (&t.source, &t.stride) {
+            let es = t.dtype.size();
+            self.release_file_range(
+                *file,
+                s + (t.offset + start) * es..s + (t.offset + end) * es,
+            );
+        }
+    }
+
     /// The whole content of underlying file `i` (see [`Checkpoint::files`]), as mapped.
     pub fn file_bytes(&self, i: usize) -> &[u8] {
         self.blobs[i].bytes()
