@@ -20,6 +20,7 @@ pub mod select;
 pub mod weights;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -329,6 +330,23 @@ pub fn run(
             s = end;
         }
     }
+    // Items of each tensor still to do: the last one lets the tensor's pages of every mapped
+    // input leave resident memory, which would otherwise hold every input whole by the end.
+    // (Per tensor, not per item: a call per 32768 elements made a small `swa` 25 % slower.)
+    let mut left: Vec<usize> = vec![0; plan.entries.len()];
+    for item in &items {
+        left[item.entry] += 1;
+    }
+    let left: Vec<AtomicUsize> = left.into_iter().map(AtomicUsize::new).collect();
+    let release = |e: &Entry| {
+        for &i in &e.holders {
+            if read_by_some(i) {
+                let ck = &inputs[i];
+                let t = ck.get(&e.name).unwrap();
+                ck.release_elements(t, 0, t.shape.iter().product());
+            }
+        }
+    };
     let bar = rep.bytes_bar(total_read, "averaging");
     items.par_iter().try_for_each_init(
         || (Vec::<Vec<f64>>::new(), Vec::<u8>::new()),
@@ -365,12 +383,7 @@ pub fn run(
                             if outputs[..k].iter().all(|o| o.weights[i] == 0.0) {
                                 bar.inc(bytes.len() as u64); // the first output to read it
                             }
-                            if outputs[k + 1..].iter().all(|o| o.weights[i] == 0.0) {
-                                // The last output to read it: its pages of the mapped file
-                                // may go, or every input's pages stay resident to the end.
-                                drop(bytes);
-                                ck.release_elements(t, item.start, item.end);
-                            }
+
                         }
                         out.resize(n * e.out_dtype.size(), 0);
                         dtype::store(&accs[k], e.out_dtype, out);
@@ -397,6 +410,9 @@ pub fn run(
                         w.sink().write(item.entry, 0, &done[k].1)?;
                     }
                 }
+            }
+            if left[item.entry].fetch_sub(1, Ordering::AcqRel) == 1 {
+                release(e);
             }
             Ok(())
         },
