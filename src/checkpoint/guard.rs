@@ -244,9 +244,9 @@ impl MappedInput {
     pub fn release_range(&self, bytes: std::ops::Range<usize>) {
         #[cfg(unix)]
         {
-            const PAGE: usize = 4096;
-            let start = bytes.start.next_multiple_of(PAGE);
-            let end = bytes.end.min(self.map.len()) / PAGE * PAGE;
+            let page = page_size();
+            let start = bytes.start.next_multiple_of(page);
+            let end = bytes.end.min(self.map.len()) / page * page;
             if end > start {
                 // SAFETY: as in release_pages, on a page-aligned part of the map.
                 let _ = unsafe {

@@ -42,12 +42,8 @@ const CACHE_KEEP: usize = 4096;
 /// Bytes hashed at a time: the most of a file's pages [`hash_inputs`] holds at once.
 const PIECE: usize = 8 << 20;
 
-/// sha256 of bytes, as lowercase hex, hashing 8 MiB pieces.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    sha256_pieces(bytes, |_| {})
-}
-
-/// [`sha256_hex`], calling `done` with the range of each piece once it is hashed.
+/// sha256 of bytes, as lowercase hex, hashing [`PIECE`]s and calling `done` with the range of
+/// each once it is hashed.
 fn sha256_pieces(bytes: &[u8], mut done: impl FnMut(std::ops::Range<usize>)) -> String {
     let mut h = Sha256::new();
     for (k, piece) in bytes.chunks(PIECE).enumerate() {

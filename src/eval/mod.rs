@@ -81,7 +81,7 @@ pub fn input_logits(
         // The batch's pages of the mapped file have been read: out of resident memory with them
         // (they stay in the page cache), so that the input file's pages do not add up to a
         // second copy of the whole input over the run.
-        ck.release_pages();
+        ck.release_elements(t, start * per_image, (start + len) * per_image);
         let mut shape = t.shape.clone();
         shape[0] = len;
         Ok(vec![Feed::Tensor(Tensor::from_vec(
